@@ -1,0 +1,1569 @@
+"""Run slow, independent callables at once in child Python processes.
+
+    user_count, order_count = concurrency.run([
+        lambda: count("users"),
+        lambda: count("orders"),
+    ])
+
+Data flow of the default ``process`` driver:
+
+    run(tasks) --> _Batch ---------------> dill payload per task
+                   (validated keys,             |
+                    callables, shape)           |  b"C" context frame (cwd, environ,
+                                                |  sys.path) + b"T" task frame
+                                                v
+                                       worker.py "serve" (warm child)
+                                                |  unserialize, call, pickle
+                                                |  b"A" taken, then b"R" value
+                                                |  or b"E" error
+                                                v
+    results / first error  <-- _Outcomes <-- parent's select() loop
+
+_Batch
+    Checks the input before anything starts and remembers its shape: a
+    mapping gives back a dict with the same keys, anything else a list.
+
+ProcessDriver
+    Keeps a pool of warm ``worker.py`` children, started with
+    ``sys.executable`` by path (never ``import worker``).  Each run checks out
+    up to one worker per task, starts the missing ones *before* it imports
+    dill so both imports overlap, then serializes every task with dill --
+    lambdas and closures of ``__main__`` by value, importable modules by
+    reference -- and fails with SerializationError before any task starts if
+    one can't be.  Tasks and outcomes travel on two private pipes per worker,
+    never on stdout, so a task's ``print()`` reaches the terminal and can't
+    corrupt a result.
+
+worker.py
+    Unserializes a task, calls it, pickles the value (C pickle, dill when
+    that fails) or the exception (pickled, as class+args, and as text).  It
+    exits by itself when its parent's end of the task pipe closes, so no
+    worker outlives its parent; idle workers exit after ``idle_timeout``.
+
+ForkDriver
+    ``os.fork()`` per task: the task is inherited, not serialized; only the
+    outcome travels back, encoded by the same code as in worker.py.
+
+SyncDriver
+    Calls the tasks one after another in this process: for tests and
+    debugging.
+
+A run ends when every task has an outcome: its value, or an exception (its
+own, WorkerCrashed, TaskTimeout, SerializationError).  The first exception in
+task order is raised, unless ``return_exceptions=True``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "run",
+    "defer",
+    "deferring",
+    "driver",
+    "extend",
+    "set_default_driver",
+    "default_driver",
+    "Driver",
+    "ProcessDriver",
+    "ForkDriver",
+    "SyncDriver",
+    "ConcurrencyError",
+    "ConfigError",
+    "TaskTimeout",
+    "WorkerCrashed",
+    "SerializationError",
+    "RemoteError",
+    "RemoteTraceback",
+]
+
+__version__ = "0.1.0"
+
+import atexit
+import collections
+import collections.abc
+import contextvars
+import functools
+import io
+import math
+import os
+import pickle
+import selectors
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+
+# Enough workers that I/O-bound tasks (the common case: queries, HTTP calls)
+# all run at once even on a small machine: four one-second sleeps take one
+# second on two cores.  The same default as ThreadPoolExecutor.
+DEFAULT_MAX_WORKERS = min(32, (os.cpu_count() or 1) + 4)
+
+# A warm worker costs memory (~20 MB); one unused this long exits by itself.
+# Long enough to span the gaps between a bot's bursts of work.
+DEFAULT_IDLE_TIMEOUT = 60.0
+
+# How long a dying or killed child gets to be reaped before we stop waiting:
+# bounded, so that a wedged process can never hang the caller.
+_REAP_TIMEOUT = 5.0
+
+# Without pidfd, children that die are noticed by polling this often.
+_POLL_INTERVAL = 0.05
+
+_WORKER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+_HAVE_FORK = hasattr(os, "fork")
+_HAVE_PIDFD = hasattr(os, "pidfd_open") and sys.platform.startswith("linux")
+
+CONFIG_FILE = "concurrency.ini"
+CONFIG_ENV = "CONCURRENCY_CONFIG"
+DRIVER_ENV = "CONCURRENCY_DRIVER"
+_CONFIG_SECTION = "concurrency"
+
+_FRAME_HEADER = struct.Struct(">cQ")  # same as worker.FRAME_HEADER
+# Reads of frames larger than this go straight into their final buffer.
+_LARGE_FRAME = 1 << 20
+
+
+# -- Errors -------------------------------------------------------------------
+
+class ConcurrencyError(Exception):
+    """Base class of the errors raised by this library."""
+
+
+class ConfigError(ConcurrencyError, ValueError):
+    """A bad value in concurrency.ini or in an environment variable."""
+
+
+class TaskTimeout(ConcurrencyError, TimeoutError):
+    """A task was still running when the run's timeout expired.
+
+    Attributes: ``key`` of this task, ``unfinished`` (keys of every task that
+    did not finish), ``timeout`` in seconds.
+    """
+
+    def __init__(self, key, unfinished, timeout):
+        self.key = key
+        self.unfinished = list(unfinished)
+        self.timeout = timeout
+        super().__init__(
+            "task %r did not finish within %g s (unfinished tasks: %s); its process "
+            "was killed" % (key, timeout, ", ".join(repr(k) for k in self.unfinished)))
+
+    def __reduce__(self):
+        return type(self), (self.key, self.unfinished, self.timeout)
+
+
+class WorkerCrashed(ConcurrencyError):
+    """A child process died before it sent the task's outcome.
+
+    Attributes: ``key`` of the task, ``exitcode`` (negative for a signal, as
+    in subprocess), ``signal`` (its name, e.g. ``"SIGKILL"``, or None).
+    """
+
+    def __init__(self, key, exitcode):
+        self.key = key
+        self.exitcode = exitcode
+        self.signal = _signal_name(-exitcode) if exitcode is not None and exitcode < 0 else None
+        if self.signal:
+            how = "was killed by %s" % self.signal
+        else:
+            how = "exited with code %s" % exitcode
+        super().__init__("task %r crashed: its process %s before returning a result"
+                         % (key, how))
+
+    def __reduce__(self):
+        return type(self), (self.key, self.exitcode)
+
+
+class SerializationError(ConcurrencyError):
+    """A task, its result or its exception could not be serialized.
+
+    Attributes: ``key`` of the task, ``what`` failed ("task", "result").
+    The underlying error is the ``__cause__``.
+    """
+
+    def __init__(self, key, what, detail):
+        self.key = key
+        self.what = what
+        self.detail = detail
+        super().__init__("task %r: %s" % (key, detail))
+
+    def __reduce__(self):
+        return type(self), (self.key, self.what, self.detail)
+
+
+class RemoteError(ConcurrencyError):
+    """A task's exception that could not be rebuilt as its own class.
+
+    Attributes: ``key``, ``type_name`` (module-qualified), ``message``,
+    ``traceback`` (the child's formatted traceback).
+    """
+
+    def __init__(self, key, type_name, message, traceback):
+        self.key = key
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+        super().__init__("task %r raised %s: %s" % (key, type_name, message))
+
+    def __reduce__(self):
+        return type(self), (self.key, self.type_name, self.message, self.traceback)
+
+
+class RemoteTraceback(ConcurrencyError):
+    """The child's formatted traceback, attached as ``__cause__``."""
+
+    def __init__(self, traceback):
+        self.traceback = traceback
+        super().__init__(traceback)
+
+    def __str__(self):
+        return '\n"""\n%s"""' % self.traceback
+
+
+# -- Facade -------------------------------------------------------------------
+
+def run(tasks, *, timeout: float | None = None, return_exceptions: bool = False):
+    """Run ``tasks`` at once with the default driver and return their results.
+
+    Args:
+        tasks: a mapping of key -> callable (returns a dict with the same
+            keys), an iterable of callables (returns a list in the same
+            order), or one callable (returns a one-item list).  Each is called
+            with no arguments; a coroutine it returns is awaited.
+        timeout: seconds for the whole run; None means the driver's default
+            (no limit unless concurrency.ini sets one).
+        return_exceptions: put each failed task's exception in its slot
+            instead of raising the first one.
+
+    Raises:
+        TypeError, ValueError: bad input, before anything starts.
+        The first failed task's exception, in task order, once every task
+        has finished.
+    """
+    return _registry.driver().run(tasks, timeout=timeout, return_exceptions=return_exceptions)
+
+
+def defer(tasks, *, always: bool = False) -> None:
+    """Run ``tasks`` in the background when the current work is done.
+
+    Inside a ``deferring()`` scope the tasks start when the scope ends (and
+    are dropped if it raises, unless ``always=True``); outside of one they
+    start at once.  Nobody waits for them: a failure is written to stderr.
+    """
+    _registry.driver().defer(tasks, always=always)
+
+
+def driver(name: str | None = None) -> Driver:
+    """Return the driver named ``name`` (the default one when None)."""
+    return _registry.driver(name)
+
+
+def extend(name: str, factory) -> None:
+    """Register a driver: ``factory()`` returns a Driver.  Replaces ``name``."""
+    _registry.extend(name, factory)
+
+
+def set_default_driver(name: str | None) -> None:
+    """Make ``name`` the default driver (None restores the configured one)."""
+    _registry.set_default(name)
+
+
+def default_driver() -> str:
+    """Name of the default driver: set_default_driver(), then $CONCURRENCY_DRIVER,
+    then concurrency.ini, then "process"."""
+    return _registry.default_name()
+
+
+_scope = contextvars.ContextVar("concurrency_defer_scope", default=None)
+
+
+class _DeferScope:
+    """One unit of work; ``defer()`` calls inside it start when it ends."""
+
+    def __init__(self):
+        self._queued = None
+        self._token = None
+
+    def __enter__(self):
+        if self._token is not None:
+            raise RuntimeError("this deferring() scope is already open; "
+                               "call deferring() again for a new one")
+        self._queued = []
+        self._token = _scope.set(self._queued)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        queued, self._queued = self._queued, None
+        _scope.reset(self._token)
+        self._token = None
+        if exc_type is not None:
+            queued = [item for item in queued if item[1]]
+        _start_deferred(queued)
+        return False
+
+    def __call__(self, func):
+        return deferring(func)
+
+
+def deferring(func=None):
+    """Mark one unit of work -- a handler, a request, a command.
+
+    As ``with concurrency.deferring():`` or as ``@concurrency.deferring`` on
+    a plain or ``async def`` function: tasks deferred inside start when it
+    ends; if it raises, they are dropped except those deferred with
+    ``always=True``.
+    """
+    if func is None:
+        return _DeferScope()
+    if not callable(func):
+        raise TypeError("deferring() takes a function to decorate or nothing, not %r"
+                        % (func,))
+    import inspect
+    if inspect.iscoroutinefunction(func):
+        @functools.wraps(func)
+        async def async_wrapper(*args, **kwargs):
+            with _DeferScope():
+                return await func(*args, **kwargs)
+        return async_wrapper
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with _DeferScope():
+            return func(*args, **kwargs)
+    return wrapper
+
+
+def _schedule_deferred(start, always):
+    """Queue ``start`` in the innermost deferring() scope, or call it now."""
+    queued = _scope.get()
+    if queued is None:
+        start()
+    else:
+        queued.append((start, always))
+
+
+def _start_deferred(queued):
+    # Start every queued batch even if one fails to start; then raise the
+    # first failure (the sync driver's task errors), so none goes unseen.
+    first = None
+    for start, _always in queued:
+        try:
+            start()
+        except Exception as exc:
+            if first is None:
+                first = exc
+    if first is not None:
+        raise first
+
+
+# -- Registry -----------------------------------------------------------------
+
+class _Registry:
+    """Driver factories by name, one cached instance each, and the default."""
+
+    def __init__(self, factories):
+        self._factories = dict(factories)
+        self._instances = {}
+        self._default = None
+        self._lock = threading.Lock()
+
+    def names(self):
+        return sorted(self._factories)
+
+    def driver(self, name=None):
+        if name is None:
+            name = self.default_name()
+        with self._lock:
+            instance = self._instances.get(name)
+            if instance is not None:
+                return instance
+            factory = self._factories.get(name)
+            if factory is None:
+                raise ValueError("unknown concurrency driver %r; known drivers: %s"
+                                 % (name, ", ".join(self.names())))
+            instance = factory()
+            if not isinstance(instance, Driver):
+                raise TypeError("the factory of driver %r returned %r, not a "
+                                "concurrency.Driver" % (name, instance))
+            self._instances[name] = instance
+            return instance
+
+    def extend(self, name, factory):
+        if not isinstance(name, str) or not name:
+            raise TypeError("a driver name must be a non-empty str, not %r" % (name,))
+        if not callable(factory):
+            raise TypeError("the factory of driver %r must be callable, not %r"
+                            % (name, factory))
+        with self._lock:
+            self._factories[name] = factory
+            self._instances.pop(name, None)
+
+    def set_default(self, name):
+        if name is not None and name not in self._factories:
+            raise ValueError("unknown concurrency driver %r; known drivers: %s"
+                             % (name, ", ".join(self.names())))
+        self._default = name
+
+    def default_name(self):
+        if self._default is not None:
+            return self._default
+        name = os.environ.get(DRIVER_ENV)
+        if name:
+            if name not in self._factories:
+                raise ConfigError("environment variable %s=%r names an unknown driver; "
+                                  "known drivers: %s" % (DRIVER_ENV, name, ", ".join(self.names())))
+            return name
+        config = _read_config()
+        name = config.get("default")
+        if name:
+            if name not in self._factories:
+                raise ConfigError("%s: default = %s names an unknown driver; known drivers: %s"
+                                  % (config["path"], name, ", ".join(self.names())))
+            return name
+        return "process"
+
+
+# -- Drivers ------------------------------------------------------------------
+
+class Driver:
+    """Base class of drivers: ``run`` and ``defer`` of a set of tasks.
+
+    A custom driver implements ``run``; the default ``defer`` runs the tasks
+    with it on a background thread, reporting failures on stderr.
+    """
+
+    def run(self, tasks, *, timeout: float | None = None, return_exceptions: bool = False):
+        raise NotImplementedError
+
+    def defer(self, tasks, *, always: bool = False) -> None:
+        batch = _Batch(tasks)
+
+        def start():
+            # Not a daemon thread: the interpreter waits for it at exit, so
+            # deferred work is never cut off silently.
+            threading.Thread(target=self._run_deferred, args=(batch,),
+                             name="concurrency-defer").start()
+
+        _schedule_deferred(start, always)
+
+    def _run_deferred(self, batch):
+        outcomes = self.run(batch.shape(batch.calls), return_exceptions=True)
+        values = outcomes.values() if isinstance(outcomes, dict) else outcomes
+        for key, value in zip(batch.keys, values):
+            if isinstance(value, BaseException):
+                _report_deferred_failure(key, value)
+
+
+class SyncDriver(Driver):
+    """Runs tasks one after another in this process: for tests and debugging.
+
+    Task exceptions propagate unchanged (the first one, after every task ran);
+    ``timeout`` is accepted and ignored.  BaseExceptions such as
+    KeyboardInterrupt and SystemExit propagate at once, as from a plain call.
+    """
+
+    def run(self, tasks, *, timeout=None, return_exceptions=False):
+        batch = _Batch(tasks)
+        _check_timeout(timeout)
+        outcomes = _Outcomes(batch)
+        for index, fn in enumerate(batch.calls):
+            try:
+                outcomes.succeed(index, _call(fn))
+            except Exception as exc:
+                outcomes.fail(index, exc)
+        return outcomes.finish(return_exceptions)
+
+    def defer(self, tasks, *, always=False):
+        batch = _Batch(tasks)
+        _schedule_deferred(lambda: self.run(batch.shape(batch.calls)), always)
+
+
+class _ChildDriver(Driver):
+    """What the process and fork drivers share: limits and the run loop."""
+
+    def __init__(self, max_workers: int | None = None, timeout: float | None = None):
+        config = _read_config()
+        if max_workers is None:
+            max_workers = config.get("max_workers", DEFAULT_MAX_WORKERS)
+        if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
+            raise ValueError("max_workers must be a positive int, not %r" % (max_workers,))
+        self.max_workers = max_workers
+        self.timeout = _check_timeout(config.get("timeout") if timeout is None else timeout)
+
+    def _deadline(self, timeout):
+        timeout = _check_timeout(timeout)
+        if timeout is None:
+            timeout = self.timeout
+        return timeout, (None if timeout is None else time.monotonic() + timeout)
+
+
+class ProcessDriver(_ChildDriver):
+    """Runs each task in a warm ``worker.py`` child started with sys.executable.
+
+    Args:
+        max_workers: most children alive at once; default min(32, cores + 4).
+        timeout: default for run(); seconds; None means no limit.
+        idle_timeout: seconds an unused warm worker lives.
+    """
+
+    def __init__(self, max_workers=None, timeout=None, idle_timeout=DEFAULT_IDLE_TIMEOUT):
+        super().__init__(max_workers, timeout)
+        if not sys.executable:
+            raise ConcurrencyError("the process driver needs sys.executable to start "
+                                   "workers, and this interpreter has none; use the "
+                                   "fork or sync driver")
+        if not os.path.isfile(_WORKER_PATH):
+            raise ConcurrencyError("worker.py must sit next to concurrency.py; not found "
+                                   "at %s" % _WORKER_PATH)
+        self._pool = _WorkerPool(self.max_workers, idle_timeout)
+
+    def run(self, tasks, *, timeout=None, return_exceptions=False):
+        batch = _Batch(tasks)
+        timeout, deadline = self._deadline(timeout)
+        outcomes = _Outcomes(batch)
+        if not batch.calls:
+            return outcomes.finish(return_exceptions)
+        # Start workers first: their Python and dill imports overlap ours.
+        workers = self._pool.acquire(len(batch.calls), deadline)
+        try:
+            payloads = [_dumps_task(key, fn) for key, fn in zip(batch.keys, batch.calls)]
+            _ProcessRun(self._pool, workers, payloads, outcomes, timeout, deadline).run()
+        finally:
+            self._pool.release(workers)
+        return outcomes.finish(return_exceptions)
+
+    def defer(self, tasks, *, always=False):
+        batch = _Batch(tasks)
+        # Serialized now: a task that can't be fails here, at the call site,
+        # and captured values are taken as they are now.
+        context = _current_context()
+        payloads = [pickle.dumps((context, _dumps_task(key, fn)), pickle.HIGHEST_PROTOCOL)
+                    for key, fn in zip(batch.keys, batch.calls)]
+
+        def start():
+            for key, payload in zip(batch.keys, payloads):
+                _spawn_detached(key, payload)
+
+        _schedule_deferred(start, always)
+
+
+class ForkDriver(_ChildDriver):
+    """Runs each task in an ``os.fork()`` child: tasks are inherited, not
+    serialized, so a closure over a socket or a generator works too.
+
+    Args:
+        max_workers: most children alive at once; default min(32, cores + 4).
+        timeout: default for run(); seconds; None means no limit.
+    """
+
+    def __init__(self, max_workers=None, timeout=None):
+        if not _HAVE_FORK:
+            raise ConcurrencyError("the fork driver needs os.fork(), which this platform "
+                                   "(%s) does not have; use the process driver" % sys.platform)
+        super().__init__(max_workers, timeout)
+
+    def run(self, tasks, *, timeout=None, return_exceptions=False):
+        batch = _Batch(tasks)
+        timeout, deadline = self._deadline(timeout)
+        outcomes = _Outcomes(batch)
+        if batch.calls:
+            _ForkRun(batch.calls, self.max_workers, outcomes, timeout, deadline).run()
+        return outcomes.finish(return_exceptions)
+
+    def defer(self, tasks, *, always=False):
+        batch = _Batch(tasks)
+
+        def start():
+            for key, fn in zip(batch.keys, batch.calls):
+                _fork_detached(key, fn)
+
+        _schedule_deferred(start, always)
+
+
+# -- Input and outcomes -------------------------------------------------------
+
+class _Batch:
+    """The validated tasks of one call: keys, callables, and result shape."""
+
+    def __init__(self, tasks):
+        self.mapping = isinstance(tasks, collections.abc.Mapping)
+        if self.mapping:
+            self.keys = list(tasks)
+            self.calls = [tasks[key] for key in self.keys]
+        elif callable(tasks):
+            self.keys, self.calls = [0], [tasks]
+        elif tasks is None or isinstance(tasks, (str, bytes, bytearray)) \
+                or not isinstance(tasks, collections.abc.Iterable):
+            raise TypeError("tasks must be a callable, a mapping of keys to callables or "
+                            "an iterable of callables, not %s" % _describe(tasks))
+        else:
+            self.calls = list(tasks)
+            self.keys = list(range(len(self.calls)))
+        for key, fn in zip(self.keys, self.calls):
+            if not callable(fn):
+                raise TypeError("task %r is not callable: got %s; pass a function or a "
+                                "lambda that takes no arguments" % (key, _describe(fn)))
+
+    def shape(self, values):
+        if self.mapping:
+            return dict(zip(self.keys, values))
+        return list(values)
+
+
+class _Outcomes:
+    """One slot per task: a value or an exception, filled as tasks end."""
+
+    def __init__(self, batch):
+        self.batch = batch
+        self.values = [None] * len(batch.calls)
+        self.failed = [False] * len(batch.calls)
+        self.done = [False] * len(batch.calls)
+
+    def succeed(self, index, value):
+        self.values[index] = value
+        self.done[index] = True
+
+    def fail(self, index, exc):
+        self.values[index] = exc
+        self.failed[index] = True
+        self.done[index] = True
+
+    def key(self, index):
+        return self.batch.keys[index]
+
+    def finish(self, return_exceptions):
+        if not return_exceptions:
+            for value, failed in zip(self.values, self.failed):
+                if failed:
+                    raise value
+        return self.batch.shape(self.values)
+
+
+def _describe(value):
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return "%s (%s)" % (text, type(value).__name__)
+
+
+def _check_timeout(timeout):
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError("timeout must be a number of seconds or None, not %s"
+                        % _describe(timeout))
+    if math.isnan(timeout) or timeout <= 0:
+        raise ValueError("timeout must be a positive number of seconds or None, not %r"
+                         % (timeout,))
+    return None if math.isinf(timeout) else timeout
+
+
+def _call(fn):
+    value = fn()
+    if isinstance(value, collections.abc.Coroutine):
+        value = _worker_module().await_coroutine(value)
+    return value
+
+
+def _report_deferred_failure(key, exc):
+    import traceback
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    sys.stderr.write("concurrency: deferred task %r failed:\n%s" % (key, text))
+    sys.stderr.flush()
+
+
+# -- Serialization ------------------------------------------------------------
+
+_pickler_classes = {}
+
+
+def _task_pickler_class():
+    """A dill Pickler that sends importable modules by reference.
+
+    dill copies by value every module it does not find under sys.prefix --
+    the user's own modules next to their script, this library when vendored
+    -- with their whole state: an open database connection in a module global
+    breaks the task.  Such modules are importable in the worker (it gets our
+    sys.path), so they travel by name.
+    """
+    cls = _pickler_classes.get("task")
+    if cls is None:
+        import importlib
+        import types
+        import dill
+        from dill import _dill
+
+        def save_module(pickler, module):
+            name = module.__name__
+            if name != "__main__" and sys.modules.get(name) is module:
+                pickler.save_reduce(importlib.import_module, (name,), obj=module)
+            else:
+                _dill.save_module(pickler, module)
+
+        class TaskPickler(dill.Pickler):
+            dispatch = type(dill.Pickler.dispatch)(dill.Pickler.dispatch)
+
+        TaskPickler.dispatch[types.ModuleType] = save_module
+        cls = _pickler_classes["task"] = TaskPickler
+    return cls
+
+
+def _dumps_task(key, fn):
+    buffer = io.BytesIO()
+    try:
+        # recurse=True per call: it traces only the globals the function
+        # uses.  dill.settings is process-wide and left alone.
+        _task_pickler_class()(buffer, pickle.HIGHEST_PROTOCOL, recurse=True).dump(fn)
+    except RecursionError as exc:
+        raise SerializationError(key, "task", "cannot be serialized: it is nested too deeply "
+                                 "(%s)" % exc) from exc
+    except Exception as exc:
+        raise SerializationError(
+            key, "task", "cannot be serialized with dill: %s: %s. Create such objects "
+            "inside the task, or use the fork driver, which does not serialize tasks"
+            % (type(exc).__name__, exc)) from exc
+    return buffer.getvalue()
+
+
+def _loads_value(body):
+    view = memoryview(body)
+    if view[:1] == b"p":
+        return pickle.loads(view[1:])
+    import dill
+    return dill.loads(bytes(view[1:]))
+
+
+def _decode_outcome(outcomes, index, kind, body):
+    """Fill slot ``index`` from a worker's b"R" or b"E" frame body."""
+    key = outcomes.key(index)
+    if kind == b"R":
+        try:
+            value = _loads_value(body)
+        except Exception as exc:
+            error = SerializationError(key, "result", "the result could not be unpickled "
+                                       "in the parent: %s: %s" % (type(exc).__name__, exc))
+            error.__cause__ = exc
+            outcomes.fail(index, error)
+        else:
+            outcomes.succeed(index, value)
+        return
+    info = pickle.loads(body)
+    exc = _rebuild_exception(key, info)
+    remote = RemoteTraceback(info["traceback"])
+    if info["kind"] == "task":
+        exc.__cause__ = remote
+        _add_note(exc, "raised by concurrency task %r in a child process" % (key,))
+        outcomes.fail(index, exc)
+        return
+    if not isinstance(exc, RemoteError):
+        exc.__cause__ = remote
+    if info["kind"] == "result":
+        detail = "the result could not be serialized in the child: %s: %s"
+    else:
+        detail = "the task could not be unserialized in the child: %s: %s"
+    error = SerializationError(key, info["kind"] if info["kind"] == "result" else "task",
+                               detail % (info["type"], info["message"]))
+    error.__cause__ = exc
+    outcomes.fail(index, error)
+
+
+def _rebuild_exception(key, info):
+    """The child's exception as its own class where possible, else RemoteError."""
+    if info["exc"] is not None:
+        try:
+            exc = _loads_value(info["exc"])
+            if isinstance(exc, BaseException):
+                return exc
+        except Exception:
+            pass
+    if info["parts"] is not None:
+        # Unpickling an exception calls cls(*args), which fails for an
+        # __init__ taking other arguments: rebuild it without calling it.
+        try:
+            cls, args, state = _loads_value(info["parts"])
+            exc = BaseException.__new__(cls)
+            exc.args = args
+            if state:
+                exc.__dict__.update(state)
+            return exc
+        except Exception:
+            pass
+    return RemoteError(key, info["type"], info["message"], info["traceback"])
+
+
+def _add_note(exc, note):
+    try:
+        if hasattr(exc, "add_note"):
+            exc.add_note(note)
+        else:  # Python < 3.11 has no add_note(); keep the same attribute
+            exc.__notes__ = list(getattr(exc, "__notes__", ())) + [note]
+    except Exception:
+        pass
+
+
+def _current_context():
+    """The caller's cwd, environment and sys.path, which every task gets."""
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        cwd = None
+    return cwd, dict(os.environ), list(sys.path)
+
+
+_worker_modules = []
+
+
+def _worker_module():
+    """worker.py loaded by path under a private name, never as ``worker``:
+    a user's own worker.py must not be picked up."""
+    if not _worker_modules:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("_concurrency_worker", _WORKER_PATH)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _worker_modules.append(module)
+    return _worker_modules[0]
+
+
+# -- Children and the run loop ------------------------------------------------
+
+class _Child:
+    """A child process with a result pipe we read frames from."""
+
+    def __init__(self, pid, result_fd):
+        self.pid = pid
+        self.fd = result_fd
+        os.set_blocking(result_fd, False)
+        self.pidfd = None
+        if _HAVE_PIDFD:
+            try:
+                self.pidfd = os.pidfd_open(pid)
+            except OSError:
+                pass
+        self._buffer = bytearray()
+        self._large = None  # (kind, bytearray, filled) of a large frame in progress
+        self.eof = False
+        self.exitcode = None
+
+    def read_frames(self):
+        """Read what the pipe holds now; return the complete frames."""
+        frames = []
+        while not self.eof:
+            if self._large is not None:
+                kind, body, filled = self._large
+                try:
+                    n = os.readv(self.fd, [memoryview(body)[filled:]])
+                except BlockingIOError:
+                    break
+                if n == 0:
+                    self.eof = True
+                    break
+                filled += n
+                if filled == len(body):
+                    frames.append((kind, body))
+                    self._large = None
+                else:
+                    self._large = (kind, body, filled)
+                continue
+            try:
+                chunk = os.read(self.fd, 1 << 18)
+            except BlockingIOError:
+                break
+            if not chunk:
+                self.eof = True
+                break
+            self._buffer += chunk
+            self._parse(frames)
+        return frames
+
+    def _parse(self, frames):
+        buffer = self._buffer
+        header = _FRAME_HEADER.size
+        while len(buffer) >= header:
+            kind, size = _FRAME_HEADER.unpack_from(buffer)
+            if len(buffer) - header >= size:
+                frames.append((kind, bytes(buffer[header:header + size])))
+                del buffer[:header + size]
+            elif size >= _LARGE_FRAME:
+                body = bytearray(size)
+                have = len(buffer) - header
+                body[:have] = buffer[header:]
+                del buffer[:]
+                self._large = (kind, body, have)
+                return
+            else:
+                return
+
+    def poll(self):
+        raise NotImplementedError
+
+    def kill(self):
+        raise NotImplementedError
+
+    def wait(self):
+        """Reap the child, killing it if it does not exit in time."""
+        raise NotImplementedError
+
+    def close(self):
+        for fd in (self.fd, self.pidfd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.fd = self.pidfd = None
+
+
+class _Run:
+    """The select() loop of one run: start tasks, collect frames, notice dead
+    children, enforce the deadline.  Subclasses say how a task starts."""
+
+    def __init__(self, count, outcomes, timeout, deadline):
+        self.pending = collections.deque(range(count))
+        self.running = {}  # child -> index of its task
+        self.outcomes = outcomes
+        self.timeout = timeout
+        self.deadline = deadline
+        self.selector = selectors.DefaultSelector()
+
+    def start_tasks(self):
+        """Start pending tasks on free capacity."""
+        raise NotImplementedError
+
+    def on_frame(self, child, index, kind, body):
+        """Handle a frame; return True when it was the task's outcome."""
+        raise NotImplementedError
+
+    def on_finished(self, child):
+        """The child's task has its outcome."""
+
+    def on_died(self, child, index):
+        """The child died before the outcome of task ``index`` arrived."""
+        raise NotImplementedError
+
+    def watch(self, child, index):
+        self.running[child] = index
+        self.selector.register(child.fd, selectors.EVENT_READ, child)
+        if child.pidfd is not None:
+            self.selector.register(child.pidfd, selectors.EVENT_READ, child)
+
+    def unwatch(self, child):
+        del self.running[child]
+        for fd in (child.fd, child.pidfd):
+            if fd is not None:
+                try:
+                    self.selector.unregister(fd)
+                except (KeyError, ValueError):
+                    pass
+
+    def run(self):
+        try:
+            self._loop()
+        except BaseException:
+            # KeyboardInterrupt or an internal error: no child of this run
+            # may outlive it.
+            for child in list(self.running):
+                child.kill()
+                child.wait()
+                self.unwatch(child)
+                self.on_killed(child)
+            raise
+        finally:
+            self.selector.close()
+
+    def _loop(self):
+        while True:
+            self.start_tasks()
+            if not self.running:
+                if self.pending:  # no capacity could be had before the deadline
+                    self._expire()
+                return
+            wait = None if self.deadline is None else self.deadline - time.monotonic()
+            if wait is not None and wait <= 0:
+                self._expire()
+                return
+            if not _HAVE_PIDFD:
+                wait = _POLL_INTERVAL if wait is None else min(wait, _POLL_INTERVAL)
+            events = self.selector.select(wait)
+            ended = set()
+            for key, _mask in events:
+                child = key.data
+                if child in self.running:
+                    if key.fd == child.pidfd:
+                        ended.add(child)
+                    elif self._read(child):
+                        ended.add(child)
+            if not _HAVE_PIDFD:
+                ended.update(child for child in self.running if child.poll() is not None)
+            for child in ended:
+                if child in self.running:
+                    self._read(child)  # what it wrote before it died
+                if child in self.running:
+                    index = self.running[child]
+                    self.unwatch(child)
+                    child.wait()
+                    self.on_died(child, index)
+
+    def _read(self, child):
+        """Process the child's frames; True if it reached end-of-file."""
+        for kind, body in child.read_frames():
+            index = self.running[child]
+            if self.on_frame(child, index, kind, body):
+                self.unwatch(child)
+                self.on_finished(child)
+                return False
+        return child.eof
+
+    def _expire(self):
+        unfinished = sorted(list(self.running.values()) + list(self.pending))
+        for child in list(self.running):
+            child.kill()
+            child.wait()
+            self.unwatch(child)
+            self.on_killed(child)
+        self.pending.clear()
+        keys = [self.outcomes.key(index) for index in unfinished]
+        for index in unfinished:
+            self.outcomes.fail(index, TaskTimeout(self.outcomes.key(index), keys, self.timeout))
+
+    def on_killed(self, child):
+        """The child was killed by this run (timeout or interrupt)."""
+
+
+# -- process driver internals -------------------------------------------------
+
+class _Worker(_Child):
+    """A warm ``worker.py serve`` child and its two pipes."""
+
+    def __init__(self, idle_timeout):
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, _WORKER_PATH, "serve", str(task_r), str(result_w),
+                 repr(idle_timeout)],
+                stdin=subprocess.DEVNULL, pass_fds=(task_r, result_w), close_fds=True)
+        except BaseException:
+            for fd in (task_w, result_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(task_r)
+            os.close(result_w)
+        super().__init__(self.process.pid, result_r)
+        self.task_fd = task_w
+        self.context = None  # the context frame this worker has
+        self.served = 0      # tasks it has finished
+        self.taken = False   # it said it took the current task
+        self.broken = False  # killed or dead: not to be reused
+        self.idle_since = time.monotonic()
+        _live_workers.add(self)
+
+    def send_task(self, context, payload):
+        self.taken = False
+        if self.context is not context:
+            _worker_module().write_frame(self.task_fd, b"C", context)
+            self.context = context
+        _worker_module().write_frame(self.task_fd, b"T", payload)
+
+    def poll(self):
+        return self.process.poll()
+
+    def kill(self):
+        self.broken = True
+        try:
+            self.process.kill()
+        except OSError:
+            pass
+
+    def wait(self):
+        try:
+            self.exitcode = self.process.wait(_REAP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.exitcode = self.process.wait()
+        return self.exitcode
+
+    def retire(self):
+        """Close our ends: the worker sees end-of-file and exits."""
+        self.broken = True
+        if self.task_fd is not None:
+            try:
+                os.close(self.task_fd)
+            except OSError:
+                pass
+            self.task_fd = None
+        self.close()
+        _live_workers.discard(self)
+
+
+class _WorkerPool:
+    """Warm workers of one ProcessDriver; at most ``max_workers`` alive."""
+
+    def __init__(self, max_workers, idle_timeout):
+        self.max_workers = max_workers
+        self.idle_timeout = idle_timeout
+        self._idle = []  # most recently used last: it is the warmest
+        self._live = 0
+        self._changed = threading.Condition()
+        _pools.add(self)
+
+    def acquire(self, wanted, deadline):
+        """Check out up to ``wanted`` workers, waiting for one if none is free."""
+        with self._changed:
+            while True:
+                self._drop_stale()
+                take = self._idle[-wanted:] if wanted else []
+                del self._idle[len(self._idle) - len(take):]
+                spawn = min(wanted - len(take), self.max_workers - self._live)
+                if take or spawn > 0:
+                    break
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    return []
+                self._changed.wait(wait)
+            self._live += max(spawn, 0)
+        workers = list(take)
+        for _ in range(max(spawn, 0)):
+            try:
+                workers.append(_Worker(self.idle_timeout))
+            except BaseException:
+                with self._changed:
+                    self._live -= spawn - (len(workers) - len(take))
+                self.release(workers)
+                raise
+        return workers
+
+    def replace(self, workers, worker):
+        """Swap a dead worker of a run for a fresh one, in place."""
+        fresh = _Worker(self.idle_timeout)
+        workers[workers.index(worker)] = fresh
+        worker.retire()
+        return fresh
+
+    def release(self, workers):
+        with self._changed:
+            for worker in workers:
+                if worker.broken or worker.task_fd is None:
+                    worker.retire()
+                    self._live -= 1
+                else:
+                    worker.idle_since = time.monotonic()
+                    self._idle.append(worker)
+            self._changed.notify_all()
+
+    def _drop_stale(self):
+        # Workers that exited (idle timeout, killed from outside) or are
+        # about to: reap them instead of sending them a task.
+        keep = []
+        now = time.monotonic()
+        for worker in self._idle:
+            if worker.poll() is not None or now - worker.idle_since > self.idle_timeout * 0.9:
+                worker.retire()
+                if worker.poll() is None:
+                    worker.wait()
+                self._live -= 1
+            else:
+                keep.append(worker)
+        self._idle[:] = keep
+
+    def shutdown(self):
+        with self._changed:
+            idle, self._idle = self._idle, []
+            self._live -= len(idle)
+        for worker in idle:
+            worker.retire()
+        for worker in idle:
+            try:
+                worker.process.wait(0.5)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
+
+class _ProcessRun(_Run):
+    def __init__(self, pool, workers, payloads, outcomes, timeout, deadline):
+        super().__init__(len(payloads), outcomes, timeout, deadline)
+        self.pool = pool
+        self.workers = workers
+        self.free = list(workers)
+        self.payloads = payloads
+        self.context = pickle.dumps(_current_context(), pickle.HIGHEST_PROTOCOL)
+        self.retried = set()
+
+    def start_tasks(self):
+        while self.pending and self.free:
+            worker = self.free.pop()
+            index = self.pending.popleft()
+            try:
+                worker.send_task(self.context, self.payloads[index])
+            except OSError:
+                # The worker is gone (it may have just timed out idle).
+                worker.wait()
+                self.on_died(worker, index)
+                continue
+            self.watch(worker, index)
+
+    def on_frame(self, worker, index, kind, body):
+        if kind == b"A":
+            worker.taken = True
+            return False
+        _decode_outcome(self.outcomes, index, kind, body)
+        return True
+
+    def on_finished(self, worker):
+        worker.served += 1
+        self.free.append(worker)
+
+    def on_died(self, worker, index):
+        worker.broken = True
+        if not worker.taken and worker.served and index not in self.retried:
+            # A warm worker that exited before taking the task (its idle
+            # timeout raced with us): the task never ran, so run it anew.
+            self.retried.add(index)
+            self.pending.appendleft(index)
+        else:
+            self.outcomes.fail(index, WorkerCrashed(self.outcomes.key(index), worker.exitcode))
+        if self.pending:
+            self.free.append(self.pool.replace(self.workers, worker))
+
+
+# -- fork driver internals ----------------------------------------------------
+
+class _ForkChild(_Child):
+    def poll(self):
+        if self.exitcode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return -1
+            if pid:
+                self.exitcode = os.waitstatus_to_exitcode(status)
+        return self.exitcode
+
+    def kill(self):
+        if self.exitcode is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def wait(self):
+        # The child was killed or has exited (or is about to): waitpid returns
+        # promptly.  A child that closed its pipe but lives on is killed.
+        end = time.monotonic() + _REAP_TIMEOUT
+        while self.poll() is None:
+            if time.monotonic() > end:
+                self.kill()
+                end = float("inf")
+            time.sleep(0.001)
+        self.close()
+        return self.exitcode
+
+
+class _ForkRun(_Run):
+    def __init__(self, calls, max_workers, outcomes, timeout, deadline):
+        super().__init__(len(calls), outcomes, timeout, deadline)
+        self.calls = calls
+        self.max_workers = max_workers
+        self.worker = _worker_module()
+
+    def start_tasks(self):
+        while self.pending and len(self.running) < self.max_workers:
+            index = self.pending.popleft()
+            self.watch(self._fork(self.calls[index]), index)
+
+    def _fork(self, fn):
+        read_fd, write_fd = os.pipe()
+        _flush_std_streams()  # or the child would print our buffered output again
+        pid = os.fork()
+        if pid == 0:  # child: never returns into the caller's code
+            code = 0
+            try:
+                os.close(read_fd)
+                _in_fork_child()
+                kind, body = self.worker.run_task(fn)
+                self.worker.write_frame(write_fd, kind, body)
+            except BaseException:
+                code = 70
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        return _ForkChild(pid, read_fd)
+
+    def on_frame(self, child, index, kind, body):
+        _decode_outcome(self.outcomes, index, kind, body)
+        return True
+
+    def on_finished(self, child):
+        child.wait()
+
+    def on_died(self, child, index):
+        self.outcomes.fail(index, WorkerCrashed(self.outcomes.key(index), child.exitcode))
+
+
+def _in_fork_child():
+    """Make a fresh fork child independent of the parent's state."""
+    # Ctrl-C is the parent's to handle, as in process workers.
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+
+
+def _flush_std_streams():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+# -- Deferred tasks in detached processes -------------------------------------
+
+_detached = []  # Popen objects of detached deferred tasks, reaped when done
+
+
+def _spawn_detached(key, payload):
+    """Start ``worker.py defer`` in a session of its own: it outlives us."""
+    _detached[:] = [process for process in _detached if process.poll() is None]
+    fd, path = tempfile.mkstemp(prefix="concurrency-defer-", suffix=".pickle")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(payload)
+        process = subprocess.Popen(
+            [sys.executable, _WORKER_PATH, "defer", path, repr(key)],
+            stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+    except BaseException:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    _detached.append(process)
+
+
+def _fork_detached(key, fn):
+    """Run ``fn`` in a double-forked child in a session of its own."""
+    _flush_std_streams()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                _in_fork_child()
+                try:
+                    _call(fn)
+                except BaseException as exc:
+                    _report_deferred_failure(key, exc)
+                    code = 1
+                _flush_std_streams()
+        except BaseException:
+            code = 70
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)  # the middle process exits at once
+
+
+# -- Process hygiene ----------------------------------------------------------
+
+_pools = weakref.WeakSet()
+_live_workers = weakref.WeakSet()
+
+
+def _close_worker_fds_in_child():
+    # A fork child (fork driver, user code) must not keep our ends of the
+    # workers' pipes open, or the workers would not see us exit.
+    for worker in list(_live_workers):
+        for fd in (worker.task_fd, worker.fd, worker.pidfd):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+def _shutdown():
+    for pool in list(_pools):
+        pool.shutdown()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_worker_fds_in_child)
+atexit.register(_shutdown)
+
+
+# -- Config -------------------------------------------------------------------
+
+_CONFIG_TEMPLATE = """\
+; Settings of the concurrency library (https://pypi.org/project/concurrency).
+; Read from concurrency.ini in the current directory, or from the file named
+; by the CONCURRENCY_CONFIG environment variable.
+[concurrency]
+
+; The driver concurrency.run() and concurrency.defer() use:
+;   process - each task in a warm child Python process (tasks serialized with dill)
+;   fork    - each task in an os.fork() child (POSIX only; nothing serialized)
+;   sync    - one after another in the calling process (tests, debugging)
+; The CONCURRENCY_DRIVER environment variable overrides it.
+default = process
+
+; Most child processes alive at once per driver; a positive whole number.
+; Default: min(32, CPU cores + 4).
+; max_workers = 8
+
+; Seconds a run may take before its unfinished tasks are killed and fail with
+; concurrency.TaskTimeout; a positive number, or none for no limit.
+timeout = none
+"""
+
+_config_cache = {}
+
+
+def _read_config():
+    """The validated settings of concurrency.ini, {} when there is none."""
+    path = os.environ.get(CONFIG_ENV) or CONFIG_FILE
+    try:
+        stat = os.stat(path)
+    except OSError:
+        if os.environ.get(CONFIG_ENV):
+            raise ConfigError("%s=%r: no such config file" % (CONFIG_ENV, path))
+        return {}
+    signature = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    cached = _config_cache.get("config")
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    import configparser
+    parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"))
+    try:
+        parser.read(path, encoding="utf-8")
+    except configparser.Error as exc:
+        raise ConfigError("%s: cannot be parsed: %s" % (path, exc)) from None
+    if not parser.has_section(_CONFIG_SECTION):
+        raise ConfigError("%s: has no [%s] section" % (path, _CONFIG_SECTION))
+    config = {"path": path}
+    for name, raw in parser.items(_CONFIG_SECTION):
+        value = raw.strip()
+        if name == "default":
+            if value:
+                config["default"] = value
+        elif name == "max_workers":
+            try:
+                number = int(value)
+                if number < 1:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError("%s: max_workers = %s is not allowed; use a positive whole "
+                                  "number, e.g. max_workers = 8" % (path, value)) from None
+            config["max_workers"] = number
+        elif name == "timeout":
+            if value.lower() in ("", "none"):
+                continue
+            try:
+                number = float(value)
+                if math.isnan(number) or number <= 0:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError("%s: timeout = %s is not allowed; use a positive number of "
+                                  "seconds, or none for no limit" % (path, value)) from None
+            config["timeout"] = number
+        else:
+            raise ConfigError("%s: unknown key %r in [%s]; allowed keys: default, "
+                              "max_workers, timeout" % (path, name, _CONFIG_SECTION))
+    _config_cache["config"] = (signature, config)
+    return config
+
+
+def _publish_config(force=False):
+    if os.path.exists(CONFIG_FILE) and not force:
+        sys.stderr.write("%s already exists in %s; use --force to overwrite it\n"
+                         % (CONFIG_FILE, os.getcwd()))
+        return 1
+    with open(CONFIG_FILE, "w", encoding="utf-8") as file:
+        file.write(_CONFIG_TEMPLATE)
+    print("wrote %s" % os.path.abspath(CONFIG_FILE))
+    return 0
+
+
+# -- Command line: python -m concurrency --------------------------------------
+
+_USAGE = """\
+usage: python -m concurrency config:publish [--force]
+       python -m concurrency demo
+
+  config:publish  write concurrency.ini (default driver, max_workers, timeout)
+                  in the current directory; --force overwrites an existing one
+  demo            count two tables of a small SQLite database with every driver
+"""
+
+# The demo's queries each take this long, so the speed-up shows.
+_DEMO_QUERY_SECONDS = 0.5
+
+
+def _demo_count(path, table):
+    """Count ``table`` in the SQLite file ``path`` with a deliberately slow query."""
+    import sqlite3
+    connection = sqlite3.connect(path)
+    try:
+        connection.create_function("pause", 1, time.sleep)
+        row = connection.execute("SELECT (SELECT count(*) FROM %s), pause(?)" % table,
+                                 (_DEMO_QUERY_SECONDS,)).fetchone()
+        return row[0]
+    finally:
+        connection.close()
+
+
+def _demo():
+    import sqlite3
+    directory = tempfile.mkdtemp(prefix="concurrency-demo-")
+    path = os.path.join(directory, "shop.sqlite3")
+    connection = sqlite3.connect(path)
+    with connection:
+        connection.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        connection.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY, user_id INTEGER)")
+        connection.executemany("INSERT INTO users (name) VALUES (?)",
+                               [("user%d" % i,) for i in range(120)])
+        connection.executemany("INSERT INTO orders (user_id) VALUES (?)",
+                               [(i % 120,) for i in range(345)])
+    connection.close()
+    print("database: %s (each count takes %.1f s)" % (path, _DEMO_QUERY_SECONDS))
+    drivers = ["sync", "process"] + (["fork"] if _HAVE_FORK else [])
+    for name in drivers:
+        started = time.perf_counter()
+        user_count, order_count = driver(name).run([
+            lambda: _demo_count(path, "users"),
+            lambda: _demo_count(path, "orders"),
+        ])
+        elapsed = time.perf_counter() - started
+        print("%-8s users=%d orders=%d  %.2f s" % (name, user_count, order_count, elapsed))
+    os.unlink(path)
+    os.rmdir(directory)
+    return 0
+
+
+def _main(argv):
+    if argv[:1] == ["config:publish"] and set(argv[1:]) <= {"--force"}:
+        return _publish_config(force="--force" in argv[1:])
+    if argv == ["demo"]:
+        return _demo()
+    sys.stderr.write(_USAGE)
+    return 0 if argv in (["-h"], ["--help"]) else 2
+
+
+_registry = _Registry({"process": ProcessDriver, "fork": ForkDriver, "sync": SyncDriver})
+
+
+def _signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "signal %d" % number
+
+
+if __name__ == "__main__":
+    # Run the command from the importable module, so the demo's tasks refer
+    # to `concurrency` by name instead of this __main__ copy.
+    import concurrency
+    sys.exit(concurrency._main(sys.argv[1:]))

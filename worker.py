@@ -1,0 +1,447 @@
+"""Child entrypoint of `concurrency`: run tasks serialized by the parent.
+
+The parent starts this file by path, ``python worker.py MODE ...``; it is
+never imported under the name ``worker``.  It imports only the standard
+library and dill (lazily), never ``concurrency``, so it works wherever the two
+files are copied.  ``concurrency.py`` also loads it by path under a private
+name to reuse the outcome encoding below in ``fork`` children.
+
+Modes:
+
+``serve TASK_FD RESULT_FD IDLE_TIMEOUT``
+    A warm worker of the ``process`` driver.  Frames arrive on TASK_FD and
+    leave on RESULT_FD; stdout and stderr stay the parent's, so a task's
+    ``print()`` shows up there and can never corrupt a result.  A reader
+    thread owns TASK_FD: end-of-file means the parent is gone (exited or was
+    killed), and the worker exits at once, even mid-task, so no worker
+    outlives its parent.
+
+``defer PAYLOAD_PATH KEY``
+    A detached deferred task: read the dill payload from PAYLOAD_PATH (the
+    file is removed once read), run it, and report a failure on stderr, since
+    nobody waits for the outcome.
+
+Frames are one kind byte, an 8-byte big-endian length, then the body:
+
+    parent -> worker   b"C" context: pickled (cwd, environ, sys.path)
+                       b"T" task: dill payload of a callable
+    worker -> parent   b"A" task taken (empty body)
+                       b"R" result: encode_result()
+                       b"E" error: encode_error()
+"""
+
+import collections.abc
+import os
+import pickle
+import struct
+import sys
+import threading
+import time
+import traceback
+import types
+
+FRAME_HEADER = struct.Struct(">cQ")
+
+# Outcome bodies start with one of these to say how the rest was pickled:
+# the C pickle is much faster than dill, so dill only serves what pickle can't.
+PICKLED = b"p"
+DILLED = b"d"
+
+# Kinds of error reported in an b"E" frame; the parent maps them to its errors.
+TASK_FAILED = "task"              # the task raised
+TASK_UNLOADABLE = "task-load"     # the payload could not be unserialized here
+RESULT_UNSERIALIZABLE = "result"  # the task's return value could not be pickled
+
+
+# -- Outcome encoding (shared with the fork driver) ---------------------------
+
+def dumps_value(value):
+    """Pickle ``value`` with the C pickle, or dill when pickle can't."""
+    try:
+        return PICKLED + pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        pass
+    import io
+    buffer = io.BytesIO()
+    buffer.write(DILLED)
+    _result_pickler_class()(buffer, pickle.HIGHEST_PROTOCOL, recurse=True).dump(value)
+    return buffer.getvalue()
+
+
+def encode_result(value):
+    """Return the frame ``(kind, body)`` for a task's return value."""
+    try:
+        return b"R", dumps_value(value)
+    except BaseException as exc:
+        return b"E", encode_error(exc, RESULT_UNSERIALIZABLE)
+
+
+def encode_error(exc, kind=TASK_FAILED, skip_frames=0):
+    """Return the body of an error frame for ``exc``.
+
+    The exception travels three ways at once, so the parent can rebuild the
+    best one it can: pickled whole; as (class, args, __dict__) for classes
+    whose ``__init__`` does not accept ``*args`` (unpickling calls it); and as
+    plain text -- type name, message, formatted traceback -- that always works.
+    """
+    tb = exc.__traceback__
+    for _ in range(skip_frames):
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+    cls = type(exc)
+    info = {
+        "kind": kind,
+        "type": "%s.%s" % (cls.__module__, cls.__qualname__),
+        "message": _safe_str(exc),
+        "traceback": _safe_format(cls, exc, tb),
+        "exc": _try_dumps(exc),
+        "parts": _try_dumps((cls, exc.args, dict(getattr(exc, "__dict__", {})))),
+    }
+    return pickle.dumps(info, pickle.HIGHEST_PROTOCOL)
+
+
+def _try_dumps(obj):
+    try:
+        return dumps_value(obj)
+    except BaseException:
+        return None
+
+
+def _safe_str(exc):
+    try:
+        return str(exc)
+    except BaseException:
+        return "<str() of the exception failed>"
+
+
+def _safe_format(cls, exc, tb):
+    try:
+        return "".join(traceback.format_exception(cls, exc, tb))
+    except BaseException:
+        return "%s: %s\n" % (cls.__qualname__, _safe_str(exc))
+
+
+def call(fn):
+    """Call a task; a coroutine it returns is run to completion."""
+    value = fn()
+    if isinstance(value, collections.abc.Coroutine):
+        value = await_coroutine(value)
+    return value
+
+
+def await_coroutine(coroutine):
+    import asyncio
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    # Called from inside a running loop (the sync driver in an async handler):
+    # asyncio.run refuses to nest, so the coroutine gets a loop of its own.
+    outcome = []
+
+    def run_in_thread():
+        try:
+            outcome.append((True, asyncio.run(coroutine)))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run_in_thread, name="concurrency-await")
+    thread.start()
+    thread.join()
+    ok, value = outcome[0]
+    if ok:
+        return value
+    raise value
+
+
+def run_task(fn):
+    """Call ``fn`` and return the outcome frame ``(kind, body)``."""
+    try:
+        value = call(fn)
+    except BaseException as exc:
+        # Skip this frame: the user's traceback starts in their own code.
+        return b"E", encode_error(exc, TASK_FAILED, skip_frames=1)
+    finally:
+        _flush_std_streams()
+    return encode_result(value)
+
+
+def _flush_std_streams():
+    # Output the task printed must reach the terminal before its result does.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+
+
+# -- Classes from the parent's __main__ ---------------------------------------
+#
+# dill sends classes defined in the parent's __main__ by value; here they get
+# rebuilt as new class objects.  Put top-level ones into this process's
+# __main__ (a private module, see serve()) and pickle them by reference on the
+# way back, so the parent resolves them to its own class: a returned instance
+# is an instance of the caller's class, and an exception keeps its class.
+
+_ADOPTED = {}  # id(class) -> class
+_loaders = {}
+
+
+def _adopt(cls):
+    qualname = getattr(cls, "__qualname__", "")
+    if getattr(cls, "__module__", None) == "__main__" and qualname.isidentifier():
+        setattr(sys.modules["__main__"], qualname, cls)
+        _ADOPTED[id(cls)] = cls
+    return cls
+
+
+def loads_task(body):
+    """Unserialize a dill task payload, adopting classes of __main__."""
+    import io
+    return _task_unpickler_class()(io.BytesIO(body)).load()
+
+
+def _task_unpickler_class():
+    if "task" not in _loaders:
+        import dill
+        from dill import _dill
+
+        def create_type(typeobj, *args):
+            return _adopt(_dill._create_type(typeobj, *args))
+
+        class TaskUnpickler(dill.Unpickler):
+            def find_class(self, module, name):
+                found = super().find_class(module, name)
+                return create_type if found is _dill._create_type else found
+
+        _loaders["task"] = TaskUnpickler
+    return _loaders["task"]
+
+
+def _result_pickler_class():
+    if "result" not in _loaders:
+        import dill
+        from dill import _dill
+
+        def save_type(pickler, cls):
+            if _ADOPTED.get(id(cls)) is cls:
+                pickle._Pickler.save_global(pickler, cls)
+            else:
+                _dill.save_type(pickler, cls)
+
+        class ResultPickler(dill.Pickler):
+            dispatch = type(dill.Pickler.dispatch)(dill.Pickler.dispatch)
+
+        ResultPickler.dispatch[type] = save_type
+        _loaders["result"] = ResultPickler
+    return _loaders["result"]
+
+
+# -- serve: a warm worker of the process driver -------------------------------
+
+class _Channel:
+    """Frame reader and writer on the two pipes given by the parent."""
+
+    def __init__(self, task_fd, result_fd):
+        self.task_fd = task_fd
+        self.result_fd = result_fd
+
+    def read_exactly(self, size):
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        while got < size:
+            n = os.readv(self.task_fd, [view[got:]])
+            if n == 0:
+                return None
+            got += n
+        return buffer
+
+    def read_frame(self):
+        header = self.read_exactly(FRAME_HEADER.size)
+        if header is None:
+            return None
+        kind, size = FRAME_HEADER.unpack(header)
+        body = self.read_exactly(size) if size else b""
+        if body is None:
+            return None
+        return kind, body
+
+    def write_frame(self, kind, body=b""):
+        write_frame(self.result_fd, kind, body)
+
+
+def write_frame(fd, kind, body=b""):
+    """Write one frame to ``fd``, blocking until all of it is written."""
+    header = FRAME_HEADER.pack(kind, len(body))
+    if len(body) < 65536:
+        parts = [header + body]
+    else:  # no copy of a large body just to prepend nine bytes
+        parts = [header, body]
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def _apply_context(context):
+    cwd, environ, path = context
+    if cwd is not None:
+        try:
+            os.chdir(cwd)
+        except OSError:
+            pass
+    if os.environ != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+    sys.path[:] = path
+
+
+def serve(task_fd, result_fd, idle_timeout):
+    channel = _Channel(task_fd, result_fd)
+    inbox = []
+    ready = threading.Condition()
+    state = {"busy": False, "last": time.monotonic()}
+
+    def read_frames():
+        # Owns TASK_FD.  End-of-file: the parent exited or died -- leave now,
+        # even mid-task, rather than linger as an orphan.
+        import select
+        while True:
+            if idle_timeout > 0:
+                readable, _, _ = select.select([task_fd], [], [], idle_timeout)
+                if not readable:
+                    with ready:
+                        idle = (not state["busy"] and not inbox
+                                and time.monotonic() - state["last"] >= idle_timeout)
+                    if idle:
+                        os._exit(0)
+                    continue
+            frame = channel.read_frame()
+            if frame is None:
+                os._exit(0)
+            with ready:
+                inbox.append(frame)
+                ready.notify()
+
+    threading.Thread(target=read_frames, name="concurrency-reader", daemon=True).start()
+    context = None
+    while True:
+        with ready:
+            while not inbox:
+                ready.wait()
+            kind, body = inbox.pop(0)
+            state["busy"] = True
+        if kind == b"C":
+            context = pickle.loads(body)
+        elif kind == b"T":
+            channel.write_frame(b"A")
+            if context is not None:
+                _apply_context(context)
+            try:
+                fn = loads_task(body)
+            except BaseException as exc:
+                frame = (b"E", encode_error(exc, TASK_UNLOADABLE))
+            else:
+                frame = run_task(fn)
+                del fn
+            _restore_std_fds()
+            channel.write_frame(*frame)
+            del frame
+        with ready:
+            state["busy"] = False
+            state["last"] = time.monotonic()
+
+
+_SAVED_STD_FDS = {}
+
+
+def _save_std_fds():
+    for fd in (1, 2):
+        try:
+            _SAVED_STD_FDS[fd] = os.dup(fd)
+        except OSError:
+            pass
+
+
+def _restore_std_fds():
+    # A task may close or redirect fd 1/2; the next task must find them as the
+    # parent gave them.
+    for fd, saved in _SAVED_STD_FDS.items():
+        try:
+            os.dup2(saved, fd)
+        except OSError:
+            pass
+
+
+def _protect_channel(*fds):
+    # Children a task starts must not hold our pipes: a grandchild holding the
+    # result pipe would hide this worker's death from the parent.
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    if hasattr(os, "register_at_fork"):
+        def close_in_child():
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        os.register_at_fork(after_in_child=close_in_child)
+
+
+# -- defer: a detached deferred task ------------------------------------------
+
+def run_deferred(payload_path, key):
+    try:
+        with open(payload_path, "rb") as payload:
+            body = payload.read()
+    finally:
+        try:
+            os.unlink(payload_path)
+        except OSError:
+            pass
+    context, task = pickle.loads(body)
+    _apply_context(context)
+    try:
+        fn = loads_task(task)
+        call(fn)
+    except BaseException as exc:
+        text = _safe_format(type(exc), exc, exc.__traceback__)
+        sys.stderr.write("concurrency: deferred task %s failed:\n%s" % (key, text))
+        _flush_std_streams()
+        return 1
+    _flush_std_streams()
+    return 0
+
+
+def _ignore_sigint():
+    # A Ctrl-C in the terminal reaches the whole process group, workers
+    # included.  The parent decides what it means (it stops its run and reaps
+    # the workers); a worker must not die with a KeyboardInterrupt traceback.
+    # A no-op handler rather than SIG_IGN, which programs a task starts would
+    # inherit.
+    import signal
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+
+
+def main(argv):
+    mode = argv[1] if len(argv) > 1 else ""
+    if mode == "serve":
+        _ignore_sigint()
+    # User code runs in a __main__ of its own: classes adopted from the
+    # parent's __main__ land there and can't clobber this module's names.
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    if mode == "serve":
+        task_fd, result_fd, idle_timeout = int(argv[2]), int(argv[3]), float(argv[4])
+        _protect_channel(task_fd, result_fd)
+        _save_std_fds()
+        import dill  # noqa: F401  (imported now, while the parent still prepares)
+        serve(task_fd, result_fd, idle_timeout)
+    elif mode == "defer":
+        return run_deferred(argv[2], argv[3])
+    sys.stderr.write("worker.py is started by the concurrency library, not by hand.\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
