@@ -1111,6 +1111,8 @@ class _WorkerPool:
         self._live = 0
         self._changed = threading.Condition()
         _pools.add(self)
+        # A driver that is dropped must not leave its warm workers running.
+        weakref.finalize(self, _retire_workers, self._idle)
 
     def acquire(self, wanted, deadline):
         """Check out up to ``wanted`` workers, waiting for one if none is free."""
@@ -1173,16 +1175,22 @@ class _WorkerPool:
 
     def shutdown(self):
         with self._changed:
-            idle, self._idle = self._idle, []
+            idle = self._idle[:]
+            del self._idle[:]
             self._live -= len(idle)
-        for worker in idle:
-            worker.retire()
-        for worker in idle:
-            try:
-                worker.process.wait(0.5)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        _retire_workers(idle)
+
+
+def _retire_workers(workers):
+    """Let idle workers go: they exit on end-of-file at once; reap them."""
+    for worker in workers:
+        worker.retire()
+    for worker in workers:
+        try:
+            worker.process.wait(1.0)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
 
 
 class _ProcessRun(_Run):
@@ -1429,7 +1437,7 @@ def _read_config():
         stat = os.stat(path)
     except OSError:
         if os.environ.get(CONFIG_ENV):
-            raise ConfigError("%s=%r: no such config file" % (CONFIG_ENV, path))
+            raise ConfigError("%s: no such config file (named by %s)" % (path, CONFIG_ENV))
         return {}
     signature = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
     cached = _config_cache.get("config")

@@ -1,0 +1,1118 @@
+"""Tests of concurrency: one behaviour mixin run against every driver, then
+driver-specific cases, scripts run as __main__ in a fresh interpreter (the
+way users meet the library), defer, the registry, config and the CLI.
+
+Every wait is bounded, and every test checks that it left no process behind.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import unittest
+import uuid
+
+import concurrency
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SHORT_TIMEOUT = 10.0   # for things that take well under a second
+LONG_TIMEOUT = 120.0   # for a whole script run in a fresh interpreter
+HAVE_PROC = os.path.isdir("/proc/self")
+MARK_ENV = "CONCURRENCY_TEST_MARK"
+
+
+# -- Helpers ------------------------------------------------------------------
+
+def wait_until(predicate, timeout=SHORT_TIMEOUT, what="condition"):
+    """Poll ``predicate`` until true; fail after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError("timed out after %g s waiting for %s" % (timeout, what))
+        time.sleep(0.01)
+
+
+def _proc_table():
+    """{pid: (ppid, state)} of every process, from /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as file:
+                stat = file.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        table[int(entry)] = (int(fields[1]), fields[0])
+    return table
+
+
+def descendants(pid=None):
+    """Pids of every living descendant of ``pid`` (this process by default)."""
+    pid = os.getpid() if pid is None else pid
+    table = _proc_table()
+    children = {}
+    for child, (parent, _state) in table.items():
+        children.setdefault(parent, []).append(child)
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def marked_processes(mark):
+    """Pids of processes whose environment carries ``mark``."""
+    needle = ("%s=%s" % (MARK_ENV, mark)).encode()
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/environ" % entry, "rb") as file:
+                if needle in file.read().split(b"\0"):
+                    found.add(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def pid_alive(pid):
+    if HAVE_PROC:
+        try:
+            with open("/proc/%d/stat" % pid) as file:
+                stat = file.read()
+        except OSError:
+            return False
+        return stat[stat.rindex(")") + 2] != "Z"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def write_file(path, text):
+    with open(path, "w") as file:
+        file.write(text)
+
+
+def read_file(path):
+    with open(path) as file:
+        return file.read()
+
+
+def rendezvous(directory, name, count, timeout=SHORT_TIMEOUT):
+    """Announce ``name`` in ``directory`` and wait until ``count`` tasks have:
+    a run of tasks one after another can never get past this."""
+    write_file(os.path.join(directory, name), "")
+    end = time.monotonic() + timeout
+    while len(os.listdir(directory)) < count:
+        if time.monotonic() > end:
+            raise TimeoutError("only %d of %d tasks met" % (len(os.listdir(directory)), count))
+        time.sleep(0.005)
+    return name
+
+
+class TwoArgError(Exception):
+    def __init__(self, code, detail):
+        super().__init__("code %s: %s" % (code, detail))
+        self.code = code
+        self.detail = detail
+
+
+def raise_two_arg_error():
+    raise TwoArgError(42, "no such table")
+
+
+def raise_value_error(message="bad value"):
+    raise ValueError(message)
+
+
+async def async_double(value):
+    await asyncio.sleep(0)
+    return value * 2
+
+
+class CleanTestCase(unittest.TestCase):
+    """Fails a test that leaves a process behind; gives it a temp dir."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="concurrency-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+        self.before = descendants() if HAVE_PROC else set()
+        self.addCleanup(self.assert_no_process_left)
+        concurrency._registry = concurrency._Registry(
+            {"process": concurrency.ProcessDriver, "fork": concurrency.ForkDriver,
+             "sync": concurrency.SyncDriver})
+
+    def assert_no_process_left(self):
+        concurrency._shutdown()
+        if HAVE_PROC:
+            wait_until(lambda: not (descendants() - self.before), SHORT_TIMEOUT,
+                       "the test's child processes to end")
+
+    def path(self, *parts):
+        return os.path.join(self.tmp, *parts)
+
+    def subdir(self, name):
+        path = self.path(name)
+        os.mkdir(path)
+        return path
+
+
+# -- Behaviour of every driver ------------------------------------------------
+
+class DriverTests:
+    """Behaviour every driver shares; one TestCase per driver below."""
+
+    driver = None
+    in_child = True  # tasks run in another process
+
+    def setUp(self):
+        super().setUp()
+        self.d = concurrency.driver(self.driver)
+
+    def test_list_returns_results_in_task_order(self):
+        self.assertEqual(self.d.run([lambda: 1, lambda: "two", lambda: [3]]), [1, "two", [3]])
+
+    def test_mapping_returns_dict_with_same_keys_in_order(self):
+        result = self.d.run({"users": lambda: 10, "orders": lambda: 20, 3: lambda: None})
+        self.assertIsInstance(result, dict)
+        self.assertEqual(list(result.items()), [("users", 10), ("orders", 20), (3, None)])
+
+    def test_tuple_and_generator_inputs_return_lists(self):
+        self.assertEqual(self.d.run((lambda: 1, lambda: 2)), [1, 2])
+        self.assertEqual(self.d.run(lambda n=n: n * n for n in range(4)), [0, 1, 4, 9])
+
+    def test_single_callable_returns_one_item_list(self):
+        self.assertEqual(self.d.run(lambda: "only"), ["only"])
+
+    def test_empty_input(self):
+        self.assertEqual(self.d.run([]), [])
+        self.assertEqual(self.d.run({}), {})
+
+    def test_closure_captures_state(self):
+        factor = 7
+        data = {"rows": [1, 2, 3]}
+        self.assertEqual(self.d.run([lambda: sum(data["rows"]) * factor]), [42])
+
+    def test_non_callable_rejected_before_anything_runs(self):
+        marker = self.path("ran")
+        with self.assertRaisesRegex(TypeError, r"task 1 is not callable.*None"):
+            self.d.run([lambda: write_file(marker, "x"), None])
+        with self.assertRaisesRegex(TypeError, r"task 'orders' is not callable.*'SELECT'"):
+            self.d.run({"users": lambda: write_file(marker, "x"), "orders": "SELECT"})
+        self.assertFalse(os.path.exists(marker))
+
+    def test_tasks_must_be_callables_not_none_or_str(self):
+        for bad in (None, "lambda: 1", b"x", 5):
+            with self.subTest(bad=bad):
+                with self.assertRaisesRegex(TypeError, "tasks must be a callable"):
+                    self.d.run(bad)
+
+    def test_timeout_must_be_positive_number_or_none(self):
+        for bad in (0, -1, float("nan")):
+            with self.subTest(bad=bad):
+                with self.assertRaisesRegex(ValueError, "timeout must be a positive number"):
+                    self.d.run([lambda: 1], timeout=bad)
+        for bad in ("1", True, [1]):
+            with self.subTest(bad=bad):
+                with self.assertRaisesRegex(TypeError, "timeout must be a number"):
+                    self.d.run([lambda: 1], timeout=bad)
+
+    def test_coroutine_result_is_awaited(self):
+        self.assertEqual(self.d.run([lambda: async_double(21)]), [42])
+
+    def test_async_def_task_is_awaited(self):
+        async def fetch():
+            await asyncio.sleep(0.01)
+            return "fetched"
+        self.assertEqual(self.d.run({"a": fetch}), {"a": "fetched"})
+
+    def test_exception_class_and_message_preserved(self):
+        with self.assertRaises(ValueError) as caught:
+            self.d.run([lambda: 1, lambda: raise_value_error("broken row 7")])
+        self.assertEqual(str(caught.exception), "broken row 7")
+
+    def test_first_failed_task_in_task_order_is_raised_after_all_finished(self):
+        done = self.path("slow-done")
+
+        def slow_failure():
+            time.sleep(0.3)
+            write_file(done, "x")
+            raise ValueError("first in task order")
+
+        with self.assertRaisesRegex(ValueError, "first in task order"):
+            self.d.run([lambda: 1, slow_failure, lambda: {}["fails fast"]])
+        # It waited for the slow sibling instead of killing it.
+        self.assertTrue(os.path.exists(done))
+
+    def test_return_exceptions_fills_every_slot(self):
+        result = self.d.run({"ok": lambda: 5, "bad": lambda: raise_value_error("nope"),
+                             "value": lambda: ValueError("returned, not raised")},
+                            return_exceptions=True)
+        self.assertEqual(result["ok"], 5)
+        self.assertIsInstance(result["bad"], ValueError)
+        self.assertEqual(str(result["bad"]), "nope")
+        self.assertIsInstance(result["value"], ValueError)
+
+    def test_returned_exception_is_a_value_not_a_failure(self):
+        [value] = self.d.run([lambda: KeyError("just data")])
+        self.assertIsInstance(value, KeyError)
+
+    def test_exception_with_two_argument_init_keeps_class_and_data(self):
+        with self.assertRaises(TwoArgError) as caught:
+            self.d.run([raise_two_arg_error])
+        self.assertEqual((caught.exception.code, caught.exception.detail), (42, "no such table"))
+
+    def test_driver_is_cached_per_name(self):
+        self.assertIs(concurrency.driver(self.driver), self.d)
+
+
+class ChildDriverTests(DriverTests):
+    """Behaviour of drivers that run each task in a child process."""
+
+    def test_tasks_run_at_once(self):
+        meet = self.subdir("meet")
+        names = self.d.run([lambda i=i: rendezvous(meet, "t%d" % i, 4) for i in range(4)])
+        self.assertEqual(names, ["t0", "t1", "t2", "t3"])
+
+    def test_four_one_second_sleeps_take_about_one_second(self):
+        self.d.run([lambda: 0])  # warm up
+        started = time.monotonic()
+        self.d.run([lambda: time.sleep(1)] * 4)
+        self.assertLess(time.monotonic() - started, 1.9)
+
+    def test_runs_in_another_process(self):
+        [pid] = self.d.run([os.getpid])
+        self.assertNotEqual(pid, os.getpid())
+
+    def test_exception_carries_child_traceback_and_names_task(self):
+        with self.assertRaises(ValueError) as caught:
+            self.d.run({"users": lambda: 1, "orders": lambda: raise_value_error("no orders")})
+        exc = caught.exception
+        self.assertIsInstance(exc.__cause__, concurrency.RemoteTraceback)
+        self.assertIn("raise_value_error", exc.__cause__.traceback)
+        self.assertIn("no orders", str(exc.__cause__))
+        self.assertIn("'orders'", " ".join(exc.__notes__))
+
+    def test_base_exceptions_keep_their_class(self):
+        for cls in (SystemExit, KeyboardInterrupt, GeneratorExit):
+            with self.subTest(cls=cls.__name__):
+                def task(cls=cls):
+                    raise cls("stop")
+                [exc] = self.d.run([task], return_exceptions=True)
+                self.assertIs(type(exc), cls)
+
+    def test_exception_that_cannot_travel_becomes_remote_error(self):
+        def task():
+            raise ValueError((n for n in range(3)))  # a generator can't be pickled
+        with self.assertRaises(concurrency.RemoteError) as caught:
+            self.d.run({"gen": task})
+        self.assertEqual(caught.exception.type_name, "builtins.ValueError")
+        self.assertEqual(caught.exception.key, "gen")
+        self.assertIn("generator object", caught.exception.message)
+        self.assertIn("raise ValueError", caught.exception.traceback)
+
+    def test_crash_fails_only_its_task(self):
+        result = self.d.run({"crash": lambda: os._exit(3), "ok": lambda: "kept"},
+                            return_exceptions=True)
+        self.assertEqual(result["ok"], "kept")
+        crash = result["crash"]
+        self.assertIsInstance(crash, concurrency.WorkerCrashed)
+        self.assertEqual((crash.key, crash.exitcode, crash.signal), ("crash", 3, None))
+        self.assertIn("'crash'", str(crash))
+        self.assertIn("code 3", str(crash))
+        self.assertEqual(self.d.run([lambda: "still works"]), ["still works"])
+
+    def test_crash_by_signal_names_the_signal(self):
+        with self.assertRaises(concurrency.WorkerCrashed) as caught:
+            self.d.run([lambda: 1, lambda: os.kill(os.getpid(), signal.SIGKILL)])
+        self.assertEqual(caught.exception.signal, "SIGKILL")
+        self.assertEqual(caught.exception.key, 1)
+        self.assertIn("SIGKILL", str(caught.exception))
+        self.assertEqual(self.d.run([lambda: 2]), [2])
+
+    def test_timeout_kills_runaway_task_and_keeps_finished_results(self):
+        pid_file = self.path("pid")
+
+        def spin():
+            write_file(pid_file, str(os.getpid()))
+            while True:
+                pass
+
+        started = time.monotonic()
+        result = self.d.run({"spin": spin, "quick": lambda: "done"}, timeout=1.0,
+                            return_exceptions=True)
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertEqual(result["quick"], "done")
+        timeout = result["spin"]
+        self.assertIsInstance(timeout, concurrency.TaskTimeout)
+        self.assertIsInstance(timeout, TimeoutError)
+        self.assertEqual(timeout.unfinished, ["spin"])
+        self.assertIn("'spin'", str(timeout))
+        self.assertFalse(pid_alive(int(read_file(pid_file))))
+        self.assertEqual(self.d.run([lambda: "replaced"]), ["replaced"])
+
+    def test_timeout_raises_naming_every_unfinished_task(self):
+        with self.assertRaises(concurrency.TaskTimeout) as caught:
+            self.d.run({"a": lambda: time.sleep(60), "b": lambda: 1,
+                        "c": lambda: time.sleep(60)}, timeout=0.5)
+        self.assertEqual(caught.exception.key, "a")
+        self.assertEqual(caught.exception.unfinished, ["a", "c"])
+        self.assertIn("'a', 'c'", str(caught.exception))
+
+    def test_unpicklable_result_fails_only_its_task(self):
+        result = self.d.run({"gen": lambda: (n for n in range(3)), "ok": lambda: 1},
+                            return_exceptions=True)
+        self.assertEqual(result["ok"], 1)
+        self.assertIsInstance(result["gen"], concurrency.SerializationError)
+        self.assertEqual((result["gen"].key, result["gen"].what), ("gen", "result"))
+        self.assertIn("generator", str(result["gen"]))
+
+    def test_lambda_result_travels_with_dill(self):
+        [fn] = self.d.run([lambda: (lambda x: x + 1)])
+        self.assertEqual(fn(1), 2)
+
+    def test_print_never_corrupts_results(self):
+        def noisy():
+            print("x" * 100000)
+            os.write(1, b"\x00\x00R\x00\x00\x00\x00\x00\x00\x00\x05hello")
+            sys.stderr.write("to stderr\n")
+            return "clean"
+        with open(os.devnull, "w") as devnull, contextlib.ExitStack() as stack:
+            saved = os.dup(1), os.dup(2)
+            stack.callback(os.close, saved[0])
+            stack.callback(os.close, saved[1])
+            os.dup2(devnull.fileno(), 1)
+            os.dup2(devnull.fileno(), 2)
+            stack.callback(os.dup2, saved[0], 1)
+            stack.callback(os.dup2, saved[1], 2)
+            self.assertEqual(self.d.run([noisy, noisy]), ["clean", "clean"])
+
+    def test_tasks_see_callers_current_cwd_environment_and_sys_path(self):
+        def context():
+            return os.getcwd(), os.environ.get("CONCURRENCY_TEST_VAR"), sys.path[-1]
+
+        first, second = self.subdir("first"), self.subdir("second")
+        old_cwd = os.getcwd()
+        self.addCleanup(os.chdir, old_cwd)
+        self.addCleanup(os.environ.pop, "CONCURRENCY_TEST_VAR", None)
+        self.addCleanup(sys.path.remove, "/extra/path")
+        os.chdir(first)
+        os.environ["CONCURRENCY_TEST_VAR"] = "one"
+        sys.path.append("/extra/path")
+        self.assertEqual(self.d.run([context]),
+                         [(os.path.realpath(first), "one", "/extra/path")])
+        os.chdir(second)
+        os.environ["CONCURRENCY_TEST_VAR"] = "two"
+        self.assertEqual(self.d.run([context, context]),
+                         [(os.path.realpath(second), "two", "/extra/path")] * 2)
+
+    def test_a_task_changing_cwd_does_not_leak_into_the_next(self):
+        self.d.run([lambda: os.chdir("/")])
+        [cwd] = self.d.run([os.getcwd])
+        self.assertEqual(cwd, os.getcwd())
+
+    def test_no_more_children_than_max_workers(self):
+        limited = type(self.d)(max_workers=2)
+        meet = self.subdir("meet")
+        # Three tasks can't all meet when only two run at once.
+        result = limited.run([lambda i=i: rendezvous(meet, str(i), 3, timeout=1.0)
+                              for i in range(3)], return_exceptions=True)
+        self.assertTrue(any(isinstance(r, TimeoutError) for r in result), result)
+        self.assertEqual(limited.run([lambda: 1] * 5), [1] * 5)
+
+
+class SyncDriverTest(DriverTests, CleanTestCase):
+    driver = "sync"
+
+    def test_runs_in_this_process_in_order(self):
+        order = []
+        self.assertEqual(self.d.run([lambda: order.append(1) or os.getpid(),
+                                     lambda: order.append(2) or os.getpid()]),
+                         [os.getpid()] * 2)
+        self.assertEqual(order, [1, 2])
+
+    def test_exception_propagates_unchanged(self):
+        error = ValueError("the very same")
+        later = []
+
+        def fail():
+            raise error
+
+        with self.assertRaises(ValueError) as caught:
+            self.d.run([fail, lambda: later.append("ran")])
+        self.assertIs(caught.exception, error)
+        self.assertEqual(later, ["ran"])
+
+    def test_timeout_is_accepted_and_ignored(self):
+        self.assertEqual(self.d.run([lambda: 1], timeout=0.001), [1])
+
+    def test_coroutine_inside_running_event_loop(self):
+        async def handler():
+            return self.d.run([lambda: async_double(2)])
+        self.assertEqual(asyncio.run(handler()), [4])
+
+
+class ProcessDriverTest(ChildDriverTests, CleanTestCase):
+    driver = "process"
+
+    def test_warm_workers_are_reused_across_runs(self):
+        first = set(self.d.run([os.getpid, os.getpid]))
+        second = set(self.d.run([os.getpid, os.getpid]))
+        self.assertTrue(first & second, (first, second))
+
+    def test_unserializable_task_fails_before_any_task_starts(self):
+        marker = self.path("ran")
+        gen = (n for n in range(3))
+        with self.assertRaises(concurrency.SerializationError) as caught:
+            self.d.run({"write": lambda: write_file(marker, "x"), "gen": lambda: next(gen)})
+        self.assertEqual((caught.exception.key, caught.exception.what), ("gen", "task"))
+        self.assertIn("'gen'", str(caught.exception))
+        self.assertIsNotNone(caught.exception.__cause__)
+        self.assertFalse(os.path.exists(marker))
+
+    def test_nested_run_inside_a_task(self):
+        def outer():
+            return sum(concurrency.driver("process").run([lambda: 1, lambda: 2]))
+        self.assertEqual(self.d.run([outer]), [3])
+
+    def test_idle_worker_exits_by_itself(self):
+        quick = concurrency.ProcessDriver(idle_timeout=0.2)
+        [pid] = quick.run([os.getpid])
+        wait_until(lambda: not pid_alive(pid), SHORT_TIMEOUT, "the idle worker to exit")
+        # The driver notices and starts a fresh one.
+        [again] = quick.run([os.getpid])
+        self.assertNotEqual(again, pid)
+
+    def test_threads_share_one_driver(self):
+        results, errors = [], []
+
+        def hammer(n):
+            try:
+                for i in range(5):
+                    results.append(self.d.run([lambda: n, lambda: i]) == [n, i])
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=hammer, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(LONG_TIMEOUT)
+        self.assertEqual(errors, [])
+        self.assertEqual(results, [True] * 20)
+        self.assertLessEqual(self.d._pool._live, self.d.max_workers)
+
+
+@unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
+class ForkDriverTest(ChildDriverTests, CleanTestCase):
+    driver = "fork"
+
+    def test_closure_over_unserializable_objects_runs(self):
+        gen = (n for n in range(3))
+        lock = threading.Lock()
+        self.assertEqual(self.d.run([lambda: next(gen), lambda: lock.locked()]), [0, False])
+
+    def test_unavailable_without_os_fork(self):
+        self.addCleanup(setattr, concurrency, "_HAVE_FORK", concurrency._HAVE_FORK)
+        concurrency._HAVE_FORK = False
+        with self.assertRaisesRegex(concurrency.ConcurrencyError, "needs os.fork"):
+            concurrency.ForkDriver()
+
+
+# -- Scripts run as __main__, as users run them -------------------------------
+
+class ScriptTestCase(CleanTestCase):
+    """Runs a user's script in a fresh interpreter, with the library from the
+    checkout, vendored into the script's project, or installed."""
+
+    def script(self, source, *, layout="checkout", env=None, name="main.py"):
+        """Write the script; return (argv, env, cwd) to run it with."""
+        project = self.subdir("project-%s" % uuid.uuid4().hex[:8])
+        import_line = "import concurrency"
+        child_env = dict(os.environ)
+        child_env.pop("PYTHONPATH", None)
+        child_env.pop("CONCURRENCY_DRIVER", None)
+        if layout == "checkout":
+            child_env["PYTHONPATH"] = REPO
+        elif layout == "vendored":
+            vendor = os.path.join(project, "myapp", "_vendor")
+            os.makedirs(vendor)
+            for init in ("myapp", os.path.join("myapp", "_vendor")):
+                write_file(os.path.join(project, init, "__init__.py"), "")
+            for module in ("concurrency.py", "worker.py"):
+                shutil.copy(os.path.join(REPO, module), vendor)
+            import_line = "from myapp._vendor import concurrency"
+            # A worker.py of the user's own must never be picked up.
+            write_file(os.path.join(project, "worker.py"),
+                       "raise SystemExit('the user\\'s worker.py was imported')\n")
+        elif layout == "installed":
+            probe = subprocess.run([sys.executable, "-c", "import concurrency; "
+                                    "print(concurrency.__file__)"], cwd=project,
+                                   env=child_env, capture_output=True, text=True,
+                                   timeout=LONG_TIMEOUT)
+            if probe.returncode != 0 or probe.stdout.startswith(REPO + os.sep):
+                self.skipTest("concurrency is not installed (pip install .)")
+        self.mark = uuid.uuid4().hex
+        child_env[MARK_ENV] = self.mark
+        child_env.update(env or {})
+        source = textwrap.dedent(source).replace("import concurrency", import_line, 1)
+        write_file(os.path.join(project, name), source)
+        return [sys.executable, name], child_env, project
+
+    def run_script(self, source, **kwargs):
+        timeout = kwargs.pop("timeout", LONG_TIMEOUT)
+        argv, env, cwd = self.script(source, **kwargs)
+        done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
+        self.assert_marked_processes_gone()
+        return done
+
+    def assert_marked_processes_gone(self, within=SHORT_TIMEOUT):
+        if HAVE_PROC:
+            wait_until(lambda: not marked_processes(self.mark), within,
+                       "the script's processes to end")
+
+    def assertSucceeded(self, done):
+        self.assertEqual(done.returncode, 0, "stdout:\n%s\nstderr:\n%s"
+                         % (done.stdout, done.stderr))
+
+
+MAIN_SCRIPT = """\
+import json, os, sys
+import concurrency
+
+print("script body ran", flush=True)   # must appear once: never re-imported
+
+TABLES = {"users": 120, "orders": 345}
+
+class Row:
+    def __init__(self, table, count):
+        self.table, self.count = table, count
+
+class LookupFailed(Exception):
+    def __init__(self, table, reason):
+        super().__init__("%s: %s" % (table, reason))
+        self.table = table
+
+def count(table):
+    return Row(table, TABLES[table])
+
+def fail(table):
+    raise LookupFailed(table, "gone")
+
+prefix = "n="
+results = concurrency.driver(sys.argv[1]).run({
+    "users": lambda: count("users"),
+    "orders": lambda: count("orders"),
+    "label": lambda: prefix + str(len(TABLES)),
+})
+try:
+    concurrency.driver(sys.argv[1]).run([lambda: fail("users")])
+except LookupFailed as exc:
+    failed = [type(exc) is LookupFailed, exc.table]
+print(json.dumps({
+    "users": results["users"].count,
+    "orders": results["orders"].count,
+    "same_class": all(type(results[k]) is Row for k in ("users", "orders")),
+    "label": results["label"],
+    "failed": failed,
+    "module": concurrency.__file__,
+}))
+"""
+
+
+class ScriptTest(ScriptTestCase):
+
+    def check_main_script(self, layout, driver):
+        argv, env, cwd = self.script(MAIN_SCRIPT, layout=layout)
+        done = subprocess.run(argv + [driver], env=env, cwd=cwd, capture_output=True,
+                              text=True, timeout=LONG_TIMEOUT)
+        self.assert_marked_processes_gone()
+        self.assertSucceeded(done)
+        lines = done.stdout.splitlines()
+        self.assertEqual(lines.count("script body ran"), 1, done.stdout)
+        report = json.loads(lines[-1])
+        self.assertEqual(report["users"], 120)
+        self.assertEqual(report["orders"], 345)
+        self.assertTrue(report["same_class"])
+        self.assertEqual(report["label"], "n=2")
+        self.assertEqual(report["failed"], [True, "users"])
+        return report
+
+    def test_main_script_from_checkout(self):
+        for driver in ("process", "fork", "sync"):
+            with self.subTest(driver=driver):
+                report = self.check_main_script("checkout", driver)
+                self.assertEqual(report["module"], os.path.join(REPO, "concurrency.py"))
+
+    def test_main_script_with_vendored_copy(self):
+        for driver in ("process", "fork"):
+            with self.subTest(driver=driver):
+                report = self.check_main_script("vendored", driver)
+                self.assertIn(os.path.join("myapp", "_vendor", "concurrency.py"),
+                              report["module"])
+
+    def test_main_script_with_installed_package(self):
+        report = self.check_main_script("installed", "process")
+        self.assertNotIn(REPO, report["module"])
+
+    def test_user_modules_travel_by_reference(self):
+        argv, env, cwd = self.script("""\
+            import concurrency
+            import shopdb
+            print(concurrency.run([lambda: shopdb.count("users"),
+                                   lambda: shopdb.count("orders")]))
+            """)
+        # A module next to the script holding an open connection: copied by
+        # value (dill's default for it) the task could not be serialized.
+        write_file(os.path.join(cwd, "shopdb.py"), textwrap.dedent("""\
+            import sqlite3
+            connection = sqlite3.connect(":memory:")
+            connection.execute("CREATE TABLE users (id)")
+            connection.execute("CREATE TABLE orders (id)")
+            connection.executemany("INSERT INTO users VALUES (?)", [(1,), (2,)])
+            connection.executemany("INSERT INTO orders VALUES (?)", [(1,), (2,), (3,)])
+            def count(table):
+                return connection.execute("SELECT count(*) FROM " + table).fetchone()[0]
+            """))
+        done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True,
+                              timeout=LONG_TIMEOUT)
+        self.assert_marked_processes_gone()
+        self.assertSucceeded(done)
+        self.assertEqual(done.stdout.strip(), "[2, 3]")
+
+    def test_print_in_task_reaches_parent_stdout_and_stderr(self):
+        done = self.run_script("""\
+            import os, sys
+            import concurrency
+            def noisy(n):
+                print("printed by task", n)
+                sys.stderr.write("stderr of task %d\\n" % n)
+                os.write(1, b"raw write %d\\n" % n)
+                return n
+            print(concurrency.run([lambda: noisy(1), lambda: noisy(2)]))
+            """)
+        self.assertSucceeded(done)
+        for n in (1, 2):
+            self.assertIn("printed by task %d" % n, done.stdout)
+            self.assertIn("raw write %d" % n, done.stdout)
+            self.assertIn("stderr of task %d" % n, done.stderr)
+        self.assertEqual(done.stdout.splitlines()[-1], "[1, 2]")
+
+    def test_script_ends_as_soon_as_its_work_is_done(self):
+        started = time.monotonic()
+        done = self.run_script("""\
+            import concurrency
+            print(concurrency.run([lambda: 1, lambda: 2]))
+            """)
+        self.assertSucceeded(done)
+        # Far below the workers' idle timeout: nothing waited for them.
+        self.assertLess(time.monotonic() - started, concurrency.DEFAULT_IDLE_TIMEOUT / 4)
+
+    def test_parent_killed_mid_run_leaves_no_worker(self):
+        argv, env, cwd = self.script("""\
+            import os, time
+            import concurrency
+            def task(n):
+                open("started-%d" % n, "w").close()
+                time.sleep(600)
+            concurrency.run([lambda: task(1), lambda: task(2)])
+            """)
+        script = subprocess.Popen(argv, env=env, cwd=cwd)
+        self.addCleanup(script.wait, SHORT_TIMEOUT)
+        self.addCleanup(script.kill)
+        wait_until(lambda: all(os.path.exists(os.path.join(cwd, "started-%d" % n))
+                               for n in (1, 2)), LONG_TIMEOUT, "the tasks to start")
+        self.assertGreaterEqual(len(marked_processes(self.mark)), 3)
+        script.kill()
+        script.wait(SHORT_TIMEOUT)
+        self.assert_marked_processes_gone(within=10)
+
+    @unittest.skipUnless(hasattr(os, "killpg"), "needs process groups")
+    def test_ctrl_c_mid_run_raises_keyboard_interrupt_and_ends_cleanly(self):
+        for driver in ("process", "fork"):
+            with self.subTest(driver=driver):
+                argv, env, cwd = self.script("""\
+                    import os, sys, time
+                    import concurrency
+                    def task(n):
+                        open("started-%d" % n, "w").close()
+                        time.sleep(600)
+                    try:
+                        concurrency.driver(sys.argv[1]).run([lambda: task(1), lambda: task(2)])
+                    except KeyboardInterrupt:
+                        print("interrupted", flush=True)
+                    """)
+                # A terminal's Ctrl-C: SIGINT to the whole foreground process group.
+                script = subprocess.Popen(argv + [driver], env=env, cwd=cwd,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, start_new_session=True)
+                self.addCleanup(script.wait, SHORT_TIMEOUT)
+                self.addCleanup(script.kill)
+                wait_until(lambda: all(os.path.exists(os.path.join(cwd, "started-%d" % n))
+                                       for n in (1, 2)), LONG_TIMEOUT, "the tasks to start")
+                started = time.monotonic()
+                os.killpg(script.pid, signal.SIGINT)
+                out, err = script.communicate(timeout=SHORT_TIMEOUT)
+                self.assertLess(time.monotonic() - started, 2.0)
+                self.assertEqual(script.returncode, 0, err)
+                self.assertEqual(out.strip(), "interrupted")
+                self.assertEqual(err, "")
+                self.assert_marked_processes_gone()
+
+    def test_demo_command(self):
+        argv, env, cwd = self.script("")
+        done = subprocess.run([sys.executable, "-m", "concurrency", "demo"], env=env,
+                              cwd=cwd, capture_output=True, text=True, timeout=LONG_TIMEOUT)
+        self.assert_marked_processes_gone()
+        self.assertSucceeded(done)
+        lines = [line for line in done.stdout.splitlines() if "users=" in line]
+        self.assertEqual(len(lines), 3 if hasattr(os, "fork") else 2, done.stdout)
+        for line in lines:
+            self.assertIn("users=120 orders=345", line)
+
+
+# -- defer and deferring ------------------------------------------------------
+
+class SyncDeferTest(CleanTestCase):
+    """defer's scope rules, deterministic with the sync driver."""
+
+    def setUp(self):
+        super().setUp()
+        concurrency.set_default_driver("sync")
+        self.log = []
+
+    def record(self, item):
+        return lambda: self.log.append(item)
+
+    def test_without_scope_runs_at_once(self):
+        concurrency.defer([self.record("a"), self.record("b")])
+        self.assertEqual(self.log, ["a", "b"])
+
+    def test_scope_runs_deferred_tasks_when_it_ends(self):
+        with concurrency.deferring():
+            concurrency.defer([self.record("deferred")])
+            self.log.append("response sent")
+        self.assertEqual(self.log, ["response sent", "deferred"])
+
+    def test_scope_that_raises_drops_tasks_except_always(self):
+        with self.assertRaises(RuntimeError):
+            with concurrency.deferring():
+                concurrency.defer([self.record("dropped")])
+                concurrency.defer([self.record("always")], always=True)
+                raise RuntimeError("handler failed")
+        self.assertEqual(self.log, ["always"])
+
+    def test_innermost_scope_decides(self):
+        with concurrency.deferring():
+            with concurrency.deferring():
+                concurrency.defer([self.record("inner")])
+            self.log.append("between")
+            concurrency.defer([self.record("outer")])
+            self.log.append("end of outer")
+        self.assertEqual(self.log, ["inner", "between", "end of outer", "outer"])
+
+    def test_decorator_on_plain_and_async_functions(self):
+        @concurrency.deferring
+        def handler():
+            concurrency.defer([self.record("after handler")])
+            self.log.append("handler")
+            return "response"
+
+        @concurrency.deferring
+        async def async_handler():
+            concurrency.defer([self.record("after async handler")])
+            await asyncio.sleep(0)
+            self.log.append("async handler")
+            return "async response"
+
+        self.assertEqual(handler(), "response")
+        self.assertEqual(asyncio.run(async_handler()), "async response")
+        self.assertEqual(self.log, ["handler", "after handler", "async handler",
+                                    "after async handler"])
+
+    def test_scopes_are_per_asyncio_task(self):
+        async def handler(name, gate, other_gate):
+            with concurrency.deferring():
+                concurrency.defer([self.record(name)])
+                gate.set()
+                await other_gate.wait()
+                self.log.append("end " + name)
+
+        async def main():
+            a, b = asyncio.Event(), asyncio.Event()
+            await asyncio.gather(handler("a", a, b), handler("b", b, a))
+
+        asyncio.run(main())
+        self.assertEqual(sorted(self.log), ["a", "b", "end a", "end b"])
+        self.assertLess(self.log.index("end a"), self.log.index("a"))
+        self.assertLess(self.log.index("end b"), self.log.index("b"))
+
+    def test_scopes_are_per_thread(self):
+        entered, checked = threading.Event(), threading.Event()
+
+        def other_thread():
+            entered.wait(SHORT_TIMEOUT)
+            concurrency.defer([self.record("other thread, no scope")])
+            checked.set()
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        with concurrency.deferring():
+            concurrency.defer([self.record("scoped")])
+            entered.set()
+            self.assertTrue(checked.wait(SHORT_TIMEOUT))
+            self.assertEqual(self.log, ["other thread, no scope"])
+        thread.join(SHORT_TIMEOUT)
+        self.assertEqual(self.log, ["other thread, no scope", "scoped"])
+
+    def test_sync_defer_exceptions_propagate(self):
+        with self.assertRaisesRegex(ValueError, "deferred failure"):
+            with concurrency.deferring():
+                concurrency.defer([lambda: raise_value_error("deferred failure")])
+
+    def test_bad_input_rejected_at_call_site(self):
+        with concurrency.deferring():
+            with self.assertRaisesRegex(TypeError, "task 0 is not callable"):
+                concurrency.defer([None])
+
+
+@unittest.skipUnless(HAVE_PROC and hasattr(os, "fork"), "needs /proc and os.fork")
+class DetachedDeferTest(ScriptTestCase):
+    """defer with the process and fork drivers, in scripts that exit at once."""
+
+    DEFER_SCRIPT = """\
+        import os, sys, time
+        import concurrency
+        concurrency.set_default_driver(sys.argv[1])
+        out = os.path.abspath("out")
+        def write(name, text):
+            with open(os.path.join(out, name), "w") as file:
+                file.write(text)
+        value = "captured at defer time"
+        @concurrency.deferring
+        def handler():
+            global value
+            concurrency.defer({"late": lambda: (time.sleep(0.5), write("late", value))})
+            concurrency.defer([lambda: 1 / 0])
+            value = "changed before the scope ended"
+            print("response sent", flush=True)
+        handler()
+        try:
+            with concurrency.deferring():
+                concurrency.defer([lambda: write("dropped", "x")])
+                concurrency.defer([lambda: write("always", "x")], always=True)
+                raise RuntimeError("handler failed")
+        except RuntimeError:
+            pass
+        print("script done", flush=True)
+        """
+
+    def test_deferred_tasks_outlive_the_script_and_report_failures(self):
+        for driver in ("process", "fork"):
+            with self.subTest(driver=driver):
+                argv, env, cwd = self.script(self.DEFER_SCRIPT)
+                out = os.path.join(cwd, "out")
+                os.mkdir(out)
+                started = time.monotonic()
+                script = subprocess.Popen(argv + [driver], env=env, cwd=cwd,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True)
+                self.addCleanup(script.kill)
+                # The script ends before its deferred tasks do; its output pipes
+                # stay open until they end too, since they inherit them.
+                script.wait(LONG_TIMEOUT)
+                self.assertLess(time.monotonic() - started, LONG_TIMEOUT)
+                self.assertTrue(marked_processes(self.mark) or os.path.exists(
+                    os.path.join(out, "late")))
+                stdout, stderr = script.communicate(timeout=LONG_TIMEOUT)
+                self.assert_marked_processes_gone()
+                self.assertEqual(stdout.splitlines(), ["response sent", "script done"])
+                # process serializes at defer(); fork forks when the scope ends.
+                self.assertEqual(read_file(os.path.join(out, "late")),
+                                 "captured at defer time" if driver == "process"
+                                 else "changed before the scope ended")
+                self.assertEqual(sorted(os.listdir(out)), ["always", "late"])
+                self.assertIn("deferred task 0 failed", stderr)
+                self.assertIn("ZeroDivisionError", stderr)
+
+    def test_process_driver_rejects_unserializable_task_at_call_site(self):
+        concurrency.set_default_driver("process")
+        gen = (n for n in range(2))
+        with self.assertRaises(concurrency.SerializationError):
+            concurrency.defer([lambda: next(gen)])
+
+
+# -- Registry and configuration -----------------------------------------------
+
+class RegistryTest(CleanTestCase):
+
+    def setUp(self):
+        super().setUp()
+        for name in ("CONCURRENCY_DRIVER", "CONCURRENCY_CONFIG"):
+            if name in os.environ:
+                self.addCleanup(os.environ.__setitem__, name, os.environ.pop(name))
+        old_cwd = os.getcwd()
+        self.addCleanup(os.chdir, old_cwd)
+        os.chdir(self.tmp)
+
+    def setenv(self, name, value):
+        os.environ[name] = value
+        self.addCleanup(os.environ.pop, name, None)
+
+    def test_default_is_process(self):
+        self.assertEqual(concurrency.default_driver(), "process")
+        self.assertIsInstance(concurrency.driver(), concurrency.ProcessDriver)
+
+    def test_unknown_driver_lists_known_names(self):
+        with self.assertRaisesRegex(ValueError, "unknown concurrency driver 'threads'; "
+                                                "known drivers: fork, process, sync"):
+            concurrency.driver("threads")
+
+    def test_extend_registers_and_replaces(self):
+        class Recording(concurrency.Driver):
+            def __init__(self):
+                self.calls = []
+
+            def run(self, tasks, *, timeout=None, return_exceptions=False):
+                self.calls.append(tasks)
+                return ["recorded"]
+
+        concurrency.extend("recording", Recording)
+        concurrency.set_default_driver("recording")
+        self.assertEqual(concurrency.run([lambda: 1]), ["recorded"])
+        self.assertIs(concurrency.driver("recording"), concurrency.driver())
+        concurrency.extend("recording", concurrency.SyncDriver)
+        self.assertEqual(concurrency.run([lambda: 1]), [1])
+
+    def test_custom_driver_gets_a_working_defer(self):
+        class Threads(concurrency.Driver):
+            def run(self, tasks, *, timeout=None, return_exceptions=False):
+                return concurrency.SyncDriver().run(tasks, return_exceptions=return_exceptions)
+
+        concurrency.extend("threads", Threads)
+        done = threading.Event()
+        concurrency.driver("threads").defer([done.set])
+        self.assertTrue(done.wait(SHORT_TIMEOUT))
+        for thread in threading.enumerate():
+            if thread.name == "concurrency-defer":
+                thread.join(SHORT_TIMEOUT)
+
+    def test_factory_must_return_a_driver(self):
+        concurrency.extend("broken", lambda: object())
+        with self.assertRaisesRegex(TypeError, "not a concurrency.Driver"):
+            concurrency.driver("broken")
+
+    def test_default_resolution_order(self):
+        write_file("concurrency.ini", "[concurrency]\ndefault = fork\n")
+        self.assertEqual(concurrency.default_driver(), "fork")
+        self.setenv("CONCURRENCY_DRIVER", "sync")
+        self.assertEqual(concurrency.default_driver(), "sync")
+        concurrency.set_default_driver("process")
+        self.assertEqual(concurrency.default_driver(), "process")
+        concurrency.set_default_driver(None)
+        self.assertEqual(concurrency.default_driver(), "sync")
+
+    def test_unknown_driver_in_environment(self):
+        self.setenv("CONCURRENCY_DRIVER", "green")
+        with self.assertRaisesRegex(concurrency.ConfigError,
+                                    "CONCURRENCY_DRIVER='green'.*known drivers: fork, process"):
+            concurrency.run([lambda: 1])
+
+    def test_config_file_values(self):
+        write_file("concurrency.ini", "[concurrency]\ndefault = sync\nmax_workers = 3\n"
+                                      "timeout = 2.5\n")
+        self.assertEqual(concurrency.default_driver(), "sync")
+        process = concurrency.driver("process")
+        self.assertEqual((process.max_workers, process.timeout), (3, 2.5))
+
+    def test_config_path_from_environment(self):
+        path = self.path("elsewhere.ini")
+        write_file(path, "[concurrency]\ndefault = sync\n")
+        self.setenv("CONCURRENCY_CONFIG", path)
+        self.assertEqual(concurrency.default_driver(), "sync")
+        self.setenv("CONCURRENCY_CONFIG", self.path("missing.ini"))
+        with self.assertRaisesRegex(concurrency.ConfigError, "missing.ini: no such config"):
+            concurrency.default_driver()
+
+    def test_bad_config_values_name_file_key_and_allowed_values(self):
+        cases = [
+            ("default = threads", r"concurrency.ini: default = threads names an unknown "
+                                  r"driver; known drivers: fork, process, sync"),
+            ("max_workers = many", r"concurrency.ini: max_workers = many .*positive whole"),
+            ("max_workers = 0", r"concurrency.ini: max_workers = 0 .*positive whole"),
+            ("timeout = -1", r"concurrency.ini: timeout = -1 .*positive number of seconds"),
+            ("workers = 3", r"unknown key 'workers'.*allowed keys: default, max_workers, "
+                            r"timeout"),
+        ]
+        for line, message in cases:
+            with self.subTest(line=line):
+                write_file("concurrency.ini", "[concurrency]\n%s\n" % line)
+                concurrency._config_cache.clear()
+                with self.assertRaisesRegex(concurrency.ConfigError, message):
+                    concurrency.default_driver()
+                    concurrency.ProcessDriver()
+
+    def test_config_publish_command(self):
+        env = dict(os.environ, PYTHONPATH=REPO)
+        command = [sys.executable, "-m", "concurrency", "config:publish"]
+        first = subprocess.run(command, cwd=self.tmp, env=env, capture_output=True,
+                               text=True, timeout=LONG_TIMEOUT)
+        self.assertEqual(first.returncode, 0, first.stderr)
+        text = read_file("concurrency.ini")
+        self.assertIn("default = process", text)
+        self.assertIn("max_workers", text)
+        self.assertIn("timeout", text)
+        self.assertEqual(concurrency._read_config().get("default"), "process")
+        write_file("concurrency.ini", "[concurrency]\ndefault = sync\n")
+        second = subprocess.run(command, cwd=self.tmp, env=env, capture_output=True,
+                                text=True, timeout=LONG_TIMEOUT)
+        self.assertNotEqual(second.returncode, 0)
+        self.assertIn("already exists", second.stderr)
+        self.assertIn("--force", second.stderr)
+        self.assertIn("default = sync", read_file("concurrency.ini"))
+        forced = subprocess.run(command + ["--force"], cwd=self.tmp, env=env,
+                                capture_output=True, text=True, timeout=LONG_TIMEOUT)
+        self.assertEqual(forced.returncode, 0, forced.stderr)
+        self.assertIn("default = process", read_file("concurrency.ini"))
+
+    def test_unknown_command_prints_usage(self):
+        done = subprocess.run([sys.executable, "-m", "concurrency", "publish"], cwd=self.tmp,
+                              env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                              text=True, timeout=LONG_TIMEOUT)
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("usage: python -m concurrency", done.stderr)
+
+
+class ImportTest(unittest.TestCase):
+
+    def test_import_does_not_load_dill(self):
+        done = subprocess.run(
+            [sys.executable, "-c", "import sys, concurrency; "
+             "concurrency.driver('sync').run([lambda: 1]); print('dill' in sys.modules)"],
+            env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+            timeout=LONG_TIMEOUT)
+        self.assertEqual(done.stdout.strip(), "False", done.stderr)
+
+    def test_public_names(self):
+        for name in concurrency.__all__:
+            self.assertTrue(hasattr(concurrency, name), name)
+        self.assertTrue(issubclass(concurrency.TaskTimeout, concurrency.ConcurrencyError))
+
+
+if __name__ == "__main__":
+    unittest.main()
