@@ -1406,7 +1406,7 @@ atexit.register(_shutdown)
 # -- Config -------------------------------------------------------------------
 
 _CONFIG_TEMPLATE = """\
-; Settings of the concurrency library (https://pypi.org/project/concurrency).
+; Settings of the concurrency library.
 ; Read from concurrency.ini in the current directory, or from the file named
 ; by the CONCURRENCY_CONFIG environment variable.
 [concurrency]
