@@ -114,6 +114,7 @@ _REAP_TIMEOUT = 5.0
 _POLL_INTERVAL = 0.05
 
 _WORKER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+_POSIX = os.name == "posix"
 _HAVE_FORK = hasattr(os, "fork")
 _HAVE_PIDFD = hasattr(os, "pidfd_open") and sys.platform.startswith("linux")
 
@@ -512,6 +513,10 @@ class ProcessDriver(_ChildDriver):
 
     def __init__(self, max_workers=None, timeout=None, idle_timeout=DEFAULT_IDLE_TIMEOUT):
         super().__init__(max_workers, timeout)
+        if not _POSIX:
+            raise ConcurrencyError("the process driver passes pipes to its workers, which "
+                                   "needs a POSIX system; on %s use the sync driver"
+                                   % sys.platform)
         if not sys.executable:
             raise ConcurrencyError("the process driver needs sys.executable to start "
                                    "workers, and this interpreter has none; use the "
@@ -1065,7 +1070,7 @@ class _Worker(_Child):
 
     def send_task(self, context, payload):
         self.taken = False
-        if self.context is not context:
+        if self.context != context:
             _worker_module().write_frame(self.task_fd, b"C", context)
             self.context = context
         _worker_module().write_frame(self.task_fd, b"T", payload)
@@ -1172,6 +1177,13 @@ class _WorkerPool:
             else:
                 keep.append(worker)
         self._idle[:] = keep
+
+    def forget_after_fork(self):
+        # Only the forking thread survives in the child: the lock may be held
+        # by a thread that no longer exists.
+        self._changed = threading.Condition()
+        del self._idle[:]
+        self._live = 0
 
     def shutdown(self):
         with self._changed:
@@ -1317,7 +1329,10 @@ class _ForkRun(_Run):
 def _in_fork_child():
     """Make a fresh fork child independent of the parent's state."""
     # Ctrl-C is the parent's to handle, as in process workers.
-    signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: None)
+    except ValueError:  # not the main thread (fork from a non-main thread)
+        pass
 
 
 def _flush_std_streams():
@@ -1381,9 +1396,10 @@ _pools = weakref.WeakSet()
 _live_workers = weakref.WeakSet()
 
 
-def _close_worker_fds_in_child():
+def _forget_workers_in_child():
     # A fork child (fork driver, user code) must not keep our ends of the
-    # workers' pipes open, or the workers would not see us exit.
+    # workers' pipes open, or the workers would not see us exit; and the
+    # workers are not its own: a run in the child starts workers of its own.
     for worker in list(_live_workers):
         for fd in (worker.task_fd, worker.fd, worker.pidfd):
             if fd is not None:
@@ -1391,6 +1407,11 @@ def _close_worker_fds_in_child():
                     os.close(fd)
                 except OSError:
                     pass
+        worker.task_fd = worker.fd = worker.pidfd = None
+    _live_workers.clear()
+    for pool in list(_pools):
+        pool.forget_after_fork()
+    del _detached[:]
 
 
 def _shutdown():
@@ -1399,7 +1420,7 @@ def _shutdown():
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_worker_fds_in_child)
+    os.register_at_fork(after_in_child=_forget_workers_in_child)
 atexit.register(_shutdown)
 
 

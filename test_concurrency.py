@@ -526,6 +526,19 @@ class ForkDriverTest(ChildDriverTests, CleanTestCase):
         lock = threading.Lock()
         self.assertEqual(self.d.run([lambda: next(gen), lambda: lock.locked()]), [0, False])
 
+    def test_process_run_inside_a_fork_task_starts_its_own_workers(self):
+        process = concurrency.driver("process")
+        parent_workers = set(process.run([os.getpid, os.getpid]))
+
+        def nested():
+            return set(concurrency.driver("process").run([os.getpid, os.getpid]))
+
+        [child_workers] = self.d.run([nested])
+        self.assertTrue(child_workers)
+        self.assertFalse(child_workers & parent_workers)
+        # The parent's warm workers were left alone and still serve.
+        self.assertTrue(set(process.run([os.getpid, os.getpid])) & parent_workers)
+
     def test_unavailable_without_os_fork(self):
         self.addCleanup(setattr, concurrency, "_HAVE_FORK", concurrency._HAVE_FORK)
         concurrency._HAVE_FORK = False

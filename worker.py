@@ -307,10 +307,11 @@ def serve(task_fd, result_fd, idle_timeout):
         # Owns TASK_FD.  End-of-file: the parent exited or died -- leave now,
         # even mid-task, rather than linger as an orphan.
         import select
+        poller = select.poll()  # not select(): our fd number may exceed FD_SETSIZE
+        poller.register(task_fd, select.POLLIN)
         while True:
             if idle_timeout > 0:
-                readable, _, _ = select.select([task_fd], [], [], idle_timeout)
-                if not readable:
+                if not poller.poll(idle_timeout * 1000):
                     with ready:
                         idle = (not state["busy"] and not inbox
                                 and time.monotonic() - state["last"] >= idle_timeout)
