@@ -301,13 +301,20 @@ class _DeferScope:
         queued, self._queued = self._queued, None
         _scope.reset(self._token)
         self._token = None
-        if exc_type is not None:
+        if _failed(exc_type, exc):
             queued = [item for item in queued if item[1]]
         _start_deferred(queued)
         return False
 
     def __call__(self, func):
         return deferring(func)
+
+
+def _failed(exc_type, exc):
+    # sys.exit() / sys.exit(0) ends a command successfully: not a failure.
+    if exc_type is None:
+        return False
+    return not (issubclass(exc_type, SystemExit) and exc.code in (None, 0))
 
 
 def deferring(func=None):
@@ -551,7 +558,7 @@ class ProcessDriver(_ChildDriver):
 
         def start():
             for key, payload in zip(batch.keys, payloads):
-                _spawn_detached(key, payload)
+                _spawn_detached(key, payload, self.timeout)
 
         _schedule_deferred(start, always)
 
@@ -584,7 +591,7 @@ class ForkDriver(_ChildDriver):
 
         def start():
             for key, fn in zip(batch.keys, batch.calls):
-                _fork_detached(key, fn)
+                _fork_detached(key, fn, self.timeout)
 
         _schedule_deferred(start, always)
 
@@ -1051,7 +1058,11 @@ class _Worker(_Child):
             self.process = subprocess.Popen(
                 [sys.executable, _WORKER_PATH, "serve", str(task_r), str(result_w),
                  repr(idle_timeout)],
-                stdin=subprocess.DEVNULL, pass_fds=(task_r, result_w), close_fds=True)
+                stdin=subprocess.DEVNULL, pass_fds=(task_r, result_w), close_fds=True,
+                # A session (and process group) of its own: a kill takes the
+                # processes its task started too, and a terminal's Ctrl-C
+                # goes to us alone -- we decide what it means for a run.
+                start_new_session=True)
         except BaseException:
             for fd in (task_w, result_r):
                 os.close(fd)
@@ -1071,19 +1082,16 @@ class _Worker(_Child):
     def send_task(self, context, payload):
         self.taken = False
         if self.context != context:
-            _worker_module().write_frame(self.task_fd, b"C", context)
+            _worker_module().write_frame(self.task_fd, b"C", [context])
             self.context = context
-        _worker_module().write_frame(self.task_fd, b"T", payload)
+        _worker_module().write_frame(self.task_fd, b"T", [payload])
 
     def poll(self):
         return self.process.poll()
 
     def kill(self):
         self.broken = True
-        try:
-            self.process.kill()
-        except OSError:
-            pass
+        _kill_group(self.pid)
 
     def wait(self):
         try:
@@ -1091,6 +1099,9 @@ class _Worker(_Child):
         except subprocess.TimeoutExpired:
             self.kill()
             self.exitcode = self.process.wait()
+        # What its last task started must not outlive it.  Safe after the
+        # reap: a pid stays reserved while its process group has members.
+        _kill_group(self.pid, only_group=True)
         return self.exitcode
 
     def retire(self):
@@ -1182,6 +1193,9 @@ class _WorkerPool:
         # Only the forking thread survives in the child: the lock may be held
         # by a thread that no longer exists.
         self._changed = threading.Condition()
+        # Kept referenced: a collected Popen of a process that is not ours
+        # would warn that it is "still running".
+        _not_ours.extend(self._idle)
         del self._idle[:]
         self._live = 0
 
@@ -1267,10 +1281,7 @@ class _ForkChild(_Child):
 
     def kill(self):
         if self.exitcode is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except OSError:
-                pass
+            _kill_group(self.pid)
 
     def wait(self):
         # The child was killed or has exited (or is about to): waitpid returns
@@ -1281,6 +1292,7 @@ class _ForkChild(_Child):
                 self.kill()
                 end = float("inf")
             time.sleep(0.001)
+        _kill_group(self.pid, only_group=True)
         self.close()
         return self.exitcode
 
@@ -1291,6 +1303,7 @@ class _ForkRun(_Run):
         self.calls = calls
         self.max_workers = max_workers
         self.worker = _worker_module()
+        self.worker.preload_libc()
 
     def start_tasks(self):
         while self.pending and len(self.running) < self.max_workers:
@@ -1300,18 +1313,22 @@ class _ForkRun(_Run):
     def _fork(self, fn):
         read_fd, write_fd = os.pipe()
         _flush_std_streams()  # or the child would print our buffered output again
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # child: never returns into the caller's code
             code = 0
             try:
                 os.close(read_fd)
                 _in_fork_child()
-                kind, body = self.worker.run_task(fn)
-                self.worker.write_frame(write_fd, kind, body)
+                self.worker.die_with_parent(parent)
+                self.worker.become_subreaper()
+                kind, parts = self.worker.run_task(fn)
+                self.worker.write_frame(write_fd, kind, parts)
             except BaseException:
                 code = 70
             finally:
                 os._exit(code)
+        _own_group(pid)
         os.close(write_fd)
         return _ForkChild(pid, read_fd)
 
@@ -1328,11 +1345,39 @@ class _ForkRun(_Run):
 
 def _in_fork_child():
     """Make a fresh fork child independent of the parent's state."""
-    # Ctrl-C is the parent's to handle, as in process workers.
+    # Its own process group, so a kill takes what its task started too (the
+    # parent does the same, whichever runs first); and Ctrl-C is the
+    # parent's to handle, as with process workers.
+    _own_group(0)
     try:
         signal.signal(signal.SIGINT, lambda signum, frame: None)
     except ValueError:  # not the main thread (fork from a non-main thread)
         pass
+    # As in process workers: a task reading stdin gets end-of-file, not the
+    # terminal's input.
+    try:
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+def _own_group(pid):
+    try:
+        os.setpgid(pid, pid)
+    except OSError:  # already exited, or already done by the other side
+        pass
+
+
+def _kill_group(pid, only_group=False):
+    """SIGKILL the process group led by ``pid`` (and ``pid`` itself)."""
+    kills = (os.killpg,) if only_group else (os.killpg, os.kill)
+    for kill in kills:
+        try:
+            kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _flush_std_streams():
@@ -1348,7 +1393,7 @@ def _flush_std_streams():
 _detached = []  # Popen objects of detached deferred tasks, reaped when done
 
 
-def _spawn_detached(key, payload):
+def _spawn_detached(key, payload, timeout):
     """Start ``worker.py defer`` in a session of its own: it outlives us."""
     _detached[:] = [process for process in _detached if process.poll() is None]
     fd, path = tempfile.mkstemp(prefix="concurrency-defer-", suffix=".pickle")
@@ -1356,7 +1401,7 @@ def _spawn_detached(key, payload):
         with os.fdopen(fd, "wb") as file:
             file.write(payload)
         process = subprocess.Popen(
-            [sys.executable, _WORKER_PATH, "defer", path, repr(key)],
+            [sys.executable, _WORKER_PATH, "defer", path, repr(key), repr(timeout)],
             stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True)
     except BaseException:
         try:
@@ -1367,8 +1412,10 @@ def _spawn_detached(key, payload):
     _detached.append(process)
 
 
-def _fork_detached(key, fn):
-    """Run ``fn`` in a double-forked child in a session of its own."""
+def _fork_detached(key, fn, timeout):
+    """Run ``fn`` in a double-forked child in a session of its own, under a
+    supervisor that reports a failure, crash or timeout on stderr."""
+    worker = _worker_module()
     _flush_std_streams()
     pid = os.fork()
     if pid == 0:
@@ -1377,12 +1424,8 @@ def _fork_detached(key, fn):
             os.setsid()
             if os.fork() == 0:
                 _in_fork_child()
-                try:
-                    _call(fn)
-                except BaseException as exc:
-                    _report_deferred_failure(key, exc)
-                    code = 1
-                _flush_std_streams()
+                code = worker.supervise(lambda: worker.run_reporting(fn, repr(key)),
+                                        repr(key), timeout)
         except BaseException:
             code = 70
         finally:
@@ -1393,6 +1436,7 @@ def _fork_detached(key, fn):
 # -- Process hygiene ----------------------------------------------------------
 
 _pools = weakref.WeakSet()
+_not_ours = []  # the parent's workers, in a fork child
 _live_workers = weakref.WeakSet()
 
 

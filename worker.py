@@ -16,10 +16,10 @@ Modes:
     killed), and the worker exits at once, even mid-task, so no worker
     outlives its parent.
 
-``defer PAYLOAD_PATH KEY``
+``defer PAYLOAD_PATH KEY TIMEOUT``
     A detached deferred task: read the dill payload from PAYLOAD_PATH (the
-    file is removed once read), run it, and report a failure on stderr, since
-    nobody waits for the outcome.
+    file is removed once read), run it in a forked child and report a
+    failure, a crash or a timeout on stderr, since nobody waits for it.
 
 Frames are one kind byte, an 8-byte big-endian length, then the body:
 
@@ -56,24 +56,27 @@ RESULT_UNSERIALIZABLE = "result"  # the task's return value could not be pickled
 # -- Outcome encoding (shared with the fork driver) ---------------------------
 
 def dumps_value(value):
-    """Pickle ``value`` with the C pickle, or dill when pickle can't."""
+    """Pickle ``value`` with the C pickle, or dill when pickle can't.
+
+    Returns the parts of the body: the flag, then the pickle, kept apart so
+    a large pickle is never copied just to prepend one byte.
+    """
     try:
-        return PICKLED + pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        return [PICKLED, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)]
     except Exception:
         pass
     import io
     buffer = io.BytesIO()
-    buffer.write(DILLED)
     _result_pickler_class()(buffer, pickle.HIGHEST_PROTOCOL, recurse=True).dump(value)
-    return buffer.getvalue()
+    return [DILLED, buffer.getvalue()]
 
 
 def encode_result(value):
-    """Return the frame ``(kind, body)`` for a task's return value."""
+    """Return the frame ``(kind, parts)`` for a task's return value."""
     try:
         return b"R", dumps_value(value)
     except BaseException as exc:
-        return b"E", encode_error(exc, RESULT_UNSERIALIZABLE)
+        return b"E", [encode_error(exc, RESULT_UNSERIALIZABLE)]
 
 
 def encode_error(exc, kind=TASK_FAILED, skip_frames=0):
@@ -102,7 +105,7 @@ def encode_error(exc, kind=TASK_FAILED, skip_frames=0):
 
 def _try_dumps(obj):
     try:
-        return dumps_value(obj)
+        return b"".join(dumps_value(obj))
     except BaseException:
         return None
 
@@ -155,14 +158,19 @@ def await_coroutine(coroutine):
 
 
 def run_task(fn):
-    """Call ``fn`` and return the outcome frame ``(kind, body)``."""
+    """Call ``fn`` and return the outcome frame ``(kind, parts)``.
+
+    Processes the task started and left running are ended first: a task owns
+    its children, and none may outlive it.
+    """
     try:
         value = call(fn)
     except BaseException as exc:
         # Skip this frame: the user's traceback starts in their own code.
-        return b"E", encode_error(exc, TASK_FAILED, skip_frames=1)
+        return b"E", [encode_error(exc, TASK_FAILED, skip_frames=1)]
     finally:
         _flush_std_streams()
+        end_task_children()
     return encode_result(value)
 
 
@@ -267,17 +275,18 @@ class _Channel:
             return None
         return kind, body
 
-    def write_frame(self, kind, body=b""):
-        write_frame(self.result_fd, kind, body)
+    def write_frame(self, kind, parts=()):
+        write_frame(self.result_fd, kind, parts)
 
 
-def write_frame(fd, kind, body=b""):
-    """Write one frame to ``fd``, blocking until all of it is written."""
-    header = FRAME_HEADER.pack(kind, len(body))
-    if len(body) < 65536:
-        parts = [header + body]
-    else:  # no copy of a large body just to prepend nine bytes
-        parts = [header, body]
+def write_frame(fd, kind, parts=()):
+    """Write one frame, its body made of ``parts``, blocking until written."""
+    size = sum(len(part) for part in parts)
+    header = FRAME_HEADER.pack(kind, size)
+    if size < 65536:
+        parts = [header + b"".join(parts)]
+    else:  # no copy of a large body just to prepend a header
+        parts = [header] + list(parts)
     for part in parts:
         view = memoryview(part)
         while view:
@@ -320,6 +329,7 @@ def serve(task_fd, result_fd, idle_timeout):
                     continue
             frame = channel.read_frame()
             if frame is None:
+                end_task_children()
                 os._exit(0)
             with ready:
                 inbox.append(frame)
@@ -342,7 +352,7 @@ def serve(task_fd, result_fd, idle_timeout):
             try:
                 fn = loads_task(body)
             except BaseException as exc:
-                frame = (b"E", encode_error(exc, TASK_UNLOADABLE))
+                frame = (b"E", [encode_error(exc, TASK_UNLOADABLE)])
             else:
                 frame = run_task(fn)
                 del fn
@@ -390,9 +400,172 @@ def _protect_channel(*fds):
         os.register_at_fork(after_in_child=close_in_child)
 
 
-# -- defer: a detached deferred task ------------------------------------------
+# -- Processes a task starts --------------------------------------------------
 
-def run_deferred(payload_path, key):
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_libc = []
+
+
+def preload_libc():
+    """Load libc for prctl() now: fork children then get it for free."""
+    if not _libc and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            _libc.append(ctypes.CDLL(None, use_errno=True))
+        except Exception:
+            _libc.append(None)
+    return _libc[0] if _libc else None
+
+
+def _prctl(option, value):
+    """Linux prctl(2), best effort: False where it is not to be had."""
+    libc = preload_libc()
+    try:
+        return libc is not None and libc.prctl(option, value, 0, 0, 0) == 0
+    except Exception:
+        return False
+
+
+def become_subreaper():
+    """Have orphans of a task's processes handed to us (Linux), so that
+    end_task_children() finds a daemonized grandchild too."""
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+def die_with_parent(parent_pid):
+    """End this process when the one that forked it dies (a fork child)."""
+    import signal
+    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL):
+        if os.getppid() != parent_pid:  # it died before prctl took effect
+            os._exit(1)
+        return
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="concurrency-lifeline", daemon=True).start()
+
+
+def _children():
+    pids = set()
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return pids
+    for tid in threads:
+        try:
+            with open("/proc/self/task/%s/children" % tid) as file:
+                pids.update(int(pid) for pid in file.read().split())
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+def end_task_children():
+    """Kill and reap every process a task started and left behind (Linux)."""
+    import signal
+    for _ in range(100):  # each round takes the orphans of the last one
+        children = _children()
+        if not children:
+            return
+        for pid in children:
+            for kill in (os.killpg, os.kill):  # its group first: all it started
+                try:
+                    kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        for pid in children:
+            try:
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+
+
+# -- defer: detached deferred tasks -------------------------------------------
+
+def run_reporting(fn, key):
+    """Run a deferred task; nobody waits for it, so a failure goes to stderr."""
+    try:
+        call(fn)
+    except BaseException as exc:
+        _report(key, "failed:\n" + _safe_format(type(exc), exc, exc.__traceback__))
+        return 1
+    finally:
+        _flush_std_streams()
+    return 0
+
+
+def _report(key, what):
+    try:
+        sys.stderr.write("concurrency: deferred task %s %s" % (key, what))
+        sys.stderr.flush()
+    except BaseException:
+        pass
+
+
+def supervise(run, key, timeout):
+    """Run ``run()`` in a forked child and report a crash or timeout on stderr.
+
+    Returns the exit code to leave with.  The child's processes go with it.
+    """
+    import signal
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            os.setpgid(0, 0)
+            code = run()
+        finally:
+            _flush_std_streams()
+            os._exit(code)
+    try:
+        os.setpgid(pid, pid)
+    except OSError:
+        pass
+    status = _wait(pid, timeout)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    if status is None:
+        os.waitpid(pid, 0)
+        _report(key, "did not finish within %g s; it was killed\n" % timeout)
+        return 1
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        _report(key, "crashed: its process was killed by %s\n" % _signal_name(-code))
+    elif code not in (0, 1):  # 1: failed, and run() reported it
+        _report(key, "crashed: its process exited with code %d\n" % code)
+    return 0 if code == 0 else 1
+
+
+def _wait(pid, timeout):
+    """waitpid() with a timeout in seconds (None: no limit); None on timeout."""
+    if timeout is None:
+        return os.waitpid(pid, 0)[1]
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        time.sleep(min(left, 0.05))
+
+
+def _signal_name(number):
+    import signal
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "signal %d" % number
+
+
+def run_deferred(payload_path, key, timeout):
     try:
         with open(payload_path, "rb") as payload:
             body = payload.read()
@@ -405,14 +578,13 @@ def run_deferred(payload_path, key):
     _apply_context(context)
     try:
         fn = loads_task(task)
-        call(fn)
     except BaseException as exc:
-        text = _safe_format(type(exc), exc, exc.__traceback__)
-        sys.stderr.write("concurrency: deferred task %s failed:\n%s" % (key, text))
-        _flush_std_streams()
+        _report(key, "could not be unserialized:\n"
+                + _safe_format(type(exc), exc, exc.__traceback__))
         return 1
-    _flush_std_streams()
-    return 0
+    if not hasattr(os, "fork"):
+        return run_reporting(fn, key)
+    return supervise(lambda: run_reporting(fn, key), key, timeout)
 
 
 def _ignore_sigint():
@@ -435,11 +607,13 @@ def main(argv):
     if mode == "serve":
         task_fd, result_fd, idle_timeout = int(argv[2]), int(argv[3]), float(argv[4])
         _protect_channel(task_fd, result_fd)
+        become_subreaper()
         _save_std_fds()
         import dill  # noqa: F401  (imported now, while the parent still prepares)
         serve(task_fd, result_fd, idle_timeout)
     elif mode == "defer":
-        return run_deferred(argv[2], argv[3])
+        timeout = None if argv[4] == "None" else float(argv[4])
+        return run_deferred(argv[2], argv[3], timeout)
     sys.stderr.write("worker.py is started by the concurrency library, not by hand.\n")
     return 2
 
