@@ -387,18 +387,21 @@ class _Registry:
             name = self.default_name()
         with self._lock:
             instance = self._instances.get(name)
-            if instance is not None:
-                return instance
             factory = self._factories.get(name)
-            if factory is None:
-                raise ValueError("unknown concurrency driver %r; known drivers: %s"
-                                 % (name, ", ".join(self.names())))
-            instance = factory()
-            if not isinstance(instance, Driver):
-                raise TypeError("the factory of driver %r returned %r, not a "
-                                "concurrency.Driver" % (name, instance))
-            self._instances[name] = instance
+        if instance is not None:
             return instance
+        if factory is None:
+            raise ValueError("unknown concurrency driver %r; known drivers: %s"
+                             % (name, ", ".join(self.names())))
+        # Called without the lock held: a factory may itself ask for a driver.
+        instance = factory()
+        if not isinstance(instance, Driver):
+            raise TypeError("the factory of driver %r returned %r, not a "
+                            "concurrency.Driver" % (name, instance))
+        with self._lock:
+            if self._factories.get(name) is factory:
+                instance = self._instances.setdefault(name, instance)
+        return instance
 
     def extend(self, name, factory):
         if not isinstance(name, str) or not name:
@@ -1312,15 +1315,15 @@ class _ForkRun(_Run):
 
     def _fork(self, fn):
         read_fd, write_fd = os.pipe()
+        lifeline = _lifeline_read_fd()
         _flush_std_streams()  # or the child would print our buffered output again
-        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # child: never returns into the caller's code
             code = 0
             try:
                 os.close(read_fd)
                 _in_fork_child()
-                self.worker.die_with_parent(parent)
+                self.worker.die_with_parent(lifeline)
                 self.worker.become_subreaper()
                 kind, parts = self.worker.run_task(fn)
                 self.worker.write_frame(write_fd, kind, parts)
@@ -1440,10 +1443,21 @@ _not_ours = []  # the parent's workers, in a fork child
 _live_workers = weakref.WeakSet()
 
 
+_lifeline = []  # (read end, write end) of the pipe fork children watch
+
+
+def _lifeline_read_fd():
+    """The read end of this process's lifeline pipe, made on first use."""
+    if not _lifeline:
+        _lifeline.extend(os.pipe())
+    return _lifeline[0]
+
+
 def _forget_workers_in_child():
     # A fork child (fork driver, user code) must not keep our ends of the
     # workers' pipes open, or the workers would not see us exit; and the
     # workers are not its own: a run in the child starts workers of its own.
+    # (It keeps the read end of our lifeline: a fork child watches it.)
     for worker in list(_live_workers):
         for fd in (worker.task_fd, worker.fd, worker.pidfd):
             if fd is not None:
@@ -1456,6 +1470,11 @@ def _forget_workers_in_child():
     for pool in list(_pools):
         pool.forget_after_fork()
     del _detached[:]
+    # Only the parent may hold its lifeline's write end, or its fork
+    # children would not see it die.  The child makes its own when needed.
+    if _lifeline:
+        os.close(_lifeline[1])
+        del _lifeline[:]
 
 
 def _shutdown():

@@ -402,7 +402,6 @@ def _protect_channel(*fds):
 
 # -- Processes a task starts --------------------------------------------------
 
-_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _libc = []
 
@@ -433,17 +432,19 @@ def become_subreaper():
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
-def die_with_parent(parent_pid):
-    """End this process when the one that forked it dies (a fork child)."""
-    import signal
-    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL):
-        if os.getppid() != parent_pid:  # it died before prctl took effect
-            os._exit(1)
-        return
+def die_with_parent(lifeline_fd):
+    """End this fork child, and what its task started, when the parent dies.
 
+    Only the parent holds the write end of the lifeline pipe, and never
+    writes: end-of-file means it is gone.
+    """
     def watch():
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
+        try:
+            while os.read(lifeline_fd, 1):
+                pass
+        except OSError:
+            pass
+        end_task_children()
         os._exit(1)
 
     threading.Thread(target=watch, name="concurrency-lifeline", daemon=True).start()

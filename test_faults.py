@@ -1,0 +1,594 @@
+"""Fault injection: crashes, signals, hostile exceptions and results,
+unserializable tasks, runaway tasks, noisy output, stray child processes,
+a killed or interrupted parent, threads, huge payloads and load.
+
+Each case runs on a warm driver that has already served tasks, asserts the
+exact outcome, then checks that the same driver still serves a normal run.
+The long soak runs only with CONCURRENCY_SOAK=1 (.ci/run does).
+"""
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+import concurrency
+from test_concurrency import (HAVE_PROC, LONG_TIMEOUT, SHORT_TIMEOUT, CleanTestCase,
+                              ScriptTestCase, TwoArgError, descendants, marked_processes,
+                              pid_alive, raise_two_arg_error, read_file, wait_until, write_file)
+
+SOAK = os.environ.get("CONCURRENCY_SOAK") == "1"
+MB = 1 << 20
+LEFT_RUNNING = []
+
+
+class Stop(BaseException):
+    """A BaseException subclass of the user's own."""
+
+
+class UnpicklableError(Exception):
+    def __init__(self, message):
+        super().__init__(message)
+        self.rows = (n for n in range(3))  # a generator: no pickler takes it
+
+
+class ReduceRaisesError(Exception):
+    def __reduce__(self):
+        raise RuntimeError("__reduce__ refuses")
+
+
+def _explode(*args):
+    raise RuntimeError("unpickling refuses")
+
+
+class UnpickleRaisesError(Exception):
+    def __reduce__(self):
+        return _explode, self.args
+
+
+class ReduceRaisesValue:
+    def __reduce__(self):
+        raise RuntimeError("this value refuses to be pickled")
+
+
+def _fail_in(pid):
+    if os.getpid() == pid:
+        raise RuntimeError("this value refuses to be unpickled here")
+    return "unpickled elsewhere"
+
+
+class UnpicklesOnlyInChild:
+    def __init__(self, parent):
+        self.parent = parent
+
+    def __reduce__(self):
+        return _fail_in, (self.parent,)
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+class FaultTests:
+    """Faults every child-process driver must survive; one TestCase each."""
+
+    driver = None
+
+    def setUp(self):
+        super().setUp()
+        self.d = concurrency.driver(self.driver)
+        self.assertEqual(self.d.run([lambda: "warm", lambda: "up"]), ["warm", "up"])
+
+    def assertStillServes(self):
+        self.assertEqual(self.d.run({"a": lambda: 1, "b": lambda: 2}), {"a": 1, "b": 2})
+
+    # -- crashes ------------------------------------------------------------
+
+    def test_os_exit_fails_only_its_task(self):
+        result = self.d.run({"ok": lambda: "kept", "exit": lambda: os._exit(99),
+                             "ok2": lambda: "kept too"}, return_exceptions=True)
+        self.assertEqual((result["ok"], result["ok2"]), ("kept", "kept too"))
+        crash = result["exit"]
+        self.assertIsInstance(crash, concurrency.WorkerCrashed)
+        self.assertEqual((crash.key, crash.exitcode), ("exit", 99))
+        self.assertIn("'exit'", str(crash))
+        self.assertIn("99", str(crash))
+        self.assertStillServes()
+
+    def test_signals_name_the_signal(self):
+        faults = {
+            "SIGKILL": lambda: os.kill(os.getpid(), signal.SIGKILL),
+            "SIGTERM": lambda: os.kill(os.getpid(), signal.SIGTERM),
+            "SIGSEGV": lambda: ctypes.string_at(0),
+        }
+        for name, fault in faults.items():
+            with self.subTest(signal=name):
+                result = self.d.run({"fault": fault, "ok": lambda: "kept"},
+                                    return_exceptions=True)
+                self.assertEqual(result["ok"], "kept")
+                self.assertIsInstance(result["fault"], concurrency.WorkerCrashed)
+                self.assertEqual(result["fault"].signal, name)
+                self.assertIn(name, str(result["fault"]))
+                self.assertStillServes()
+
+    # -- exceptions ---------------------------------------------------------
+
+    def test_base_exceptions_are_task_failures_of_the_same_class(self):
+        for cls in (SystemExit, KeyboardInterrupt, GeneratorExit, Stop):
+            with self.subTest(cls=cls.__name__):
+                def task(cls=cls):
+                    raise cls("stop here")
+                result = self.d.run({"raise": task, "ok": lambda: "kept"},
+                                    return_exceptions=True)
+                self.assertIs(type(result["raise"]), cls)
+                self.assertEqual(result["ok"], "kept")
+        with self.assertRaises(SystemExit):
+            self.d.run([lambda: sys.exit(3)])
+        self.assertStillServes()
+
+    def test_exception_with_multi_argument_init(self):
+        with self.assertRaises(TwoArgError) as caught:
+            self.d.run([lambda: 1, raise_two_arg_error])
+        self.assertEqual(caught.exception.code, 42)
+        self.assertStillServes()
+
+    def test_exception_that_fails_to_pickle_becomes_remote_error(self):
+        def task():
+            raise UnpicklableError("rows went missing")
+        with self.assertRaises(concurrency.RemoteError) as caught:
+            self.d.run({"t": task})
+        error = caught.exception
+        self.assertEqual(error.type_name, "test_faults.UnpicklableError")
+        self.assertEqual(error.message, "rows went missing")
+        self.assertIn("raise UnpicklableError", error.traceback)
+        self.assertIn("test_faults.UnpicklableError: rows went missing", str(error))
+        self.assertStillServes()
+
+    def test_exception_whose_reduce_raises_keeps_its_class(self):
+        def task():
+            raise ReduceRaisesError("reduce me")
+        with self.assertRaises(ReduceRaisesError) as caught:
+            self.d.run([task])
+        self.assertEqual(str(caught.exception), "reduce me")
+        self.assertStillServes()
+
+    def test_exception_whose_unpickling_raises_keeps_its_class(self):
+        def task():
+            raise UnpickleRaisesError("unpickle me")
+        with self.assertRaises(UnpickleRaisesError) as caught:
+            self.d.run([task])
+        self.assertEqual(str(caught.exception), "unpickle me")
+        self.assertStillServes()
+
+    # -- results ------------------------------------------------------------
+
+    def test_results_that_cannot_travel_fail_only_their_task(self):
+        parent = os.getpid()
+        result = self.d.run({
+            "generator": lambda: (n for n in range(3)),
+            "reduce raises": lambda: ReduceRaisesValue(),
+            "unpickling raises": lambda: UnpicklesOnlyInChild(parent),
+            "ok": lambda: "kept",
+        }, return_exceptions=True)
+        self.assertEqual(result.pop("ok"), "kept")
+        for key, error in result.items():
+            with self.subTest(key=key):
+                self.assertIsInstance(error, concurrency.SerializationError)
+                self.assertEqual((error.key, error.what), (key, "result"))
+                self.assertIn(repr(key), str(error))
+                self.assertIsNotNone(error.__cause__)
+        self.assertIn("refuses to be unpickled here", str(result["unpickling raises"]))
+        self.assertStillServes()
+
+    # -- runaway tasks ------------------------------------------------------
+
+    def check_runaway(self, runaway):
+        pid_file = self.path("pid")
+
+        def task():
+            write_file(pid_file, str(os.getpid()))
+            runaway()
+
+        started = time.monotonic()
+        result = self.d.run({"runaway": task, "ok": lambda: "kept"}, timeout=1.0,
+                            return_exceptions=True)
+        self.assertLess(time.monotonic() - started, 1.0 + 1.0)
+        self.assertIsInstance(result["runaway"], concurrency.TaskTimeout)
+        self.assertEqual(result["runaway"].unfinished, ["runaway"])
+        self.assertEqual(result["ok"], "kept")
+        self.assertFalse(pid_alive(int(read_file(pid_file))))
+        self.assertStillServes()
+
+    def test_busy_loop_times_out(self):
+        def spin():
+            while True:
+                pass
+        self.check_runaway(spin)
+
+    def test_long_sleep_times_out(self):
+        self.check_runaway(lambda: time.sleep(1e9))
+
+    def test_blocked_read_times_out(self):
+        def block():
+            read_end, _write_end = os.pipe()
+            os.read(read_end, 1)  # nobody will ever write
+        self.check_runaway(block)
+
+    def test_reading_stdin_gets_end_of_file_instead_of_blocking(self):
+        # Tasks get /dev/null as stdin (as multiprocessing's children do):
+        # input() fails at once rather than waiting on the terminal.
+        result = self.d.run([lambda: sys.stdin.read(), input], return_exceptions=True)
+        self.assertEqual(result[0], "")
+        self.assertIsInstance(result[1], EOFError)
+        self.assertStillServes()
+
+    # -- output -------------------------------------------------------------
+
+    def test_closing_stdout_and_stderr_does_not_break_results(self):
+        def close_std():
+            os.close(1)
+            os.close(2)
+            return "closed"
+        self.assertEqual(self.d.run([close_std, close_std]), ["closed", "closed"])
+        # The next tasks, maybe on the same warm worker, print fine.
+        self.assertEqual(self.d.run([lambda: print("", end="") or "printed"]), ["printed"])
+        self.assertStillServes()
+
+    # -- processes a task starts --------------------------------------------
+
+    def check_no_leftover(self, starter):
+        [pid] = self.d.run([starter])
+        self.assertIsInstance(pid, int)
+        wait_until(lambda: not pid_alive(pid), SHORT_TIMEOUT, "the task's child to end")
+        self.assertStillServes()
+
+    def test_forked_child_left_running_is_ended_with_the_task(self):
+        def start():
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(600)
+                os._exit(0)
+            return pid
+        self.check_no_leftover(start)
+
+    def test_subprocess_left_running_is_ended_with_the_task(self):
+        def start():
+            child = subprocess.Popen(["sleep", "600"])
+            LEFT_RUNNING.append(child)  # no "still running" warning when collected
+            return child.pid
+        self.check_no_leftover(start)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "orphans come back only on Linux")
+    def test_daemonized_grandchild_is_ended_with_the_task(self):
+        def start():
+            read_end, write_end = os.pipe()
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    os.write(write_end, str(os.getpid()).encode())
+                    time.sleep(600)
+                os._exit(0)
+            return int(os.read(read_end, 32))
+        self.check_no_leftover(start)
+
+    def test_children_of_a_timed_out_task_are_ended_too(self):
+        pid_file = self.path("grandchild")
+
+        def task():
+            child = subprocess.Popen(["sleep", "600"])
+            write_file(pid_file, str(child.pid))
+            time.sleep(600)
+
+        result = self.d.run([task], timeout=1.0, return_exceptions=True)
+        self.assertIsInstance(result[0], concurrency.TaskTimeout)
+        grandchild = int(read_file(pid_file))
+        wait_until(lambda: not pid_alive(grandchild), SHORT_TIMEOUT, "the grandchild to end")
+        self.assertStillServes()
+
+    def test_nested_run_works_and_leaves_no_process(self):
+        def outer():
+            return concurrency.driver("process").run([os.getpid, os.getpid])
+        [inner_pids] = self.d.run([outer])
+        for pid in inner_pids:
+            wait_until(lambda: not pid_alive(pid), SHORT_TIMEOUT, "nested workers to end")
+        self.assertStillServes()
+
+    # -- threads --------------------------------------------------------------
+
+    def test_ten_threads_times_twenty_runs(self):
+        failures = []
+
+        def client(n):
+            try:
+                for i in range(20):
+                    got = self.d.run({"n": lambda: n, "i": lambda: i * i})
+                    if got != {"n": n, "i": i * i}:
+                        failures.append((n, i, got))
+            except Exception as exc:  # reported by the assertion below
+                failures.append((n, exc))
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(10)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(LONG_TIMEOUT)
+            self.assertFalse(thread.is_alive(), "a run deadlocked")
+        self.assertEqual(failures, [])
+        self.assertStillServes()
+
+    # -- load -----------------------------------------------------------------
+
+    def test_five_thousand_tiny_tasks(self):
+        limited = type(self.d)(max_workers=3)
+        limited.run([lambda: 0] * 3)
+        fds, rss = open_fds(), rss_bytes()
+        result = limited.run([lambda i=i: (i, os.getpid()) for i in range(5000)])
+        self.assertEqual([i for i, _pid in result], list(range(5000)))
+        if self.driver == "process":  # fork: a new child per task
+            self.assertLessEqual(len({pid for _i, pid in result}), 3)
+        del result
+        self.assertLessEqual(open_fds(), fds + 2)
+        self.assertLess(rss_bytes(), rss + 32 * MB)
+
+    @unittest.skipUnless(SOAK, "the soak runs with CONCURRENCY_SOAK=1")
+    def test_soak_ten_thousand_sequential_runs(self):
+        for _ in range(100):
+            self.d.run([lambda: 1, lambda: 2])
+        fds, rss = open_fds(), rss_bytes()
+        for i in range(10000):
+            self.assertEqual(self.d.run([lambda: i, lambda: -i]), [i, -i])
+            self.assertLessEqual(len(descendants()), self.d.max_workers)
+        self.assertLessEqual(open_fds(), fds + 2)
+        self.assertLess(rss_bytes(), rss + 32 * MB)
+
+
+class ProcessFaultTest(FaultTests, CleanTestCase):
+    driver = "process"
+
+    def test_unserializable_tasks_fail_before_any_task_starts(self):
+        marker = self.path("started")
+        gen = (n for n in range(3))
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        connection = sqlite3.connect(":memory:")
+        self.addCleanup(connection.close)
+        nested = []
+        for _ in range(100000):
+            nested = [nested]
+        faults = {
+            "generator": lambda: next(gen),
+            "socket": lambda: sock.fileno(),
+            "connection": lambda: connection.execute("SELECT 1").fetchone(),
+            "deep": lambda: len(nested),
+        }
+        for key, task in faults.items():
+            with self.subTest(key=key):
+                with self.assertRaises(concurrency.SerializationError) as caught:
+                    self.d.run({"first": lambda: write_file(marker, "x"), key: task})
+                self.assertEqual((caught.exception.key, caught.exception.what), (key, "task"))
+                self.assertIn(repr(key), str(caught.exception))
+                self.assertIsNotNone(caught.exception.__cause__)
+                self.assertFalse(os.path.exists(marker))
+        self.assertStillServes()
+
+
+@unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
+class ForkFaultTest(FaultTests, CleanTestCase):
+    driver = "fork"
+
+    def test_tasks_over_unserializable_objects_run(self):
+        gen = (n for n in range(3))
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        connection = sqlite3.connect(":memory:")
+        self.addCleanup(connection.close)
+        self.assertEqual(self.d.run([lambda: next(gen), lambda: sock.fileno() > 0,
+                                     lambda: connection.execute("SELECT 7").fetchone()]),
+                         [0, True, (7,)])
+
+
+class SyncFaultTest(CleanTestCase):
+    """The faults that apply to the in-process driver."""
+
+    def setUp(self):
+        super().setUp()
+        self.d = concurrency.driver("sync")
+
+    def test_base_exceptions_propagate_as_themselves(self):
+        for cls in (SystemExit, KeyboardInterrupt, GeneratorExit, Stop):
+            with self.subTest(cls=cls.__name__):
+                def task(cls=cls):
+                    raise cls("stop here")
+                with self.assertRaises(cls):
+                    self.d.run([task])
+
+    def test_hostile_exceptions_propagate_unchanged(self):
+        for exc in (UnpicklableError("x"), ReduceRaisesError("y"), UnpickleRaisesError("z")):
+            with self.subTest(exc=type(exc).__name__):
+                def task(exc=exc):
+                    raise exc
+                with self.assertRaises(type(exc)) as caught:
+                    self.d.run([task])
+                self.assertIs(caught.exception, exc)
+
+    def test_unserializable_tasks_and_results_are_fine(self):
+        gen = (n for n in range(3))
+        self.assertEqual(self.d.run([lambda: next(gen)]), [0])
+        [value] = self.d.run([lambda: ReduceRaisesValue()])
+        self.assertIsInstance(value, ReduceRaisesValue)
+
+
+# -- Faults seen from a user's script -----------------------------------------
+
+@unittest.skipUnless(HAVE_PROC and hasattr(os, "fork"), "needs /proc and os.fork")
+class ScriptFaultTest(ScriptTestCase):
+
+    def test_megabytes_of_output_and_fake_frames_leave_results_intact(self):
+        for driver in ("process", "fork"):
+            with self.subTest(driver=driver):
+                done = self.run_script("""\
+                    import os, sys
+                    import concurrency
+                    def noisy(n):
+                        sys.stdout.write("o" * (4 << 20))
+                        sys.stdout.flush()
+                        os.write(2, b"e" * (2 << 20))
+                        # What a result frame looks like on our pipes.
+                        os.write(1, b"R" + (5).to_bytes(8, "big") + b"phish")
+                        return n
+                    result = concurrency.driver(sys.argv[1]).run([lambda: noisy(1),
+                                                                  lambda: noisy(2)])
+                    print()
+                    print(result)
+                    """.replace("sys.argv[1]", repr(driver)))
+                self.assertSucceeded(done)
+                self.assertEqual(done.stdout.splitlines()[-1], "[1, 2]")
+                self.assertEqual(done.stdout.count("o"), 2 * (4 << 20))
+                self.assertEqual(done.stdout.count("phish"), 2)
+                self.assertEqual(done.stderr.count("e"), 2 * (2 << 20))
+
+    def test_parent_killed_mid_run_leaves_no_worker(self):
+        for driver in ("process", "fork"):
+            with self.subTest(driver=driver):
+                argv, env, cwd = self.script("""\
+                    import os, subprocess, sys, time
+                    import concurrency
+                    def task(n):
+                        subprocess.Popen(["sleep", "600"])  # a grandchild, too
+                        open("started-%d" % n, "w").close()
+                        time.sleep(600)
+                    concurrency.driver(sys.argv[1]).run([lambda: task(1), lambda: task(2)])
+                    """)
+                script = subprocess.Popen(argv + [driver], env=env, cwd=cwd)
+                self.addCleanup(script.wait, SHORT_TIMEOUT)
+                self.addCleanup(script.kill)
+                wait_until(lambda: all(os.path.exists(os.path.join(cwd, "started-%d" % n))
+                                       for n in (1, 2)), LONG_TIMEOUT, "the tasks to start")
+                self.assertGreaterEqual(len(marked_processes(self.mark)), 5)
+                script.kill()
+                script.wait(SHORT_TIMEOUT)
+                self.assert_marked_processes_gone(within=10)
+
+    def test_ctrl_c_mid_run(self):
+        for driver in ("process", "fork"):
+            with self.subTest(driver=driver):
+                argv, env, cwd = self.script("""\
+                    import os, sys, time
+                    import concurrency
+                    def task(n):
+                        open("started-%d" % n, "w").close()
+                        time.sleep(600)
+                    try:
+                        concurrency.driver(sys.argv[1]).run([lambda: task(1), lambda: task(2)])
+                    except KeyboardInterrupt:
+                        print("interrupted", flush=True)
+                    """)
+                # A terminal's Ctrl-C: SIGINT to the whole foreground process group.
+                script = subprocess.Popen(argv + [driver], env=env, cwd=cwd,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, start_new_session=True)
+                self.addCleanup(script.wait, SHORT_TIMEOUT)
+                self.addCleanup(script.kill)
+                wait_until(lambda: all(os.path.exists(os.path.join(cwd, "started-%d" % n))
+                                       for n in (1, 2)), LONG_TIMEOUT, "the tasks to start")
+                started = time.monotonic()
+                os.killpg(script.pid, signal.SIGINT)
+                out, err = script.communicate(timeout=SHORT_TIMEOUT)
+                self.assertLess(time.monotonic() - started, 2.0)
+                self.assertEqual(script.returncode, 0, err)
+                self.assertEqual(out.strip(), "interrupted")
+                self.assertEqual(err, "")
+                self.assert_marked_processes_gone()
+
+    HUGE_SCRIPT = """\
+        import json, os, resource, sys
+        import concurrency
+
+        def rss():
+            with open("/proc/self/statm") as file:
+                return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+        d = concurrency.driver(sys.argv[1])
+        d.run([lambda: 0])
+        case = sys.argv[2]
+        base = rss()
+        if case == "capture":
+            blob = b"c" * (100 << 20)
+            [size] = d.run([lambda: len(blob) + blob.count(b"c")])
+            ok = size == 2 * len(blob)
+            payload = len(blob)
+        elif case == "result":
+            [blob] = d.run([lambda: b"r" * (256 << 20)])
+            ok = len(blob) == 256 << 20 and blob.count(b"r") == len(blob)
+            payload = len(blob)
+        else:
+            [rows] = d.run([lambda: [(i, str(i)) for i in range(1000000)]])
+            ok = len(rows) == 1000000 and rows[-1] == (999999, "999999")
+            payload = rss() - base  # what the result takes in memory
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps({"ok": ok, "growth": peak - base, "payload": payload}))
+        """
+
+    def test_huge_payloads_intact_within_three_times_their_size(self):
+        for driver in ("process", "fork"):
+            for case in ("capture", "result", "objects"):
+                with self.subTest(driver=driver, case=case):
+                    argv, env, cwd = self.script(self.HUGE_SCRIPT)
+                    done = subprocess.run(argv + [driver, case], env=env, cwd=cwd,
+                                          capture_output=True, text=True,
+                                          timeout=LONG_TIMEOUT)
+                    self.assert_marked_processes_gone()
+                    self.assertSucceeded(done)
+                    report = json.loads(done.stdout.splitlines()[-1])
+                    self.assertTrue(report["ok"])
+                    self.assertLessEqual(report["growth"], 3 * report["payload"], report)
+
+    DEFER_FAULTS = """\
+        import os, sys, time
+        import concurrency
+        concurrency.set_default_driver(sys.argv[1])
+        def crash():
+            open("crash-started", "w").close()
+            os._exit(9)
+        concurrency.defer({"crash": crash})
+        concurrency.extend("short", lambda: type(concurrency.driver())(timeout=0.5))
+        concurrency.driver("short").defer({"hang": lambda: time.sleep(600)})
+        with concurrency.deferring():
+            concurrency.defer({"at exit": lambda: open("at-exit", "w").close()})
+            sys.exit(0)  # a clean exit is not a failure: the task still starts
+        """
+
+    def test_deferred_crash_and_timeout_are_reported_and_exit_loses_nothing(self):
+        for driver in ("process", "fork"):
+            with self.subTest(driver=driver):
+                argv, env, cwd = self.script(self.DEFER_FAULTS)
+                script = subprocess.Popen(argv + [driver], env=env, cwd=cwd,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True)
+                self.addCleanup(script.kill)
+                # The pipes close when the last deferred process has ended.
+                out, err = script.communicate(timeout=LONG_TIMEOUT)
+                self.assertEqual(script.returncode, 0, err)
+                self.assert_marked_processes_gone()
+                self.assertIn("concurrency: deferred task 'crash' crashed: its process "
+                              "exited with code 9", err)
+                self.assertIn("concurrency: deferred task 'hang' did not finish within "
+                              "0.5 s; it was killed", err)
+                self.assertTrue(os.path.exists(os.path.join(cwd, "crash-started")))
+                self.assertTrue(os.path.exists(os.path.join(cwd, "at-exit")))
+
+
+if __name__ == "__main__":
+    unittest.main()
