@@ -57,6 +57,9 @@ from __future__ import annotations
 
 __all__ = [
     "run",
+    "run_async",
+    "as_completed",
+    "as_completed_async",
     "defer",
     "deferring",
     "driver",
@@ -227,7 +230,8 @@ class RemoteTraceback(ConcurrencyError):
 
 # -- Facade -------------------------------------------------------------------
 
-def run(tasks, *, timeout: float | None = None, return_exceptions: bool = False):
+def run(tasks, *, timeout: float | None = None, return_exceptions: bool = False,
+        progress: bool = False):
     """Run ``tasks`` at once with the default driver and return their results.
 
     Args:
@@ -239,13 +243,47 @@ def run(tasks, *, timeout: float | None = None, return_exceptions: bool = False)
             (no limit unless concurrency.ini sets one).
         return_exceptions: put each failed task's exception in its slot
             instead of raising the first one.
+        progress: show done/total, elapsed time and rate on stderr while it
+            runs, if stderr is a terminal.
 
     Raises:
         TypeError, ValueError: bad input, before anything starts.
         The first failed task's exception, in task order, once every task
         has finished.
     """
-    return _registry.driver().run(tasks, timeout=timeout, return_exceptions=return_exceptions)
+    chosen = _registry.driver()
+    if progress:
+        batch = _Batch(tasks)
+        _check_timeout(timeout)
+        return _run_to_end(chosen, batch, timeout, return_exceptions, True)
+    return chosen.run(tasks, timeout=timeout, return_exceptions=return_exceptions)
+
+
+async def run_async(tasks, *, timeout: float | None = None, return_exceptions: bool = False):
+    """``run`` for asyncio, on the default driver: awaiting it never blocks the
+    event loop.  Cancelling it stops the tasks still running (processes
+    killed and reaped) and re-raises CancelledError."""
+    return await _registry.driver().run_async(tasks, timeout=timeout,
+                                              return_exceptions=return_exceptions)
+
+
+def as_completed(tasks, *, timeout: float | None = None, return_exceptions: bool = False):
+    """Yield ``(key, result)`` as tasks finish, on the default driver.
+
+    ``for key, value in tqdm(concurrency.as_completed(tasks), total=len(tasks))``
+    is a progress bar.  A failed task's exception is raised when its turn
+    comes (yielded with ``return_exceptions=True``); leaving the loop early
+    stops the tasks still running.
+    """
+    return _registry.driver().as_completed(tasks, timeout=timeout,
+                                           return_exceptions=return_exceptions)
+
+
+def as_completed_async(tasks, *, timeout: float | None = None,
+                       return_exceptions: bool = False):
+    """``async for key, result in concurrency.as_completed_async(tasks)``."""
+    return _registry.driver().as_completed_async(tasks, timeout=timeout,
+                                                 return_exceptions=return_exceptions)
 
 
 def defer(tasks, *, always: bool = False) -> None:
@@ -441,10 +479,14 @@ class _Registry:
 # -- Drivers ------------------------------------------------------------------
 
 class Driver:
-    """Base class of drivers: ``run`` and ``defer`` of a set of tasks.
+    """Base class of drivers.
 
-    A custom driver implements ``run``; the default ``defer`` runs the tasks
-    with it on a background thread, reporting failures on stderr.
+    A custom driver implements ``run`` (and may implement ``defer``); the
+    base class builds the rest on it: ``defer`` runs the tasks on a
+    background thread and reports failures on stderr; ``as_completed``,
+    ``run_async``, ``as_completed_async`` and ``progress=True`` work too, with
+    results coming in task order once ``run`` returns.  Built-in drivers
+    override ``_completions`` to report each task as it ends.
     """
 
     def run(self, tasks, *, timeout: float | None = None, return_exceptions: bool = False):
@@ -468,6 +510,64 @@ class Driver:
             if isinstance(value, BaseException):
                 _report_deferred_failure(key, value)
 
+    def as_completed(self, tasks, *, timeout: float | None = None,
+                     return_exceptions: bool = False):
+        """Yield ``(key, result)`` pairs as tasks finish.
+
+        A failed task's exception is raised when its turn comes (or yielded
+        as its result with ``return_exceptions=True``).  Leaving the loop
+        early -- ``break``, that exception, closing the generator -- stops
+        the tasks still running: their processes are killed and reaped.
+        """
+        batch = _Batch(tasks)
+        _check_timeout(timeout)
+        outcomes = _Outcomes(batch)
+        return _pairs(self._completions(batch, outcomes, timeout, None), outcomes,
+                      return_exceptions)
+
+    async def run_async(self, tasks, *, timeout: float | None = None,
+                        return_exceptions: bool = False):
+        """``run`` for asyncio: the event loop keeps running meanwhile.
+
+        Cancelling the awaiting task stops the tasks still running (their
+        processes killed and reaped) and re-raises CancelledError.
+        """
+        batch = _Batch(tasks)
+        _check_timeout(timeout)
+        outcomes = _Outcomes(batch)
+
+        def work(stop):
+            for _index in self._completions(batch, outcomes, timeout, stop):
+                pass
+
+        await _in_thread(work)
+        return outcomes.finish(return_exceptions)
+
+    def as_completed_async(self, tasks, *, timeout: float | None = None,
+                           return_exceptions: bool = False):
+        """``as_completed`` for ``async for``; leaving the loop early stops the
+        tasks still running (use ``contextlib.aclosing`` to wait for that)."""
+        batch = _Batch(tasks)
+        _check_timeout(timeout)
+        outcomes = _Outcomes(batch)
+        return _pairs_async(lambda stop: _pairs(self._completions(batch, outcomes, timeout, stop),
+                                                outcomes, return_exceptions))
+
+    def _completions(self, batch, outcomes, timeout, stop):
+        """Fill ``outcomes`` and yield each task's index as it finishes.
+
+        ``stop`` (a _Stop or None) asks to end early.  This default makes one
+        ``run`` call, then yields in task order.
+        """
+        results = self.run(batch.shape(batch.calls), timeout=timeout, return_exceptions=True)
+        values = list(results.values()) if isinstance(results, dict) else list(results)
+        for index, value in enumerate(values):
+            if isinstance(value, BaseException):
+                outcomes.fail(index, value)
+            else:
+                outcomes.succeed(index, value)
+            yield index
+
 
 class SyncDriver(Driver):
     """Runs tasks one after another in this process: for tests and debugging.
@@ -477,20 +577,41 @@ class SyncDriver(Driver):
     KeyboardInterrupt and SystemExit propagate at once, as from a plain call.
     """
 
-    def run(self, tasks, *, timeout=None, return_exceptions=False):
+    def run(self, tasks, *, timeout=None, return_exceptions=False, progress=False):
         batch = _Batch(tasks)
         _check_timeout(timeout)
-        outcomes = _Outcomes(batch)
-        for index, fn in enumerate(batch.calls):
-            try:
-                outcomes.succeed(index, _call(fn))
-            except Exception as exc:
-                outcomes.fail(index, exc)
-        return outcomes.finish(return_exceptions)
+        return _run_to_end(self, batch, timeout, return_exceptions, progress)
 
     def defer(self, tasks, *, always=False):
         batch = _Batch(tasks)
         _schedule_deferred(lambda: self.run(batch.shape(batch.calls)), always)
+
+    def as_completed(self, tasks, *, timeout=None, return_exceptions=False):
+        batch = _Batch(tasks)
+        _check_timeout(timeout)
+        return self._as_completed(batch, return_exceptions)
+
+    def _as_completed(self, batch, return_exceptions):
+        # Lazy: each task runs when the loop asks for it, and its exception
+        # propagates unchanged.
+        for key, fn in zip(batch.keys, batch.calls):
+            try:
+                value = _call(fn)
+            except Exception as exc:
+                if not return_exceptions:
+                    raise
+                value = exc
+            yield key, value
+
+    def _completions(self, batch, outcomes, timeout, stop):
+        for index, fn in enumerate(batch.calls):
+            if stop is not None and stop.is_set():
+                raise _Stopped()
+            try:
+                outcomes.succeed(index, _call(fn))
+            except Exception as exc:
+                outcomes.fail(index, exc)
+            yield index
 
 
 class _ChildDriver(Driver):
@@ -504,6 +625,13 @@ class _ChildDriver(Driver):
             raise ValueError("max_workers must be a positive int, not %r" % (max_workers,))
         self.max_workers = max_workers
         self.timeout = _check_timeout(config.get("timeout") if timeout is None else timeout)
+
+    def run(self, tasks, *, timeout=None, return_exceptions=False, progress=False):
+        """Run ``tasks`` at once; see concurrency.run().  ``progress=True``
+        shows done/total, elapsed time and rate on stderr if it is a terminal."""
+        batch = _Batch(tasks)
+        _check_timeout(timeout)
+        return _run_to_end(self, batch, timeout, return_exceptions, progress)
 
     def _deadline(self, timeout):
         timeout = _check_timeout(timeout)
@@ -536,20 +664,18 @@ class ProcessDriver(_ChildDriver):
                                    "at %s" % _WORKER_PATH)
         self._pool = _WorkerPool(self.max_workers, idle_timeout)
 
-    def run(self, tasks, *, timeout=None, return_exceptions=False):
-        batch = _Batch(tasks)
+    def _completions(self, batch, outcomes, timeout, stop):
         timeout, deadline = self._deadline(timeout)
-        outcomes = _Outcomes(batch)
         if not batch.calls:
-            return outcomes.finish(return_exceptions)
+            return
         # Start workers first: their Python and dill imports overlap ours.
         workers = self._pool.acquire(len(batch.calls), deadline)
         try:
             payloads = [_dumps_task(key, fn) for key, fn in zip(batch.keys, batch.calls)]
-            _ProcessRun(self._pool, workers, payloads, outcomes, timeout, deadline).run()
+            yield from _ProcessRun(self._pool, workers, payloads, outcomes, timeout, deadline,
+                                   stop).completions()
         finally:
             self._pool.release(workers)
-        return outcomes.finish(return_exceptions)
 
     def defer(self, tasks, *, always=False):
         batch = _Batch(tasks)
@@ -581,13 +707,11 @@ class ForkDriver(_ChildDriver):
                                    "(%s) does not have; use the process driver" % sys.platform)
         super().__init__(max_workers, timeout)
 
-    def run(self, tasks, *, timeout=None, return_exceptions=False):
-        batch = _Batch(tasks)
+    def _completions(self, batch, outcomes, timeout, stop):
         timeout, deadline = self._deadline(timeout)
-        outcomes = _Outcomes(batch)
         if batch.calls:
-            _ForkRun(batch.calls, self.max_workers, outcomes, timeout, deadline).run()
-        return outcomes.finish(return_exceptions)
+            yield from _ForkRun(batch.calls, self.max_workers, outcomes, timeout, deadline,
+                                stop).completions()
 
     def defer(self, tasks, *, always=False):
         batch = _Batch(tasks)
@@ -636,16 +760,16 @@ class _Outcomes:
         self.batch = batch
         self.values = [None] * len(batch.calls)
         self.failed = [False] * len(batch.calls)
-        self.done = [False] * len(batch.calls)
+        self.completed = collections.deque()  # indices not yet reported
 
     def succeed(self, index, value):
         self.values[index] = value
-        self.done[index] = True
+        self.completed.append(index)
 
     def fail(self, index, exc):
         self.values[index] = exc
         self.failed[index] = True
-        self.done[index] = True
+        self.completed.append(index)
 
     def key(self, index):
         return self.batch.keys[index]
@@ -656,6 +780,184 @@ class _Outcomes:
                 if failed:
                     raise value
         return self.batch.shape(self.values)
+
+
+def _run_to_end(driver, batch, timeout, return_exceptions, progress):
+    outcomes = _Outcomes(batch)
+    completions = driver._completions(batch, outcomes, timeout, None)
+    if progress:
+        completions = _Progress(len(batch.calls)).track(completions)
+    for _index in completions:
+        pass
+    return outcomes.finish(return_exceptions)
+
+
+def _pairs(completions, outcomes, return_exceptions):
+    """(key, value) pairs of tasks as they complete; closing it stops them."""
+    try:
+        for index in completions:
+            value = outcomes.values[index]
+            if outcomes.failed[index] and not return_exceptions:
+                raise value
+            yield outcomes.key(index), value
+    finally:
+        completions.close()
+
+
+class _Stopped(BaseException):
+    """Internal: a run was asked to stop (its awaiting task was cancelled)."""
+
+
+class _Stop:
+    """Asks a run on another thread to stop: a flag, and a pipe that wakes
+    the run's select()."""
+
+    def __init__(self):
+        self._read, self._write = os.pipe()
+        self._set = False
+
+    def fileno(self):
+        return self._read
+
+    def is_set(self):
+        return self._set
+
+    def set(self):
+        if not self._set:
+            self._set = True
+            os.write(self._write, b"!")
+
+    def close(self):
+        os.close(self._read)
+        os.close(self._write)
+
+
+async def _in_thread(work):
+    """Run ``work(stop)`` on a thread of its own without blocking the loop.
+
+    If the awaiting task is cancelled, ask ``work`` to stop and wait until it
+    has (the run's processes are reaped by then), then re-raise.
+    """
+    import asyncio
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    stop = _Stop()
+
+    def settle(outcome):
+        if not done.done():
+            done.set_result(outcome)
+
+    def target():
+        try:
+            outcome = (True, work(stop))
+        except BaseException as exc:
+            outcome = (False, exc)
+        try:
+            loop.call_soon_threadsafe(settle, outcome)
+        except RuntimeError:  # the loop is closed: nobody is waiting
+            pass
+
+    threading.Thread(target=target, name="concurrency-async", daemon=True).start()
+    try:
+        try:
+            ok, value = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            stop.set()
+            while not done.done():
+                try:
+                    await asyncio.shield(done)
+                except asyncio.CancelledError:
+                    pass
+            raise
+    finally:
+        if done.done():
+            stop.close()
+    if ok:
+        return value
+    raise value
+
+
+async def _pairs_async(make_pairs):
+    """Feed the pairs of ``make_pairs(stop)``, run on a thread, to async for."""
+    import asyncio
+    loop = asyncio.get_running_loop()
+    queue = asyncio.Queue()
+    end = object()
+
+    def work(stop):
+        pairs = make_pairs(stop)
+        try:
+            for pair in pairs:
+                loop.call_soon_threadsafe(queue.put_nowait, (True, pair))
+                if stop.is_set():
+                    break
+        finally:
+            pairs.close()
+        loop.call_soon_threadsafe(queue.put_nowait, (True, end))
+
+    async def pump():
+        try:
+            await _in_thread(work)
+        except BaseException as exc:
+            queue.put_nowait((False, exc))
+
+    worker = loop.create_task(pump())
+    try:
+        while True:
+            ok, item = await queue.get()
+            if not ok:
+                raise item
+            if item is end:
+                return
+            yield item
+    finally:
+        if not worker.done():
+            worker.cancel()  # stops the run and waits until it has
+            try:
+                await worker
+            except BaseException:
+                pass
+
+
+class _Progress:
+    """A one-line progress indicator on stderr, only if it is a terminal."""
+
+    def __init__(self, total, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        try:
+            self.enabled = self.stream.isatty()
+        except Exception:
+            self.enabled = False
+        self.total = total
+        self.done = 0
+        self.started = time.monotonic()
+        self.shown = 0.0
+
+    def track(self, completions):
+        self.show()
+        try:
+            for index in completions:
+                self.done += 1
+                self.show()
+                yield index
+        finally:
+            completions.close()
+            self.show(final=True)
+
+    def show(self, final=False):
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not final and self.done < self.total and now - self.shown < 0.1:
+            return  # at most ten lines a second
+        self.shown = now
+        elapsed = now - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        self.stream.write("\rconcurrency: %d/%d done, %.1f s, %.1f tasks/s "
+                          % (self.done, self.total, elapsed, rate))
+        if final:
+            self.stream.write("\n")
+        self.stream.flush()
 
 
 def _describe(value):
@@ -937,13 +1239,15 @@ class _Run:
     """The select() loop of one run: start tasks, collect frames, notice dead
     children, enforce the deadline.  Subclasses say how a task starts."""
 
-    def __init__(self, count, outcomes, timeout, deadline):
+    def __init__(self, count, outcomes, timeout, deadline, stop):
         self.pending = collections.deque(range(count))
         self.running = {}  # child -> index of its task
         self.outcomes = outcomes
         self.timeout = timeout
         self.deadline = deadline
         self.selector = selectors.DefaultSelector()
+        if stop is not None:
+            self.selector.register(stop.fileno(), selectors.EVENT_READ, None)
 
     def start_tasks(self):
         """Start pending tasks on free capacity."""
@@ -975,12 +1279,13 @@ class _Run:
                 except (KeyError, ValueError):
                     pass
 
-    def run(self):
+    def completions(self):
+        """Yield each task's index as its outcome arrives."""
         try:
-            self._loop()
+            yield from self._loop()
         except BaseException:
-            # KeyboardInterrupt or an internal error: no child of this run
-            # may outlive it.
+            # Ctrl-C, a stop, the caller leaving as_completed() early, or an
+            # internal error: no child of this run may outlive it.
             for child in list(self.running):
                 child.kill()
                 child.wait()
@@ -991,15 +1296,20 @@ class _Run:
             self.selector.close()
 
     def _loop(self):
+        completed = self.outcomes.completed
         while True:
+            while completed:
+                yield completed.popleft()
             self.start_tasks()
             if not self.running:
                 if self.pending:  # no capacity could be had before the deadline
                     self._expire()
+                    yield from self._drain(completed)
                 return
             wait = None if self.deadline is None else self.deadline - time.monotonic()
             if wait is not None and wait <= 0:
                 self._expire()
+                yield from self._drain(completed)
                 return
             if not _HAVE_PIDFD:
                 wait = _POLL_INTERVAL if wait is None else min(wait, _POLL_INTERVAL)
@@ -1007,6 +1317,8 @@ class _Run:
             ended = set()
             for key, _mask in events:
                 child = key.data
+                if child is None:
+                    raise _Stopped()
                 if child in self.running:
                     if key.fd == child.pidfd:
                         ended.add(child)
@@ -1022,6 +1334,11 @@ class _Run:
                     self.unwatch(child)
                     child.wait()
                     self.on_died(child, index)
+
+    @staticmethod
+    def _drain(completed):
+        while completed:
+            yield completed.popleft()
 
     def _read(self, child):
         """Process the child's frames; True if it reached end-of-file."""
@@ -1223,8 +1540,8 @@ def _retire_workers(workers):
 
 
 class _ProcessRun(_Run):
-    def __init__(self, pool, workers, payloads, outcomes, timeout, deadline):
-        super().__init__(len(payloads), outcomes, timeout, deadline)
+    def __init__(self, pool, workers, payloads, outcomes, timeout, deadline, stop):
+        super().__init__(len(payloads), outcomes, timeout, deadline, stop)
         self.pool = pool
         self.workers = workers
         self.free = list(workers)
@@ -1301,8 +1618,8 @@ class _ForkChild(_Child):
 
 
 class _ForkRun(_Run):
-    def __init__(self, calls, max_workers, outcomes, timeout, deadline):
-        super().__init__(len(calls), outcomes, timeout, deadline)
+    def __init__(self, calls, max_workers, outcomes, timeout, deadline, stop):
+        super().__init__(len(calls), outcomes, timeout, deadline, stop)
         self.calls = calls
         self.max_workers = max_workers
         self.worker = _worker_module()

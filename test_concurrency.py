@@ -279,6 +279,72 @@ class DriverTests:
     def test_driver_is_cached_per_name(self):
         self.assertIs(concurrency.driver(self.driver), self.d)
 
+    # -- asyncio and results as they complete --------------------------------
+
+    def test_run_async_keeps_the_event_loop_running(self):
+        async def main():
+            ticks = []
+            stop = asyncio.Event()
+
+            async def ticker():
+                while not stop.is_set():
+                    ticks.append(time.monotonic())
+                    await asyncio.sleep(0.01)
+
+            ticking = asyncio.ensure_future(ticker())
+            result = await self.d.run_async({"a": lambda: time.sleep(1) or "slept",
+                                             "b": lambda: "quick"})
+            stop.set()
+            await ticking
+            return result, ticks
+
+        result, ticks = asyncio.run(main())
+        self.assertEqual(result, {"a": "slept", "b": "quick"})
+        self.assertGreater(len(ticks), 40)  # a blocked loop would tick once
+        self.assertLess(max(b - a for a, b in zip(ticks, ticks[1:])), 0.5)
+
+    def test_run_async_shapes_and_errors_match_run(self):
+        async def main():
+            listed = await self.d.run_async([lambda: 1, lambda: async_double(2)])
+            with self.assertRaisesRegex(ValueError, "async failure"):
+                await self.d.run_async([lambda: 1, lambda: raise_value_error("async failure")])
+            slots = await self.d.run_async({"bad": lambda: raise_value_error("x")},
+                                           return_exceptions=True)
+            return listed, slots
+
+        listed, slots = asyncio.run(main())
+        self.assertEqual(listed, [1, 4])
+        self.assertIsInstance(slots["bad"], ValueError)
+        with self.assertRaises(TypeError):
+            asyncio.run(self.d.run_async([None]))
+
+    def test_as_completed_raises_a_failure_at_its_turn(self):
+        gen = self.d.as_completed([lambda: raise_value_error("turn")])
+        with self.assertRaisesRegex(ValueError, "turn"):
+            next(gen)
+        pairs = list(self.d.as_completed([lambda: raise_value_error("kept")],
+                                         return_exceptions=True))
+        self.assertEqual(pairs[0][0], 0)
+        self.assertIsInstance(pairs[0][1], ValueError)
+
+    def test_as_completed_async_yields_every_pair(self):
+        async def main():
+            pairs = []
+            async for key, value in self.d.as_completed_async({"a": lambda: 1,
+                                                                "b": lambda: 2}):
+                pairs.append((key, value))
+            return sorted(pairs)
+
+        self.assertEqual(asyncio.run(main()), [("a", 1), ("b", 2)])
+
+    def test_progress_is_silent_when_stderr_is_not_a_terminal(self):
+        stream = tempfile.TemporaryFile("w+")
+        self.addCleanup(stream.close)
+        with contextlib.redirect_stderr(stream):
+            self.assertEqual(self.d.run([lambda: 1, lambda: 2], progress=True), [1, 2])
+        stream.seek(0)
+        self.assertEqual(stream.read(), "")
+
 
 class ChildDriverTests(DriverTests):
     """Behaviour of drivers that run each task in a child process."""
@@ -425,6 +491,87 @@ class ChildDriverTests(DriverTests):
         [cwd] = self.d.run([os.getcwd])
         self.assertEqual(cwd, os.getcwd())
 
+    def test_as_completed_yields_in_completion_order(self):
+        release = self.path("release")
+
+        def waits_for_release():
+            wait_until(lambda: os.path.exists(release), SHORT_TIMEOUT, "release")
+            return "second"
+
+        seen = []
+        for key, value in self.d.as_completed({"slow": waits_for_release,
+                                               "fast": lambda: "first"}):
+            seen.append((key, value))
+            write_file(release, "")
+        self.assertEqual(seen, [("fast", "first"), ("slow", "second")])
+
+    def start_sleepers(self, count):
+        """Tasks that record their pid, then sleep for ten minutes."""
+        def sleeper(n):
+            write_file(self.path("pid-%d" % n), str(os.getpid()))
+            time.sleep(600)
+        return [lambda n=n: sleeper(n) for n in range(count)]
+
+    def sleeper_pids(self, count):
+        wait_until(lambda: all(os.path.exists(self.path("pid-%d" % n)) for n in range(count)),
+                   SHORT_TIMEOUT, "the tasks to start")
+        return [int(read_file(self.path("pid-%d" % n))) for n in range(count)]
+
+    def test_cancelling_run_async_kills_and_reaps_the_tasks(self):
+        async def main():
+            run = asyncio.ensure_future(self.d.run_async(self.start_sleepers(2)))
+            while not all(os.path.exists(self.path("pid-%d" % n)) for n in range(2)):
+                await asyncio.sleep(0.01)
+            pids = self.sleeper_pids(2)
+            run.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await run
+            return pids
+
+        pids = asyncio.run(asyncio.wait_for(main(), LONG_TIMEOUT))
+        self.assertEqual([pid_alive(pid) for pid in pids], [False, False])
+        self.assertEqual(self.d.run([lambda: "after"]), ["after"])
+
+    def test_wait_for_expiring_stops_run_async(self):
+        async def main():
+            with self.assertRaises(asyncio.TimeoutError):
+                await asyncio.wait_for(self.d.run_async(self.start_sleepers(1)), 1.0)
+
+        asyncio.run(main())
+        [pid] = self.sleeper_pids(1)
+        self.assertFalse(pid_alive(pid))
+
+    def test_breaking_out_of_as_completed_stops_the_rest(self):
+        tasks = self.start_sleepers(2) + [lambda: "quick"]
+        for key, value in self.d.as_completed(tasks):
+            self.assertEqual((key, value), (2, "quick"))
+            pids = self.sleeper_pids(2)
+            break
+        self.assertEqual([pid_alive(pid) for pid in pids], [False, False])
+
+    def test_failure_raised_from_as_completed_stops_the_rest(self):
+        tasks = self.start_sleepers(1) + [lambda: raise_value_error("stop all")]
+        with self.assertRaisesRegex(ValueError, "stop all"):
+            for _pair in self.d.as_completed(tasks):
+                pass
+        [pid] = self.sleeper_pids(1)
+        self.assertFalse(pid_alive(pid))
+
+    def test_leaving_as_completed_async_early_stops_the_rest(self):
+        tasks = self.start_sleepers(2) + [lambda: "quick"]
+
+        async def main():
+            pairs = self.d.as_completed_async(tasks)
+            try:
+                async for pair in pairs:
+                    self.assertEqual(pair, (2, "quick"))
+                    return self.sleeper_pids(2)
+            finally:
+                await pairs.aclose()
+
+        pids = asyncio.run(main())
+        self.assertEqual([pid_alive(pid) for pid in pids], [False, False])
+
     def test_no_more_children_than_max_workers(self):
         limited = type(self.d)(max_workers=2)
         meet = self.subdir("meet")
@@ -459,6 +606,14 @@ class SyncDriverTest(DriverTests, CleanTestCase):
 
     def test_timeout_is_accepted_and_ignored(self):
         self.assertEqual(self.d.run([lambda: 1], timeout=0.001), [1])
+
+    def test_as_completed_is_in_task_order_and_lazy(self):
+        calls = []
+        pairs = self.d.as_completed([lambda: calls.append(0) or "a",
+                                     lambda: calls.append(1) or "b"])
+        self.assertEqual(next(pairs), (0, "a"))
+        self.assertEqual(calls, [0])
+        self.assertEqual(list(pairs), [(1, "b")])
 
     def test_coroutine_inside_running_event_loop(self):
         async def handler():
@@ -787,6 +942,36 @@ class ScriptTest(ScriptTestCase):
                 self.assertEqual(err, "")
                 self.assert_marked_processes_gone()
 
+    @unittest.skipUnless(hasattr(os, "openpty"), "needs a pseudo-terminal")
+    def test_progress_on_a_terminal(self):
+        argv, env, cwd = self.script("""\
+            import sys, time
+            import concurrency
+            tasks = [lambda n=n: time.sleep(0.05 * n) or n for n in range(6)]
+            print(concurrency.driver(sys.argv[1]).run(tasks, progress=True))
+            """)
+        for driver in ("process", "fork", "sync"):
+            with self.subTest(driver=driver):
+                master, slave = os.openpty()
+                self.addCleanup(os.close, master)
+                with open(slave, "w") as terminal:
+                    done = subprocess.run(argv + [driver], env=env, cwd=cwd, stderr=terminal,
+                                          stdout=subprocess.PIPE, text=True,
+                                          timeout=LONG_TIMEOUT)
+                self.assertEqual(done.returncode, 0)
+                self.assertEqual(done.stdout.strip(), "[0, 1, 2, 3, 4, 5]")
+                shown = b""
+                os.set_blocking(master, False)
+                with contextlib.suppress(BlockingIOError, OSError):
+                    while True:
+                        chunk = os.read(master, 65536)
+                        if not chunk:
+                            break
+                        shown += chunk
+                self.assertIn(b"concurrency: 0/6 done", shown)
+                self.assertIn(b"concurrency: 6/6 done", shown)
+                self.assertIn(b"tasks/s", shown)
+
     def test_demo_command(self):
         argv, env, cwd = self.script("")
         done = subprocess.run([sys.executable, "-m", "concurrency", "demo"], env=env,
@@ -1011,6 +1196,25 @@ class RegistryTest(CleanTestCase):
         self.assertIs(concurrency.driver("recording"), concurrency.driver())
         concurrency.extend("recording", concurrency.SyncDriver)
         self.assertEqual(concurrency.run([lambda: 1]), [1])
+
+    def test_custom_driver_gets_async_as_completed_and_progress(self):
+        class Minimal(concurrency.Driver):
+            def run(self, tasks, *, timeout=None, return_exceptions=False):
+                return concurrency.SyncDriver().run(tasks, return_exceptions=return_exceptions)
+
+        concurrency.extend("minimal", Minimal)
+        concurrency.set_default_driver("minimal")
+        self.assertEqual(list(concurrency.as_completed({"a": lambda: 1, "b": lambda: 2})),
+                         [("a", 1), ("b", 2)])
+        self.assertEqual(asyncio.run(concurrency.run_async([lambda: 3])), [3])
+
+        async def collect():
+            return [pair async for pair in concurrency.as_completed_async([lambda: 4])]
+
+        self.assertEqual(asyncio.run(collect()), [(0, 4)])
+        self.assertEqual(concurrency.run([lambda: 5], progress=True), [5])
+        with self.assertRaisesRegex(ValueError, "custom"):
+            concurrency.run([lambda: raise_value_error("custom")], progress=True)
 
     def test_custom_driver_gets_a_working_defer(self):
         class Threads(concurrency.Driver):
