@@ -1,0 +1,270 @@
+"""Benchmark concurrency's drivers side by side with the process-pool peers.
+
+    python bench_concurrency.py [--repeat N] [--systems a,b] [--scenarios x,y]
+
+Every measurement runs in a fresh interpreter, one system at a time, and the
+table shows medians over ``--repeat`` runs, then each of our numbers as a ratio
+to the best peer measured in the same run.  Peers that are not importable are
+skipped; install them with ``pip install .[bench]``.
+
+Scenarios:
+  first2    a fresh interpreter imports the library and runs 2 trivial lambdas
+            (whole-process wall time, ms)
+  warm2     a later 2-task run in the same process (ms)
+  many1000  1000 tiny lambdas in one run (ms)
+  cpu       2 x cores tasks of ~0.2 s pure-Python arithmetic: efficiency =
+            sequential time / cores / wall (%; higher is better); the system
+            "os.fork" is a bare fork per task, what the hardware allows
+  big64mb   2 tasks each returning 64 MB of bytes (ms)
+  rss       peak RSS of the parent after big64mb, and RSS of an idle worker (MB)
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+OURS = ["concurrency-process", "concurrency-fork"]
+PEERS = ["ProcessPoolExecutor+dill", "loky", "joblib", "pathos", "mpire"]
+SCENARIOS = ["first2", "warm2", "many1000", "cpu", "big64mb", "rss"]
+CORES = os.cpu_count() or 1
+CPU_SECONDS = 0.2
+
+
+# -- The work -----------------------------------------------------------------
+
+def spin(iterations):
+    total = 0
+    for i in range(iterations):
+        total += i * i % 7
+    return total
+
+
+def _dill_call(payload):
+    import dill
+    return dill.loads(payload)()
+
+
+def _call(fn):
+    return fn()
+
+
+def make_runner(system):
+    """Return run(list of callables) -> list of results, for ``system``."""
+    if system == "concurrency-process":
+        import concurrency
+        return concurrency.driver("process").run
+    if system == "concurrency-fork":
+        import concurrency
+        return concurrency.driver("fork").run
+    if system == "ProcessPoolExecutor+dill":
+        import dill
+        from concurrent.futures import ProcessPoolExecutor
+        executor = ProcessPoolExecutor(max_workers=CORES)
+        return lambda fns: [f.result() for f in [
+            executor.submit(_dill_call, dill.dumps(fn, recurse=True)) for fn in fns]]
+    if system == "loky":
+        import loky
+        executor = loky.get_reusable_executor(max_workers=CORES)
+        return lambda fns: [f.result() for f in [executor.submit(fn) for fn in fns]]
+    if system == "joblib":
+        import joblib
+        parallel = joblib.Parallel(n_jobs=CORES)
+        return lambda fns: parallel(joblib.delayed(fn)() for fn in fns)
+    if system == "pathos":
+        from pathos.multiprocessing import ProcessPool
+        pool = ProcessPool(nodes=CORES)
+        return lambda fns: pool.map(_call, fns)
+    if system == "mpire":
+        from mpire import WorkerPool
+        pool = WorkerPool(n_jobs=CORES, use_dill=True, keep_alive=True)
+        return lambda fns: pool.map(_call, [(fn,) for fn in fns], progress_bar=False)
+    if system == "os.fork":
+        return _fork_run
+    raise SystemExit("unknown system %r" % system)
+
+
+def _fork_run(fns):
+    """A bare fork per task, result by exit: what the hardware allows."""
+    pids = []
+    for fn in fns:
+        pid = os.fork()
+        if pid == 0:
+            fn()
+            os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return [None] * len(fns)
+
+
+def importable(system):
+    module = {"ProcessPoolExecutor+dill": "dill", "loky": "loky", "joblib": "joblib",
+              "pathos": "pathos", "mpire": "mpire"}.get(system)
+    if module is None:
+        return True
+    done = subprocess.run([sys.executable, "-c", "import " + module],
+                          capture_output=True)
+    return done.returncode == 0
+
+
+# -- One measurement, in a fresh interpreter ----------------------------------
+
+def child(system, scenario, iterations):
+    if scenario == "first2":
+        run = make_runner(system)
+        run([lambda: 1, lambda: 2])
+        return {}
+    run = make_runner(system)
+    run([lambda: 0, lambda: 0])  # warm up: workers started
+    if scenario == "warm2":
+        times = []
+        for _ in range(30):
+            started = time.perf_counter()
+            assert run([lambda: 1, lambda: 2]) == [1, 2]
+            times.append(time.perf_counter() - started)
+        return {"value": statistics.median(times) * 1000}
+    if scenario == "many1000":
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            assert run([lambda i=i: i for i in range(1000)]) == list(range(1000))
+            times.append(time.perf_counter() - started)
+        return {"value": statistics.median(times) * 1000}
+    if scenario == "cpu":
+        tasks = [lambda: spin(iterations) for _ in range(2 * CORES)]
+        run(tasks[:CORES])  # warm up with the same work
+        started = time.perf_counter()
+        run(tasks)
+        wall = time.perf_counter() - started
+        started = time.perf_counter()
+        spin(iterations)
+        one = time.perf_counter() - started
+        return {"value": 100.0 * one * len(tasks) / CORES / wall}
+    if scenario in ("big64mb", "rss"):
+        started = time.perf_counter()
+        blobs = run([lambda: b"x" * (64 << 20), lambda: b"y" * (64 << 20)])
+        wall = time.perf_counter() - started
+        assert [len(b) for b in blobs] == [64 << 20] * 2
+        del blobs
+        if scenario == "big64mb":
+            return {"value": wall * 1000}
+        import resource
+        run([lambda: 0, lambda: 0])
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {"value": peak, "worker": _idle_worker_rss()}
+    raise SystemExit("unknown scenario %r" % scenario)
+
+
+def _idle_worker_rss():
+    """Median RSS in MB of this process's children (the idle workers)."""
+    sizes = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as file:
+                stat = file.read()
+            if int(stat[stat.rindex(")") + 2:].split()[1]) != os.getpid():
+                continue
+            with open("/proc/%s/status" % entry) as file:
+                for line in file:
+                    if line.startswith("VmRSS:"):
+                        sizes.append(int(line.split()[1]) / 1024)
+        except (OSError, ValueError):
+            continue
+    return statistics.median(sizes) if sizes else None
+
+
+# -- The table ------------------------------------------------------------------
+
+def measure(system, scenario, iterations):
+    argv = [sys.executable, os.path.abspath(__file__), "--child", system, scenario,
+            str(iterations)]
+    started = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    wall = (time.perf_counter() - started) * 1000
+    if done.returncode != 0:
+        raise RuntimeError("%s %s failed:\n%s" % (system, scenario, done.stderr[-2000:]))
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if scenario == "first2":
+        result["value"] = wall
+    return result
+
+
+def calibrate():
+    """Iterations of spin() that take CPU_SECONDS here."""
+    iterations = 100000
+    while True:
+        started = time.perf_counter()
+        spin(iterations)
+        took = time.perf_counter() - started
+        if took > 0.05:
+            return int(iterations * CPU_SECONDS / took)
+        iterations *= 2
+
+
+def main(argv):
+    repeat, systems, scenarios = 5, OURS + PEERS, SCENARIOS
+    args = list(argv)
+    while args:
+        flag = args.pop(0)
+        if flag == "--repeat":
+            repeat = int(args.pop(0))
+        elif flag == "--systems":
+            systems = args.pop(0).split(",")
+        elif flag == "--scenarios":
+            scenarios = args.pop(0).split(",")
+        else:
+            raise SystemExit(__doc__)
+    systems = [s for s in systems if importable(s) or print("skipped (not importable):", s)]
+    iterations = calibrate()
+    print("machine: %d cores, Python %s, %s; medians of %d runs, each in a fresh "
+          "interpreter" % (CORES, sys.version.split()[0], sys.platform, repeat))
+    rows = {}
+    for scenario in scenarios:
+        columns = systems + (["os.fork"] if scenario == "cpu" else [])
+        for system in columns:
+            results = [measure(system, scenario, iterations) for _ in range(repeat)]
+            value = statistics.median(r["value"] for r in results)
+            rows.setdefault(scenario, {})[system] = value
+            if scenario == "rss":
+                workers = [r["worker"] for r in results if r.get("worker") is not None]
+                rows.setdefault("idle worker rss", {})[system] = (
+                    statistics.median(workers) if workers else None)
+            sys.stderr.write("  %s %s: %.1f\n" % (scenario, system, value))
+    print_table(rows, systems)
+
+
+def print_table(rows, systems):
+    units = {"first2": "ms", "warm2": "ms", "many1000": "ms", "cpu": "% eff", "big64mb": "ms",
+             "rss": "MB peak", "idle worker rss": "MB"}
+    names = [s for s in systems] + ["os.fork"]
+    shown = [n for n in names if any(n in row for row in rows.values())]
+    width = max(len(n) for n in shown) + 2
+    print("%-16s" % "scenario" + "".join("%*s" % (width, n) for n in shown)
+          + "   ours / best peer")
+    for scenario, row in rows.items():
+        cells = "".join("%*s" % (width, "-" if row.get(n) is None else "%.1f" % row[n])
+                        for n in shown)
+        higher_better = scenario == "cpu"
+        peers = [row[n] for n in PEERS if row.get(n) is not None]
+        if scenario == "cpu" and row.get("os.fork"):
+            peers = [row["os.fork"]]
+        ratios = []
+        if peers:
+            best = max(peers) if higher_better else min(peers)
+            for ours in OURS:
+                if row.get(ours) is not None and best:
+                    ratios.append("%s %.2f" % (ours.split("-")[1], row[ours] / best))
+        print("%-16s" % ("%s (%s)" % (scenario, units.get(scenario, ""))) + cells
+              + "   " + ", ".join(ratios))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        print(json.dumps(child(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+    else:
+        main(sys.argv[1:])
