@@ -90,6 +90,7 @@ import io
 import math
 import os
 import pickle
+import select
 import selectors
 import signal
 import struct
@@ -1294,6 +1295,10 @@ class _Run:
             raise
         finally:
             self.selector.close()
+            self.finish()
+
+    def finish(self):
+        """The run is over: let go of its children."""
 
     def _loop(self):
         completed = self.outcomes.completed
@@ -1374,6 +1379,8 @@ class _Worker(_Child):
     def __init__(self, idle_timeout):
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
+        _widen_pipe(task_w)
+        _widen_pipe(result_r)
         try:
             self.process = subprocess.Popen(
                 [sys.executable, _WORKER_PATH, "serve", str(task_r), str(result_w),
@@ -1589,6 +1596,12 @@ class _ProcessRun(_Run):
 # -- fork driver internals ----------------------------------------------------
 
 class _ForkChild(_Child):
+    """A child forked for one run: it runs tasks by index, one at a time."""
+
+    def __init__(self, pid, result_fd, task_fd):
+        super().__init__(pid, result_fd)
+        self.task_fd = task_fd
+
     def poll(self):
         if self.exitcode is None:
             try:
@@ -1603,9 +1616,20 @@ class _ForkChild(_Child):
         if self.exitcode is None:
             _kill_group(self.pid)
 
+    def retire(self):
+        """Close our end of its task pipe: it exits when it reads the end."""
+        if self.task_fd is not None:
+            os.close(self.task_fd)
+            self.task_fd = None
+
     def wait(self):
-        # The child was killed or has exited (or is about to): waitpid returns
-        # promptly.  A child that closed its pipe but lives on is killed.
+        # The child was killed, has exited or is about to: reap it, and kill
+        # it if it does not exit in time.
+        self.retire()
+        if self.pidfd is not None and self.poll() is None:
+            ready, _, _ = select.select([self.pidfd], [], [], _REAP_TIMEOUT)
+            if not ready:
+                self.kill()
         end = time.monotonic() + _REAP_TIMEOUT
         while self.poll() is None:
             if time.monotonic() > end:
@@ -1617,50 +1641,109 @@ class _ForkChild(_Child):
         return self.exitcode
 
 
+_INDEX = struct.Struct(">Q")
+
+
 class _ForkRun(_Run):
+    """Forks up to max_workers children when the run starts (never more than
+    tasks); each inherits every task and runs the ones whose index it is
+    sent, so no task is serialized, and one fork serves many tasks."""
+
     def __init__(self, calls, max_workers, outcomes, timeout, deadline, stop):
         super().__init__(len(calls), outcomes, timeout, deadline, stop)
         self.calls = calls
-        self.max_workers = max_workers
+        self.size = min(max_workers, len(calls))
+        self.free = []
+        self.live = []
+        self.context = _current_context()
         self.worker = _worker_module()
         self.worker.preload_libc()
 
     def start_tasks(self):
-        while self.pending and len(self.running) < self.max_workers:
+        while self.pending:
+            if not self.free:
+                if len(self.live) >= self.size:
+                    return
+                self.free.append(self._fork())
+            child = self.free.pop()
             index = self.pending.popleft()
-            self.watch(self._fork(self.calls[index]), index)
+            try:
+                os.write(child.task_fd, _INDEX.pack(index))
+            except OSError:  # it died while idle (killed from outside)
+                self.pending.appendleft(index)
+                self._forget(child)
+                continue
+            self.watch(child, index)
 
-    def _fork(self, fn):
-        read_fd, write_fd = os.pipe()
+    def _fork(self):
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        _widen_pipe(result_r)
         lifeline = _lifeline_read_fd()
+        siblings = [fd for child in self.live for fd in (child.task_fd, child.fd, child.pidfd)
+                    if fd is not None]
         _flush_std_streams()  # or the child would print our buffered output again
         pid = os.fork()
         if pid == 0:  # child: never returns into the caller's code
             code = 0
             try:
-                os.close(read_fd)
+                for fd in [task_w, result_r] + siblings:
+                    os.close(fd)
                 _in_fork_child()
                 self.worker.die_with_parent(lifeline)
                 self.worker.become_subreaper()
-                kind, parts = self.worker.run_task(fn)
-                self.worker.write_frame(write_fd, kind, parts)
+                self._serve(task_r, result_w)
             except BaseException:
                 code = 70
             finally:
                 os._exit(code)
         _own_group(pid)
-        os.close(write_fd)
-        return _ForkChild(pid, read_fd)
+        os.close(task_r)
+        os.close(result_w)
+        child = _ForkChild(pid, result_r, task_w)
+        self.live.append(child)
+        return child
+
+    def _serve(self, task_fd, result_fd):
+        """The child's loop: run the task of each index read, until the end."""
+        while True:
+            data = b""
+            while len(data) < _INDEX.size:
+                chunk = os.read(task_fd, _INDEX.size - len(data))
+                if not chunk:
+                    return
+                data += chunk
+            (index,) = _INDEX.unpack(data)
+            # Each task starts from the caller's cwd, environment and sys.path
+            # as at the call, whatever the last one changed.
+            self.worker._apply_context(self.context)
+            kind, parts = self.worker.run_task(self.calls[index])
+            self.worker.write_frame(result_fd, kind, parts)
+
+    def _forget(self, child):
+        child.wait()
+        self.live.remove(child)
 
     def on_frame(self, child, index, kind, body):
         _decode_outcome(self.outcomes, index, kind, body)
         return True
 
     def on_finished(self, child):
-        child.wait()
+        self.free.append(child)
 
     def on_died(self, child, index):
+        self.live.remove(child)
         self.outcomes.fail(index, WorkerCrashed(self.outcomes.key(index), child.exitcode))
+
+    def on_killed(self, child):
+        self.live.remove(child)
+
+    def finish(self):
+        for child in self.live:
+            child.retire()
+        for child in self.live:
+            child.wait()
+        del self.live[:]
 
 
 def _in_fork_child():
@@ -1681,6 +1764,17 @@ def _in_fork_child():
         os.close(devnull)
     except OSError:
         pass
+
+
+def _widen_pipe(fd):
+    # Linux pipes hold 64 KiB: a large result would cost a thousand
+    # write/read round trips per 64 MiB.  1 MiB is the unprivileged maximum.
+    if sys.platform.startswith("linux"):
+        try:
+            import fcntl
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        except OSError:
+            pass
 
 
 def _own_group(pid):

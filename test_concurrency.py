@@ -550,7 +550,13 @@ class ChildDriverTests(DriverTests):
         self.assertEqual([pid_alive(pid) for pid in pids], [False, False])
 
     def test_failure_raised_from_as_completed_stops_the_rest(self):
-        tasks = self.start_sleepers(1) + [lambda: raise_value_error("stop all")]
+        pid_file = self.path("pid-0")
+
+        def fail_once_the_sleeper_runs():
+            wait_until(lambda: os.path.exists(pid_file), SHORT_TIMEOUT, "the sleeper")
+            raise ValueError("stop all")
+
+        tasks = self.start_sleepers(1) + [fail_once_the_sleeper_runs]
         with self.assertRaisesRegex(ValueError, "stop all"):
             for _pair in self.d.as_completed(tasks):
                 pass
