@@ -204,9 +204,13 @@ def _adopt(cls):
 
 
 def loads_task(body):
-    """Unserialize a dill task payload, adopting classes of __main__."""
+    """Unserialize a task payload: b"p" and a plain pickle, or b"d" and
+    dill's, whose classes of __main__ are adopted."""
+    view = memoryview(body)
+    if view[:1] == b"p":
+        return pickle.loads(view[1:])
     import io
-    return _task_unpickler_class()(io.BytesIO(body)).load()
+    return _task_unpickler_class()(io.BytesIO(view[1:])).load()
 
 
 def _task_unpickler_class():
@@ -610,7 +614,6 @@ def main(argv):
         _protect_channel(task_fd, result_fd)
         become_subreaper()
         _save_std_fds()
-        import dill  # noqa: F401  (imported now, while the parent still prepares)
         serve(task_fd, result_fd, idle_timeout)
     elif mode == "defer":
         timeout = None if argv[4] == "None" else float(argv[4])
