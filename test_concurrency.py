@@ -876,7 +876,7 @@ class ScriptTest(ScriptTestCase):
             def noisy(n):
                 # One write each: two tasks share the pipe and may interleave
                 # between writes (PYTHONUNBUFFERED splits a print in two).
-                sys.stdout.write("printed by task %d\n" % n)
+                sys.stdout.write("printed by task %d\\n" % n)
                 sys.stderr.write("stderr of task %d\\n" % n)
                 os.write(1, b"raw write %d\\n" % n)
                 return n
