@@ -1045,20 +1045,30 @@ class _FastTaskPickler(pickle.Pickler):
     globals, other functions and importable modules.  Those travel here as
     stdlib calls -- ``types.FunctionType(marshal.loads(code), globals, ...)``
     -- ten times faster than dill and without importing dill on either side
-    (dill's import alone costs ~100 ms).  Anything more -- a class of
-    ``__main__``, keyword-only defaults, function attributes, a module that
-    is not importable, recursion -- raises _NeedsDill, and dill sends it.
+    (dill's import alone costs ~100 ms).  What needs more -- a class of
+    ``__main__`` (the worker must adopt it), a module that is not importable
+    -- raises _NeedsDill, and dill sends it.
     """
+
+    def __init__(self, file, protocol):
+        super().__init__(file, protocol)
+        # One globals dict per function, so that a function reaching itself
+        # through its globals meets the memoized dict and the recursion ends.
+        self._globals = {}
 
     def reducer_override(self, obj):
         kind = type(obj)
         if kind is types.FunctionType:
             if _importable(obj):
                 return NotImplemented
-            if obj.__kwdefaults__ or obj.__dict__:
-                raise _NeedsDill()
-            return types.FunctionType, (obj.__code__, _used_globals(obj), obj.__name__,
-                                        obj.__defaults__, obj.__closure__)
+            if id(obj) not in self._globals:
+                self._globals[id(obj)] = (obj, _used_globals(obj))
+            # What the constructor does not take is set once it exists (pickle
+            # "BUILD": __dict__ items, then the rest as attributes).
+            state = (obj.__dict__ or None, {"__kwdefaults__": obj.__kwdefaults__,
+                                            "__qualname__": obj.__qualname__})
+            return types.FunctionType, (obj.__code__, self._globals[id(obj)][1], obj.__name__,
+                                        obj.__defaults__, obj.__closure__), state
         if kind is types.ModuleType:
             name = obj.__name__
             if name == "__main__" or sys.modules.get(name) is not obj:
@@ -1073,10 +1083,12 @@ class _FastTaskPickler(pickle.Pickler):
             # marshal's format is the interpreter's own: workers run the same.
             return marshal.loads, (marshal.dumps(obj),)
         if kind is types.CellType:
+            # Filled after it is memoized (pickle sets the "slot" on load), so
+            # a function that reaches itself through its closure works.
             try:
-                return types.CellType, (obj.cell_contents,)
+                return types.CellType, (), (None, {"cell_contents": obj.cell_contents})
             except ValueError:  # an empty cell: a name not bound yet
-                raise _NeedsDill() from None
+                return types.CellType, ()
         return NotImplemented
 
 

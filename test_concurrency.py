@@ -645,6 +645,41 @@ class ProcessDriverTest(ChildDriverTests, CleanTestCase):
         self.assertIsNotNone(caught.exception.__cause__)
         self.assertFalse(os.path.exists(marker))
 
+    def test_functions_of_every_kind_travel(self):
+        import functools
+
+        def recursive(n):  # refers to itself through a closure cell
+            return 1 if n <= 1 else n * recursive(n - 1)
+
+        def keyword_only(*, x=5):
+            return x
+
+        def tagged():
+            return tagged.tag
+
+        tagged.tag = "attribute"
+        base = 10
+
+        def outer():
+            def inner(y):
+                return base + y
+            return inner(1)
+
+        tasks = {"recursive": lambda: recursive(5), "keyword_only": keyword_only,
+                 "tagged": tagged, "nested": outer, "partial": functools.partial(pow, 2, 10),
+                 "module": lambda: os.path.basename("/a/b"), "builtin": len.__self__.abs(-3)
+                 and (lambda: abs(-3))}
+        expected = {key: fn() for key, fn in tasks.items()}
+        self.assertEqual(self.d.run(tasks), expected)
+
+    def test_plain_lambdas_need_no_dill_on_either_side(self):
+        done = subprocess.run(
+            [sys.executable, "-c", "import sys, concurrency; "
+             "print(concurrency.run([lambda: 'dill' in sys.modules]), 'dill' in sys.modules)"],
+            env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+            timeout=LONG_TIMEOUT)
+        self.assertEqual(done.stdout.strip(), "[False] False", done.stderr)
+
     def test_nested_run_inside_a_task(self):
         def outer():
             return sum(concurrency.driver("process").run([lambda: 1, lambda: 2]))
