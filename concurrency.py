@@ -99,7 +99,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import types
@@ -1231,6 +1230,19 @@ def _current_context():
 
 _worker_modules = []
 
+# Runs worker.py by path under a private name.  Not `python worker.py`: a
+# script is compiled anew at every start (~6 ms a worker), a module loaded
+# this way has its bytecode cached.  sys.path[0] (the current directory for
+# -c) goes first, so no file of the user's can shadow what the worker imports.
+_BOOTSTRAP = ("import sys; del sys.path[0]; import importlib.util as u; "
+              "s = u.spec_from_file_location('_concurrency_worker', sys.argv[1]); "
+              "m = u.module_from_spec(s); s.loader.exec_module(m); "
+              "sys.exit(m.main(sys.argv[1:]))")
+
+
+def _worker_command(mode, *args):
+    return [sys.executable, "-c", _BOOTSTRAP, _WORKER_PATH, mode] + list(args)
+
 
 def _worker_module():
     """worker.py loaded by path under a private name, never as ``worker``:
@@ -1480,8 +1492,7 @@ class _Worker(_Child):
         _widen_pipe(result_r)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, _WORKER_PATH, "serve", str(task_r), str(result_w),
-                 repr(idle_timeout)],
+                _worker_command("serve", str(task_r), str(result_w), repr(idle_timeout)),
                 stdin=subprocess.DEVNULL, pass_fds=(task_r, result_w), close_fds=True,
                 # A session (and process group) of its own: a kill takes the
                 # processes its task started too, and a terminal's Ctrl-C
@@ -1907,12 +1918,13 @@ _detached = []  # Popen objects of detached deferred tasks, reaped when done
 def _spawn_detached(key, payload, timeout):
     """Start ``worker.py defer`` in a session of its own: it outlives us."""
     _detached[:] = [process for process in _detached if process.poll() is None]
+    import tempfile
     fd, path = tempfile.mkstemp(prefix="concurrency-defer-", suffix=".pickle")
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(payload)
         process = subprocess.Popen(
-            [sys.executable, _WORKER_PATH, "defer", path, repr(key), repr(timeout)],
+            _worker_command("defer", path, repr(key), repr(timeout)),
             stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True)
     except BaseException:
         try:
@@ -2117,6 +2129,7 @@ def _demo_count(path, table):
 
 def _demo():
     import sqlite3
+    import tempfile
     directory = tempfile.mkdtemp(prefix="concurrency-demo-")
     path = os.path.join(directory, "shop.sqlite3")
     connection = sqlite3.connect(path)
