@@ -1464,8 +1464,12 @@ class _Run:
                 return False
         return child.eof
 
+    def unfinished(self):
+        """Indices of the tasks without an outcome."""
+        return list(self.running.values()) + list(self.pending)
+
     def _expire(self):
-        unfinished = sorted(list(self.running.values()) + list(self.pending))
+        unfinished = sorted(self.unfinished())
         for child in list(self.running):
             child.kill()
             child.wait()
@@ -1509,13 +1513,12 @@ class _Worker(_Child):
         self.task_fd = task_w
         self.context = None  # the context frame this worker has
         self.served = 0      # tasks it has finished
-        self.taken = False   # it said it took the current task
+        self.left_idle = False  # it said it leaves, unused for idle_timeout
         self.broken = False  # killed or dead: not to be reused
         self.idle_since = time.monotonic()
         _live_workers.add(self)
 
     def send_task(self, context, payload):
-        self.taken = False
         if self.context != context:
             _worker_module().write_frame(self.task_fd, b"C", [context])
             self.context = context
@@ -1654,6 +1657,12 @@ def _retire_workers(workers):
             worker.wait()
 
 
+# Tasks sent to a worker at once when many wait: one wake-up carries them
+# all.  Only small payloads, so that the pipe holds them without blocking us.
+_BATCH_TASKS = 16
+_BATCH_BYTES = 256 * 1024
+
+
 class _ProcessRun(_Run):
     def __init__(self, pool, workers, payloads, outcomes, timeout, deadline, stop):
         super().__init__(len(payloads), outcomes, timeout, deadline, stop)
@@ -1662,43 +1671,65 @@ class _ProcessRun(_Run):
         self.free = list(workers)
         self.payloads = payloads
         self.context = pickle.dumps(_current_context(), pickle.HIGHEST_PROTOCOL)
+        self.queued = {}  # worker -> indices sent after its current task
         self.retried = set()
 
     def start_tasks(self):
         while self.pending and self.free:
             worker = self.free.pop()
-            index = self.pending.popleft()
+            indices = [self.pending.popleft()]
+            size = len(self.payloads[indices[0]])
+            # Batch only while the queue is long: then every worker has work.
+            while (self.pending and len(indices) < _BATCH_TASKS
+                   and len(self.pending) > 4 * len(self.workers)
+                   and size + len(self.payloads[self.pending[0]]) <= _BATCH_BYTES):
+                size += len(self.payloads[self.pending[0]])
+                indices.append(self.pending.popleft())
+            self.queued[worker] = collections.deque(indices[1:])
             try:
-                worker.send_task(self.context, self.payloads[index])
-            except OSError:
-                # The worker is gone (it may have just timed out idle).
+                for index in indices:
+                    worker.send_task(self.context, self.payloads[index])
+            except OSError:  # the worker is gone (it may have just left idle)
                 worker.wait()
-                self.on_died(worker, index)
+                worker.read_frames()
+                self.on_died(worker, indices[0])
                 continue
-            self.watch(worker, index)
+            self.watch(worker, indices[0])
 
     def on_frame(self, worker, index, kind, body):
-        if kind == b"A":
-            worker.taken = True
+        if kind == b"Q":
+            worker.left_idle = True
             return False
         _decode_outcome(self.outcomes, index, kind, body)
+        worker.served += 1
+        queued = self.queued[worker]
+        if queued:
+            self.running[worker] = queued.popleft()
+            return False
         return True
 
     def on_finished(self, worker):
-        worker.served += 1
         self.free.append(worker)
 
     def on_died(self, worker, index):
         worker.broken = True
-        if not worker.taken and worker.served and index not in self.retried:
-            # A warm worker that exited before taking the task (its idle
-            # timeout raced with us): the task never ran, so run it anew.
+        # Tasks queued behind the current one never started: run them anew.
+        self.pending.extendleft(reversed(self.queued.pop(worker, ())))
+        if worker.left_idle and index not in self.retried:
+            # It left idle as we sent the task, which it never read.
             self.retried.add(index)
             self.pending.appendleft(index)
         else:
             self.outcomes.fail(index, WorkerCrashed(self.outcomes.key(index), worker.exitcode))
         if self.pending:
             self.free.append(self.pool.replace(self.workers, worker))
+
+    def unfinished(self):
+        queued = [index for indices in self.queued.values() for index in indices]
+        return super().unfinished() + queued
+
+    def on_killed(self, worker):
+        self.queued.pop(worker, None)
 
 
 # -- fork driver internals ----------------------------------------------------

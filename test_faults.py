@@ -123,6 +123,25 @@ class FaultTests:
                 self.assertIn(name, str(result["fault"]))
                 self.assertStillServes()
 
+    def test_crash_amid_many_tasks_on_one_worker_fails_only_its_task(self):
+        # One worker and a long queue: tasks travel to it several at a time.
+        one = type(self.d)(max_workers=1)
+        tasks = [lambda i=i: i for i in range(12)]
+        tasks[5] = lambda: os._exit(5)
+        result = one.run(tasks, return_exceptions=True)
+        self.assertIsInstance(result[5], concurrency.WorkerCrashed)
+        self.assertEqual(result[:5] + result[6:], [0, 1, 2, 3, 4] + list(range(6, 12)))
+        self.assertEqual(one.run([lambda: "after"]), ["after"])
+
+    def test_timeout_amid_many_tasks_on_one_worker_names_them_all(self):
+        one = type(self.d)(max_workers=1)
+        tasks = [lambda: 0, lambda: time.sleep(600)] + [lambda i=i: i for i in range(2, 12)]
+        result = one.run(tasks, timeout=1.0, return_exceptions=True)
+        self.assertEqual(result[0], 0)
+        for value in result[1:]:
+            self.assertIsInstance(value, concurrency.TaskTimeout)
+            self.assertEqual(value.unfinished, list(range(1, 12)))
+
     # -- exceptions ---------------------------------------------------------
 
     def test_base_exceptions_are_task_failures_of_the_same_class(self):

@@ -11,10 +11,10 @@ Modes:
 ``serve TASK_FD RESULT_FD IDLE_TIMEOUT``
     A warm worker of the ``process`` driver.  Frames arrive on TASK_FD and
     leave on RESULT_FD; stdout and stderr stay the parent's, so a task's
-    ``print()`` shows up there and can never corrupt a result.  A reader
-    thread owns TASK_FD: end-of-file means the parent is gone (exited or was
-    killed), and the worker exits at once, even mid-task, so no worker
-    outlives its parent.
+    ``print()`` shows up there and can never corrupt a result.  A thread
+    watches TASK_FD hang up: the parent is gone (exited or was killed), and
+    the worker exits at once, even mid-task, so no worker outlives its
+    parent.  Unused for IDLE_TIMEOUT seconds, it exits too.
 
 ``defer PAYLOAD_PATH KEY TIMEOUT``
     A detached deferred task: read the dill payload from PAYLOAD_PATH (the
@@ -24,10 +24,13 @@ Modes:
 Frames are one kind byte, an 8-byte big-endian length, then the body:
 
     parent -> worker   b"C" context: pickled (cwd, environ, sys.path)
-                       b"T" task: dill payload of a callable
-    worker -> parent   b"A" task taken (empty body)
-                       b"R" result: encode_result()
+                       b"T" task: a serialized callable, see loads_task()
+    worker -> parent   b"R" result: encode_result()
                        b"E" error: encode_error()
+                       b"Q" leaving after IDLE_TIMEOUT unused (empty body)
+
+Several b"T" frames may wait in the pipe; they are run in order, and each
+gets its b"R" or b"E".
 """
 
 import collections.abc
@@ -311,46 +314,25 @@ def _apply_context(context):
 
 
 def serve(task_fd, result_fd, idle_timeout):
+    import select
     channel = _Channel(task_fd, result_fd)
-    inbox = []
-    ready = threading.Condition()
-    state = {"busy": False, "last": time.monotonic()}
-
-    def read_frames():
-        # Owns TASK_FD.  End-of-file: the parent exited or died -- leave now,
-        # even mid-task, rather than linger as an orphan.
-        import select
-        poller = select.poll()  # not select(): our fd number may exceed FD_SETSIZE
-        poller.register(task_fd, select.POLLIN)
-        while True:
-            if idle_timeout > 0:
-                if not poller.poll(idle_timeout * 1000):
-                    with ready:
-                        idle = (not state["busy"] and not inbox
-                                and time.monotonic() - state["last"] >= idle_timeout)
-                    if idle:
-                        os._exit(0)
-                    continue
-            frame = channel.read_frame()
-            if frame is None:
-                end_task_children()
-                os._exit(0)
-            with ready:
-                inbox.append(frame)
-                ready.notify()
-
-    threading.Thread(target=read_frames, name="concurrency-reader", daemon=True).start()
+    _watch_parent(task_fd)
+    waiting = select.poll()  # not select(): our fd number may exceed FD_SETSIZE
+    waiting.register(task_fd, select.POLLIN)
     context = None
     while True:
-        with ready:
-            while not inbox:
-                ready.wait()
-            kind, body = inbox.pop(0)
-            state["busy"] = True
+        if idle_timeout > 0 and not waiting.poll(idle_timeout * 1000):
+            # Unused for IDLE_TIMEOUT: give the memory back.  Say so first: a
+            # task the parent sent meanwhile was never read, and runs elsewhere.
+            channel.write_frame(b"Q")
+            os._exit(0)
+        frame = channel.read_frame()
+        if frame is None:
+            os._exit(0)
+        kind, body = frame
         if kind == b"C":
             context = pickle.loads(body)
         elif kind == b"T":
-            channel.write_frame(b"A")
             if context is not None:
                 _apply_context(context)
             try:
@@ -362,10 +344,29 @@ def serve(task_fd, result_fd, idle_timeout):
                 del fn
             _restore_std_fds()
             channel.write_frame(*frame)
-            del frame
-        with ready:
-            state["busy"] = False
-            state["last"] = time.monotonic()
+        del frame, body
+
+
+def _watch_parent(task_fd):
+    """Leave at once, even mid-task, when the parent is gone.
+
+    The parent holds the only write end of TASK_FD: when it exits or is
+    killed, the pipe hangs up.  A thread polls for just that (no data is
+    consumed: the main thread reads the frames), so no worker outlives its
+    parent as an orphan, and neither does what its task started.
+    """
+    import select
+
+    def watch():
+        hangup = select.poll()
+        hangup.register(task_fd, 0)  # POLLHUP and POLLERR are always reported
+        while True:
+            for _fd, event in hangup.poll():
+                if event & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    end_task_children()
+                    os._exit(0)
+
+    threading.Thread(target=watch, name="concurrency-parent-watch", daemon=True).start()
 
 
 _SAVED_STD_FDS = {}
