@@ -1267,10 +1267,12 @@ class _Child:
         os.set_blocking(result_fd, False)
         self.pidfd = None
         if _HAVE_PIDFD:
-            try:
-                self.pidfd = os.pidfd_open(pid)
-            except OSError:
-                pass
+            with _fds_lock:
+                try:
+                    self.pidfd = os.pidfd_open(pid)
+                    _parent_fds.add(self.pidfd)
+                except OSError:
+                    pass
         self._buffer = bytearray()
         self._large = None  # (kind, bytearray, filled) of a large frame in progress
         self.eof = False
@@ -1338,10 +1340,7 @@ class _Child:
     def close(self):
         for fd in (self.fd, self.pidfd):
             if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+                _close_parent_fd(fd)
         self.fd = self.pidfd = None
 
 
@@ -1490,8 +1489,8 @@ class _Worker(_Child):
     """A warm ``worker.py serve`` child and its two pipes."""
 
     def __init__(self, idle_timeout):
-        task_r, task_w = os.pipe()
-        result_r, result_w = os.pipe()
+        task_r, task_w = _parent_pipe(keep="w")
+        result_r, result_w = _parent_pipe(keep="r")
         _widen_pipe(task_w)
         _widen_pipe(result_r)
         try:
@@ -1504,7 +1503,7 @@ class _Worker(_Child):
                 start_new_session=True)
         except BaseException:
             for fd in (task_w, result_r):
-                os.close(fd)
+                _close_parent_fd(fd)
             raise
         finally:
             os.close(task_r)
@@ -1546,10 +1545,7 @@ class _Worker(_Child):
         """Close our ends: the worker sees end-of-file and exits."""
         self.broken = True
         if self.task_fd is not None:
-            try:
-                os.close(self.task_fd)
-            except OSError:
-                pass
+            _close_parent_fd(self.task_fd)
             self.task_fd = None
         self.close()
         _live_workers.discard(self)
@@ -1758,7 +1754,7 @@ class _ForkChild(_Child):
     def retire(self):
         """Close our end of its task pipe: it exits when it reads the end."""
         if self.task_fd is not None:
-            os.close(self.task_fd)
+            _close_parent_fd(self.task_fd)
             self.task_fd = None
 
     def wait(self):
@@ -1790,6 +1786,7 @@ class _ForkRun(_Run):
 
     def __init__(self, calls, max_workers, outcomes, timeout, deadline, stop):
         super().__init__(len(calls), outcomes, timeout, deadline, stop)
+        _reap_exited()
         self.calls = calls
         self.size = min(max_workers, len(calls))
         self.free = []
@@ -1815,19 +1812,17 @@ class _ForkRun(_Run):
             self.watch(child, index)
 
     def _fork(self):
-        task_r, task_w = os.pipe()
-        result_r, result_w = os.pipe()
+        task_r, task_w = _parent_pipe(keep="w")
+        result_r, result_w = _parent_pipe(keep="r")
         _widen_pipe(result_r)
         lifeline = _lifeline_read_fd()
-        siblings = [fd for child in self.live for fd in (child.task_fd, child.fd, child.pidfd)
-                    if fd is not None]
         _flush_std_streams()  # or the child would print our buffered output again
-        pid = os.fork()
+        with _fds_lock:  # no pipe is half-registered while we fork
+            pid = os.fork()
         if pid == 0:  # child: never returns into the caller's code
             code = 0
             try:
-                for fd in [task_w, result_r] + siblings:
-                    os.close(fd)
+                # (_forget_workers_in_child closed every parent end we hold.)
                 _in_fork_child()
                 self.worker.die_with_parent(lifeline)
                 self.worker.become_subreaper()
@@ -1878,11 +1873,30 @@ class _ForkRun(_Run):
         self.live.remove(child)
 
     def finish(self):
+        # Idle children exit when their task pipe closes.  Don't wait for
+        # that: they are reaped by the next run or at exit (_reap_exited).
         for child in self.live:
             child.retire()
-        for child in self.live:
-            child.wait()
+        with _exiting_lock:
+            _exiting.extend(self.live)
         del self.live[:]
+        _reap_exited()
+
+
+_exiting = []  # fork children told to exit, not reaped yet
+_exiting_lock = threading.Lock()
+
+
+def _reap_exited(block=False):
+    with _exiting_lock:
+        for child in list(_exiting):
+            if block:
+                child.wait()
+            elif child.poll() is None:
+                continue
+            else:
+                child.close()
+            _exiting.remove(child)
 
 
 def _in_fork_child():
@@ -1994,43 +2008,71 @@ _not_ours = []  # the parent's workers, in a fork child
 _live_workers = weakref.WeakSet()
 
 
+# Our ends of the pipes to children (and their pidfds).  A fork child -- of
+# the fork driver, or of user code -- must not keep them open: a worker or
+# fork child whose task pipe is held open by another process would never see
+# its end, nor its parent die.  Registered under _fds_lock, which forks take.
+_parent_fds = set()
+_fds_lock = threading.Lock()
+
+
+def _parent_pipe(keep):
+    """os.pipe(), with our end (``keep``: "r" or "w") registered as such."""
+    with _fds_lock:
+        read_fd, write_fd = os.pipe()
+        _parent_fds.add(read_fd if keep == "r" else write_fd)
+    return read_fd, write_fd
+
+
+def _close_parent_fd(fd):
+    _parent_fds.discard(fd)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
 _lifeline = []  # (read end, write end) of the pipe fork children watch
 
 
 def _lifeline_read_fd():
     """The read end of this process's lifeline pipe, made on first use."""
     if not _lifeline:
-        _lifeline.extend(os.pipe())
+        _lifeline.extend(_parent_pipe(keep="w"))
     return _lifeline[0]
 
 
 def _forget_workers_in_child():
-    # A fork child (fork driver, user code) must not keep our ends of the
-    # workers' pipes open, or the workers would not see us exit; and the
-    # workers are not its own: a run in the child starts workers of its own.
-    # (It keeps the read end of our lifeline: a fork child watches it.)
+    # Close every parent end of ours (see _parent_fds); the workers are not
+    # the child's own either: a run in the child starts workers of its own.
+    # It keeps the read end of our lifeline: a fork child watches it.
+    global _fds_lock
+    for fd in list(_parent_fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _parent_fds.clear()
+    _fds_lock = threading.Lock()  # whoever held it is not in this process
     for worker in list(_live_workers):
-        for fd in (worker.task_fd, worker.fd, worker.pidfd):
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
         worker.task_fd = worker.fd = worker.pidfd = None
     _live_workers.clear()
     for pool in list(_pools):
         pool.forget_after_fork()
     del _detached[:]
-    # Only the parent may hold its lifeline's write end, or its fork
-    # children would not see it die.  The child makes its own when needed.
-    if _lifeline:
-        os.close(_lifeline[1])
-        del _lifeline[:]
+    global _exiting_lock
+    _not_ours.extend(_exiting)
+    del _exiting[:]
+    _exiting_lock = threading.Lock()
+    # Its lifeline's write end was ours (closed above); the child makes its
+    # own when it forks children.
+    del _lifeline[:]
 
 
 def _shutdown():
     for pool in list(_pools):
         pool.shutdown()
+    _reap_exited(block=True)
 
 
 if hasattr(os, "register_at_fork"):
