@@ -28,6 +28,8 @@ import time
 
 OURS = ["concurrency-process", "concurrency-fork"]
 PEERS = ["ProcessPoolExecutor+dill", "loky", "joblib", "pathos", "mpire"]
+SHORT = {"concurrency-process": "process", "concurrency-fork": "fork",
+         "ProcessPoolExecutor+dill": "PPE+dill"}
 SCENARIOS = ["first2", "warm2", "many1000", "cpu", "big64mb", "rss"]
 CORES = os.cpu_count() or 1
 CPU_SECONDS = 0.2
@@ -247,9 +249,9 @@ def print_table(rows, systems):
              "rss": "MB peak", "idle worker rss": "MB"}
     names = [s for s in systems] + ["os.fork"]
     shown = [n for n in names if any(n in row for row in rows.values())]
-    width = max(len(n) for n in shown) + 2
-    print("%-16s" % "scenario" + "".join("%*s" % (width, n) for n in shown)
-          + "   ours / best peer")
+    width = 9
+    print("%-21s" % "scenario" + "".join("%*s" % (width, SHORT.get(n, n)[:width - 1])
+                                         for n in shown) + "   ours / best peer")
     for scenario, row in rows.items():
         cells = "".join("%*s" % (width, "-" if row.get(n) is None else "%.1f" % row[n])
                         for n in shown)
@@ -263,7 +265,7 @@ def print_table(rows, systems):
             for ours in OURS:
                 if row.get(ours) is not None and best:
                     ratios.append("%s %.2f" % (ours.split("-")[1], row[ours] / best))
-        print("%-16s" % ("%s (%s)" % (scenario, units.get(scenario, ""))) + cells
+        print("%-21s" % ("%s (%s)" % (scenario, units.get(scenario, ""))) + cells
               + "   " + ", ".join(ratios))
 
 
