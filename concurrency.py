@@ -1816,7 +1816,7 @@ class _ForkRun(_Run):
         result_r, result_w = _parent_pipe(keep="r")
         _widen_pipe(result_r)
         lifeline = _lifeline_read_fd()
-        _flush_std_streams()  # or the child would print our buffered output again
+        self.worker.flush_std_streams()  # or the child would print it again
         with _fds_lock:  # no pipe is half-registered while we fork
             pid = os.fork()
         if pid == 0:  # child: never returns into the caller's code
@@ -1947,14 +1947,6 @@ def _kill_group(pid, only_group=False):
             pass
 
 
-def _flush_std_streams():
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-
-
 # -- Deferred tasks in detached processes -------------------------------------
 
 _detached = []  # Popen objects of detached deferred tasks, reaped when done
@@ -1984,7 +1976,7 @@ def _fork_detached(key, fn, timeout):
     """Run ``fn`` in a double-forked child in a session of its own, under a
     supervisor that reports a failure, crash or timeout on stderr."""
     worker = _worker_module()
-    _flush_std_streams()
+    worker.flush_std_streams()
     pid = os.fork()
     if pid == 0:
         code = 0

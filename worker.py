@@ -172,12 +172,12 @@ def run_task(fn):
         # Skip this frame: the user's traceback starts in their own code.
         return b"E", [encode_error(exc, TASK_FAILED, skip_frames=1)]
     finally:
-        _flush_std_streams()
+        flush_std_streams()
         end_task_children()
     return encode_result(value)
 
 
-def _flush_std_streams():
+def flush_std_streams():
     # Output the task printed must reach the terminal before its result does.
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -500,7 +500,7 @@ def run_reporting(fn, key):
         _report(key, "failed:\n" + _safe_format(type(exc), exc, exc.__traceback__))
         return 1
     finally:
-        _flush_std_streams()
+        flush_std_streams()
     return 0
 
 
@@ -525,7 +525,7 @@ def supervise(run, key, timeout):
             os.setpgid(0, 0)
             code = run()
         finally:
-            _flush_std_streams()
+            flush_std_streams()
             os._exit(code)
     try:
         os.setpgid(pid, pid)
