@@ -486,10 +486,16 @@ class ChildDriverTests(DriverTests):
         self.assertEqual(self.d.run([context, context]),
                          [(os.path.realpath(second), "two", "/extra/path")] * 2)
 
-    def test_a_task_changing_cwd_does_not_leak_into_the_next(self):
-        self.d.run([lambda: os.chdir("/")])
-        [cwd] = self.d.run([os.getcwd])
-        self.assertEqual(cwd, os.getcwd())
+    def test_a_task_changing_cwd_or_environment_does_not_leak_into_the_next(self):
+        def change():
+            os.chdir("/")
+            os.environ["CONCURRENCY_TEST_LEAK"] = "from a task"
+            os.environ.pop("PATH", None)
+
+        self.d.run([change] * 3)
+        seen = self.d.run([lambda: (os.getcwd(), os.environ.get("CONCURRENCY_TEST_LEAK"),
+                                    os.environ.get("PATH"))] * 3)
+        self.assertEqual(seen, [(os.getcwd(), None, os.environ.get("PATH"))] * 3)
 
     def test_as_completed_yields_in_completion_order(self):
         release = self.path("release")
