@@ -513,8 +513,13 @@ class ChildDriverTests(DriverTests):
 
     def start_sleepers(self, count):
         """Tasks that record their pid, then sleep for ten minutes."""
+        directory = self.tmp
+
         def sleeper(n):
-            write_file(self.path("pid-%d" % n), str(os.getpid()))
+            # Whole or not at all: the test reads it while the task runs.
+            path = os.path.join(directory, "pid-%d" % n)
+            write_file(path + ".tmp", str(os.getpid()))
+            os.replace(path + ".tmp", path)
             time.sleep(600)
         return [lambda n=n: sleeper(n) for n in range(count)]
 
