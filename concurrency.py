@@ -7,17 +7,17 @@
 
 Data flow of the default ``process`` driver:
 
-    run(tasks) --> _Batch ---------------> dill payload per task
-                   (validated keys,             |
-                    callables, shape)           |  b"C" context frame (cwd, environ,
-                                                |  sys.path) + b"T" task frame
-                                                v
-                                       worker.py "serve" (warm child)
-                                                |  unserialize, call, pickle
-                                                |  b"A" taken, then b"R" value
-                                                |  or b"E" error
-                                                v
-    results / first error  <-- _Outcomes <-- parent's select() loop
+    run(tasks) --> _Batch ----------> payload per task: b"p" + C pickle (plain
+                   (validated keys,   functions by value), or b"d" + dill
+                    callables, shape)       |
+                                            |  b"C" context (cwd, environ,
+                                            |  sys.path), b"T" task frames
+                                            v
+                                   worker.py "serve" (warm child)
+                                            |  unserialize, call, pickle
+                                            |  b"R" value | b"E" error
+                                            v
+    results / first error  <-- _Outcomes <-- _Run: the parent's select() loop
 
 _Batch
     Checks the input before anything starts and remembers its shape: a
@@ -26,27 +26,33 @@ _Batch
 ProcessDriver
     Keeps a pool of warm ``worker.py`` children, started with
     ``sys.executable`` by path (never ``import worker``).  Each run checks out
-    up to one worker per task, starts the missing ones *before* it imports
-    dill so both imports overlap, then serializes every task with dill --
-    lambdas and closures of ``__main__`` by value, importable modules by
-    reference -- and fails with SerializationError before any task starts if
-    one can't be.  Tasks and outcomes travel on two private pipes per worker,
-    never on stdout, so a task's ``print()`` reaches the terminal and can't
-    corrupt a result.
+    up to one worker per task, starting missing ones first so that their
+    start-up overlaps the serializing.  _FastTaskPickler sends lambdas and
+    functions by value with the C pickler; dill serves what needs more
+    (classes of ``__main__``); importable modules travel by name.  A task
+    that can't be serialized fails with SerializationError before any task
+    starts.  Tasks and outcomes travel on two private pipes per worker, never
+    on stdout, so a task's ``print()`` reaches the terminal and can't corrupt
+    a result.
 
 worker.py
     Unserializes a task, calls it, pickles the value (C pickle, dill when
-    that fails) or the exception (pickled, as class+args, and as text).  It
-    exits by itself when its parent's end of the task pipe closes, so no
-    worker outlives its parent; idle workers exit after ``idle_timeout``.
+    that fails) or the exception (pickled, as class+args, and as text), and
+    ends what the task started.  It exits by itself when its parent's end of
+    the task pipe hangs up, so no worker outlives its parent; idle workers
+    exit after ``idle_timeout``.
 
 ForkDriver
-    ``os.fork()`` per task: the task is inherited, not serialized; only the
-    outcome travels back, encoded by the same code as in worker.py.
+    Forks up to ``max_workers`` children per run; they inherit the tasks, so
+    nothing is serialized but the outcomes, encoded by worker.py's code.
 
 SyncDriver
     Calls the tasks one after another in this process: for tests and
     debugging.
+
+as_completed(), run_async(), progress=True
+    All built on each driver's ``_completions`` generator, which yields the
+    index of each task as it ends; closing it kills what still runs.
 
 A run ends when every task has an outcome: its value, or an exception (its
 own, WorkerCrashed, TaskTimeout, SerializationError).  The first exception in

@@ -1,10 +1,12 @@
 """Child entrypoint of `concurrency`: run tasks serialized by the parent.
 
-The parent starts this file by path, ``python worker.py MODE ...``; it is
-never imported under the name ``worker``.  It imports only the standard
-library and dill (lazily), never ``concurrency``, so it works wherever the two
-files are copied.  ``concurrency.py`` also loads it by path under a private
-name to reuse the outcome encoding below in ``fork`` children.
+The parent starts it by path -- loaded under the private name
+``_concurrency_worker`` so that its bytecode is cached (``python worker.py
+MODE ...`` works too) -- never as ``import worker``.  It imports only the
+standard library, and dill only for a payload or result that needs it; never
+``concurrency``, so it works wherever the two files are copied.
+``concurrency.py`` loads it the same way to reuse the outcome encoding below
+in ``fork`` children.
 
 Modes:
 
@@ -17,7 +19,7 @@ Modes:
     parent.  Unused for IDLE_TIMEOUT seconds, it exits too.
 
 ``defer PAYLOAD_PATH KEY TIMEOUT``
-    A detached deferred task: read the dill payload from PAYLOAD_PATH (the
+    A detached deferred task: read the task payload from PAYLOAD_PATH (the
     file is removed once read), run it in a forked child and report a
     failure, a crash or a timeout on stderr, since nobody waits for it.
 
