@@ -1350,13 +1350,19 @@ class _Child:
         self.fd = self.pidfd = None
 
 
+# Tasks sent to a child at once when many wait (see _Run.take_batch).
+_BATCH_TASKS = 16
+_BATCH_BYTES = 256 * 1024
+
+
 class _Run:
     """The select() loop of one run: start tasks, collect frames, notice dead
     children, enforce the deadline.  Subclasses say how a task starts."""
 
     def __init__(self, count, outcomes, timeout, deadline, stop):
         self.pending = collections.deque(range(count))
-        self.running = {}  # child -> index of its task
+        self.running = {}  # child -> index of its current task
+        self.queued = {}   # child -> indices sent to it after the current one
         self.outcomes = outcomes
         self.timeout = timeout
         self.deadline = deadline
@@ -1369,8 +1375,35 @@ class _Run:
         raise NotImplementedError
 
     def on_frame(self, child, index, kind, body):
-        """Handle a frame; return True when it was the task's outcome."""
-        raise NotImplementedError
+        """Handle a frame; return True when the child has no task left."""
+        _decode_outcome(self.outcomes, index, kind, body)
+        return self.next_queued(child)
+
+    def take_batch(self, children, size_of):
+        """Pending indices for one child: one, or several when many wait
+        (then every child has work anyway, and one wake-up carries them all),
+        only small ones, so that its pipe holds them without blocking us."""
+        indices = [self.pending.popleft()]
+        size = size_of(indices[0])
+        while (self.pending and len(indices) < _BATCH_TASKS
+               and len(self.pending) > 4 * children
+               and size + size_of(self.pending[0]) <= _BATCH_BYTES):
+            size += size_of(self.pending[0])
+            indices.append(self.pending.popleft())
+        return indices
+
+    def next_queued(self, child):
+        """Its current task is done: move it to the next one sent, if any.
+        Returns True when there is none."""
+        queued = self.queued.get(child)
+        if queued:
+            self.running[child] = queued.popleft()
+            return False
+        return True
+
+    def requeue(self, child):
+        """Tasks queued behind a dead child's current one never started."""
+        self.pending.extendleft(reversed(self.queued.pop(child, ())))
 
     def on_finished(self, child):
         """The child's task has its outcome."""
@@ -1471,7 +1504,8 @@ class _Run:
 
     def unfinished(self):
         """Indices of the tasks without an outcome."""
-        return list(self.running.values()) + list(self.pending)
+        queued = [index for indices in self.queued.values() for index in indices]
+        return list(self.running.values()) + queued + list(self.pending)
 
     def _expire(self):
         unfinished = sorted(self.unfinished())
@@ -1659,12 +1693,6 @@ def _retire_workers(workers):
             worker.wait()
 
 
-# Tasks sent to a worker at once when many wait: one wake-up carries them
-# all.  Only small payloads, so that the pipe holds them without blocking us.
-_BATCH_TASKS = 16
-_BATCH_BYTES = 256 * 1024
-
-
 class _ProcessRun(_Run):
     def __init__(self, pool, workers, payloads, outcomes, timeout, deadline, stop):
         super().__init__(len(payloads), outcomes, timeout, deadline, stop)
@@ -1673,20 +1701,12 @@ class _ProcessRun(_Run):
         self.free = list(workers)
         self.payloads = payloads
         self.context = pickle.dumps(_current_context(), pickle.HIGHEST_PROTOCOL)
-        self.queued = {}  # worker -> indices sent after its current task
         self.retried = set()
 
     def start_tasks(self):
         while self.pending and self.free:
             worker = self.free.pop()
-            indices = [self.pending.popleft()]
-            size = len(self.payloads[indices[0]])
-            # Batch only while the queue is long: then every worker has work.
-            while (self.pending and len(indices) < _BATCH_TASKS
-                   and len(self.pending) > 4 * len(self.workers)
-                   and size + len(self.payloads[self.pending[0]]) <= _BATCH_BYTES):
-                size += len(self.payloads[self.pending[0]])
-                indices.append(self.pending.popleft())
+            indices = self.take_batch(len(self.workers), lambda i: len(self.payloads[i]))
             self.queued[worker] = collections.deque(indices[1:])
             try:
                 for index in indices:
@@ -1702,21 +1722,15 @@ class _ProcessRun(_Run):
         if kind == b"Q":
             worker.left_idle = True
             return False
-        _decode_outcome(self.outcomes, index, kind, body)
         worker.served += 1
-        queued = self.queued[worker]
-        if queued:
-            self.running[worker] = queued.popleft()
-            return False
-        return True
+        return super().on_frame(worker, index, kind, body)
 
     def on_finished(self, worker):
         self.free.append(worker)
 
     def on_died(self, worker, index):
         worker.broken = True
-        # Tasks queued behind the current one never started: run them anew.
-        self.pending.extendleft(reversed(self.queued.pop(worker, ())))
+        self.requeue(worker)
         if worker.left_idle and index not in self.retried:
             # It left idle as we sent the task, which it never read.
             self.retried.add(index)
@@ -1725,10 +1739,6 @@ class _ProcessRun(_Run):
             self.outcomes.fail(index, WorkerCrashed(self.outcomes.key(index), worker.exitcode))
         if self.pending:
             self.free.append(self.pool.replace(self.workers, worker))
-
-    def unfinished(self):
-        queued = [index for indices in self.queued.values() for index in indices]
-        return super().unfinished() + queued
 
     def on_killed(self, worker):
         self.queued.pop(worker, None)
@@ -1808,14 +1818,15 @@ class _ForkRun(_Run):
                     return
                 self.free.append(self._fork())
             child = self.free.pop()
-            index = self.pending.popleft()
+            indices = self.take_batch(self.size, lambda index: _INDEX.size)
             try:
-                os.write(child.task_fd, _INDEX.pack(index))
+                os.write(child.task_fd, b"".join(_INDEX.pack(index) for index in indices))
             except OSError:  # it died while idle (killed from outside)
-                self.pending.appendleft(index)
+                self.pending.extendleft(reversed(indices))
                 self._forget(child)
                 continue
-            self.watch(child, index)
+            self.queued[child] = collections.deque(indices[1:])
+            self.watch(child, indices[0])
 
     def _fork(self):
         task_r, task_w = _parent_pipe(keep="w")
@@ -1864,19 +1875,17 @@ class _ForkRun(_Run):
         child.wait()
         self.live.remove(child)
 
-    def on_frame(self, child, index, kind, body):
-        _decode_outcome(self.outcomes, index, kind, body)
-        return True
-
     def on_finished(self, child):
         self.free.append(child)
 
     def on_died(self, child, index):
         self.live.remove(child)
+        self.requeue(child)
         self.outcomes.fail(index, WorkerCrashed(self.outcomes.key(index), child.exitcode))
 
     def on_killed(self, child):
         self.live.remove(child)
+        self.queued.pop(child, None)
 
     def finish(self):
         # Idle children exit when their task pipe closes.  Don't wait for
