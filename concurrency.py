@@ -1889,9 +1889,11 @@ class _ForkRun(_Run):
 
     def finish(self):
         # Idle children exit when their task pipe closes.  Don't wait for
-        # that: they are reaped by the next run or at exit (_reap_exited).
+        # that: they are reaped by the next run or at exit (_reap_exited),
+        # with no descriptor of ours left open meanwhile.
         for child in self.live:
             child.retire()
+            child.close()
         with _exiting_lock:
             _exiting.extend(self.live)
         del self.live[:]
