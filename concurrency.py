@@ -1130,7 +1130,7 @@ def _dumps_task(key, fn):
     try:
         _FastTaskPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(fn)
         return buffer.getvalue()
-    except (_NeedsDill, Exception, RecursionError):
+    except Exception:  # _NeedsDill, or what the C pickler refuses: dill may do
         pass
     buffer = io.BytesIO()
     buffer.write(b"d")
@@ -1551,7 +1551,6 @@ class _Worker(_Child):
         super().__init__(self.process.pid, result_r)
         self.task_fd = task_w
         self.context = None  # the context frame this worker has
-        self.served = 0      # tasks it has finished
         self.left_idle = False  # it said it leaves, unused for idle_timeout
         self.broken = False  # killed or dead: not to be reused
         self.idle_since = time.monotonic()
@@ -1722,7 +1721,6 @@ class _ProcessRun(_Run):
         if kind == b"Q":
             worker.left_idle = True
             return False
-        worker.served += 1
         return super().on_frame(worker, index, kind, body)
 
     def on_finished(self, worker):
@@ -1778,8 +1776,9 @@ class _ForkChild(_Child):
         # it if it does not exit in time.
         self.retire()
         if self.pidfd is not None and self.poll() is None:
-            ready, _, _ = select.select([self.pidfd], [], [], _REAP_TIMEOUT)
-            if not ready:
+            exited = select.poll()  # not select(): the fd may exceed FD_SETSIZE
+            exited.register(self.pidfd, select.POLLIN)
+            if not exited.poll(_REAP_TIMEOUT * 1000):
                 self.kill()
         end = time.monotonic() + _REAP_TIMEOUT
         while self.poll() is None:

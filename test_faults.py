@@ -102,7 +102,7 @@ class FaultTests:
         self.assertEqual((result["ok"], result["ok2"]), ("kept", "kept too"))
         crash = result["exit"]
         self.assertIsInstance(crash, concurrency.WorkerCrashed)
-        self.assertEqual((crash.key, crash.exitcode), ("exit", 99))
+        self.assertEqual((crash.key, crash.exitcode, crash.signal), ("exit", 99, None))
         self.assertIn("'exit'", str(crash))
         self.assertIn("99", str(crash))
         self.assertStillServes()
@@ -119,7 +119,7 @@ class FaultTests:
                                     return_exceptions=True)
                 self.assertEqual(result["ok"], "kept")
                 self.assertIsInstance(result["fault"], concurrency.WorkerCrashed)
-                self.assertEqual(result["fault"].signal, name)
+                self.assertEqual((result["fault"].key, result["fault"].signal), ("fault", name))
                 self.assertIn(name, str(result["fault"]))
                 self.assertStillServes()
 
@@ -209,6 +209,7 @@ class FaultTests:
                 self.assertIn(repr(key), str(error))
                 self.assertIsNotNone(error.__cause__)
         self.assertIn("refuses to be unpickled here", str(result["unpickling raises"]))
+        self.assertIn("generator", str(result["generator"]))
         self.assertStillServes()
 
     # -- runaway tasks ------------------------------------------------------
@@ -225,7 +226,9 @@ class FaultTests:
                             return_exceptions=True)
         self.assertLess(time.monotonic() - started, 1.0 + 1.0)
         self.assertIsInstance(result["runaway"], concurrency.TaskTimeout)
+        self.assertIsInstance(result["runaway"], TimeoutError)
         self.assertEqual(result["runaway"].unfinished, ["runaway"])
+        self.assertIn("'runaway'", str(result["runaway"]))
         self.assertEqual(result["ok"], "kept")
         self.assertFalse(pid_alive(int(read_file(pid_file))))
         self.assertStillServes()
@@ -414,9 +417,11 @@ class ForkFaultTest(FaultTests, CleanTestCase):
         self.addCleanup(sock.close)
         connection = sqlite3.connect(":memory:")
         self.addCleanup(connection.close)
+        lock = threading.Lock()
         self.assertEqual(self.d.run([lambda: next(gen), lambda: sock.fileno() > 0,
-                                     lambda: connection.execute("SELECT 7").fetchone()]),
-                         [0, True, (7,)])
+                                     lambda: connection.execute("SELECT 7").fetchone(),
+                                     lambda: lock.locked()]),
+                         [0, True, (7,), False])
 
 
 class SyncFaultTest(CleanTestCase):
