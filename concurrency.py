@@ -92,6 +92,7 @@ import builtins
 import collections
 import collections.abc
 import contextvars
+import errno
 import functools
 import importlib
 import io
@@ -139,6 +140,10 @@ _CONFIG_SECTION = "concurrency"
 _FRAME_HEADER = struct.Struct(">cQ")  # same as worker.FRAME_HEADER
 # Reads of frames larger than this go straight into their final buffer.
 _LARGE_FRAME = 1 << 20
+
+# Children lend large result buffers for us to copy out of their memory (see
+# worker.py) where process_vm_readv(2) exists; off for good once it fails.
+_lending = [sys.platform.startswith("linux")]
 
 
 # -- Errors -------------------------------------------------------------------
@@ -1149,20 +1154,127 @@ def _dumps_task(key, fn):
     return buffer.getvalue()
 
 
-def _loads_value(body):
+def _loads_value(body, lent=None):
+    """Unpickle an outcome body; ``lent`` holds the buffers copied out of the
+    child for a b"l" body (see _copy_lent())."""
     view = memoryview(body)
-    if view[:1] == b"p":
+    flag = view[:1]
+    if flag == b"p":
         return pickle.loads(view[1:])
+    if flag == b"l" or flag == b"i":
+        count, size, descriptors, start = _lent_layout(view)
+        data = view[start:start + size]
+        if flag == b"i":
+            lent, offset = [], start + size
+            for _address, length, readonly in descriptors:
+                part = view[offset:offset + length]
+                lent.append(bytes(part) if readonly else bytearray(part))
+                offset += length
+        return pickle.loads(data, buffers=lent)
     import dill
     return dill.loads(bytes(view[1:]))
 
 
-def _decode_outcome(outcomes, index, kind, body):
+def _lent_layout(view):
+    worker = _worker_module()
+    count, size = worker.LENT_HEADER.unpack_from(view, 1)
+    offset = 1 + worker.LENT_HEADER.size
+    descriptors = []
+    for _ in range(count):
+        descriptors.append(worker.LENT_BUFFER.unpack_from(view, offset))
+        offset += worker.LENT_BUFFER.size
+    return count, size, descriptors, offset
+
+
+def _copy_lent(pid, body):
+    """Copy the buffers lent in a b"l" body out of process ``pid``: bytes
+    where the child had bytes (or any read-only buffer), bytearrays where it
+    had writable ones, as pickle would have rebuilt them.  One copy, straight
+    into the objects we return, with the GIL released; large ones by several
+    threads, as most of the time goes to faulting in the fresh pages."""
+    import ctypes
+    reader = _memory_reader()
+    _count, _size, descriptors, _start = _lent_layout(memoryview(body))
+    copies, pieces = [], collections.deque()
+    for address, length, readonly in descriptors:
+        if readonly:
+            # bytes are immutable once shared; until then they may be filled
+            # in place, as C code does.
+            copy = reader.new_bytes(None, length)
+            target = ctypes.cast(ctypes.c_char_p(copy), ctypes.c_void_p).value
+        else:
+            copy = bytearray(length)
+            target = ctypes.addressof(ctypes.c_char.from_buffer(copy)) if length else 0
+        copies.append(copy)
+        for offset in range(0, length, _COPY_PIECE):
+            pieces.append((target + offset, address + offset,
+                           min(_COPY_PIECE, length - offset)))
+    failures = []
+
+    def copy_pieces():
+        while pieces and not failures:
+            try:
+                target, address, length = pieces.popleft()
+            except IndexError:
+                return
+            while length:
+                local = reader.iovec(target, length)
+                remote = reader.iovec(address, length)
+                n = reader.process_vm_readv(pid, ctypes.byref(local), 1,
+                                            ctypes.byref(remote), 1, 0)
+                if n <= 0:
+                    code = ctypes.get_errno()
+                    failures.append(OSError(code, "process_vm_readv: %s"
+                                            % os.strerror(code)))
+                    return
+                target, address, length = target + n, address + n, length - n
+
+    helpers = [threading.Thread(target=copy_pieces, name="concurrency-copy")
+               for _ in range(min(len(pieces), _COPY_THREADS) - 1)]
+    for helper in helpers:
+        helper.start()
+    copy_pieces()
+    for helper in helpers:
+        helper.join()
+    if failures:
+        raise failures[0]
+    return copies
+
+
+# Lent buffers are copied in pieces of this size, by up to this many threads.
+_COPY_PIECE = 8 << 20
+_COPY_THREADS = min(4, os.cpu_count() or 1)
+
+
+_memory_readers = []
+
+
+def _memory_reader():
+    if not _memory_readers:
+        import ctypes
+
+        class iovec(ctypes.Structure):
+            _fields_ = [("base", ctypes.c_void_p), ("length", ctypes.c_size_t)]
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        reader = types.SimpleNamespace(iovec=iovec, process_vm_readv=libc.process_vm_readv)
+        reader.process_vm_readv.argtypes = [
+            ctypes.c_int, ctypes.POINTER(iovec), ctypes.c_ulong,
+            ctypes.POINTER(iovec), ctypes.c_ulong, ctypes.c_ulong]
+        reader.process_vm_readv.restype = ctypes.c_ssize_t
+        reader.new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+        reader.new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+        reader.new_bytes.restype = ctypes.py_object
+        _memory_readers.append(reader)
+    return _memory_readers[0]
+
+
+def _decode_outcome(outcomes, index, kind, body, lent=None):
     """Fill slot ``index`` from a worker's b"R" or b"E" frame body."""
     key = outcomes.key(index)
     if kind == b"R":
         try:
-            value = _loads_value(body)
+            value = _loads_value(body, lent)
         except Exception as exc:
             error = SerializationError(key, "result", "the result could not be unpickled "
                                        "in the parent: %s: %s" % (type(exc).__name__, exc))
@@ -1339,6 +1451,11 @@ class _Child:
     def kill(self):
         raise NotImplementedError
 
+    def reply(self, code):
+        """Tell the child its lent buffers were copied (FETCHED), or are to
+        be sent (SEND_INLINE)."""
+        raise NotImplementedError
+
     def wait(self):
         """Reap the child, killing it if it does not exit in time."""
         raise NotImplementedError
@@ -1376,7 +1493,20 @@ class _Run:
 
     def on_frame(self, child, index, kind, body):
         """Handle a frame; return True when the child has no task left."""
-        _decode_outcome(self.outcomes, index, kind, body)
+        lent = None
+        if kind == b"R" and body[:1] == b"l":
+            try:
+                lent = _copy_lent(child.pid, body)
+            except Exception as exc:
+                if getattr(exc, "errno", None) == errno.ESRCH:
+                    return False  # it died: the run notices on its pipes
+                # Not allowed here (a hardened kernel, a seccomp filter):
+                # the buffers come through the pipe, now and from now on.
+                _lending[0] = False
+                child.reply(_worker_module().SEND_INLINE)
+                return False
+            child.reply(_worker_module().FETCHED)
+        _decode_outcome(self.outcomes, index, kind, body, lent)
         return self.next_queued(child)
 
     def take_batch(self, children, size_of):
@@ -1535,7 +1665,8 @@ class _Worker(_Child):
         _widen_pipe(result_r)
         try:
             self.process = subprocess.Popen(
-                _worker_command("serve", str(task_r), str(result_w), repr(idle_timeout)),
+                _worker_command("serve", str(task_r), str(result_w), repr(idle_timeout),
+                                str(_worker_module().LEND_MIN if _lending[0] else 0)),
                 stdin=subprocess.DEVNULL, pass_fds=(task_r, result_w), close_fds=True,
                 # A session (and process group) of its own: a kill takes the
                 # processes its task started too, and a terminal's Ctrl-C
@@ -1561,6 +1692,12 @@ class _Worker(_Child):
             _worker_module().write_frame(self.task_fd, b"C", [context])
             self.context = context
         _worker_module().write_frame(self.task_fd, b"T", [payload])
+
+    def reply(self, code):
+        try:
+            _worker_module().write_frame(self.task_fd, code)
+        except OSError:
+            pass  # it died: the run notices that on its pipes
 
     def poll(self):
         return self.process.poll()
@@ -1765,6 +1902,12 @@ class _ForkChild(_Child):
         if self.exitcode is None:
             _kill_group(self.pid)
 
+    def reply(self, code):
+        try:
+            os.write(self.task_fd, _INDEX.pack(_REPLY_INDEX[code]))
+        except OSError:
+            pass  # it died: the run notices that on its pipes
+
     def retire(self):
         """Close our end of its task pipe: it exits when it reads the end."""
         if self.task_fd is not None:
@@ -1792,6 +1935,8 @@ class _ForkChild(_Child):
 
 
 _INDEX = struct.Struct(">Q")
+# Replies to a lent result travel on the task pipe as indices no task has.
+_REPLY_INDEX = {b"F": (1 << 64) - 1, b"S": (1 << 64) - 2}
 
 
 class _ForkRun(_Run):
@@ -1809,6 +1954,7 @@ class _ForkRun(_Run):
         self.context = _current_context()
         self.worker = _worker_module()
         self.worker.preload_libc()
+        self.lend_min = self.worker.LEND_MIN if _lending[0] else 0
 
     def start_tasks(self):
         while self.pending:
@@ -1856,19 +2002,36 @@ class _ForkRun(_Run):
 
     def _serve(self, task_fd, result_fd):
         """The child's loop: run the task of each index read, until the end."""
-        while True:
+        early = collections.deque()  # task indices read while awaiting a reply
+        replies = {number: code for code, number in _REPLY_INDEX.items()}
+
+        def read_index():
             data = b""
             while len(data) < _INDEX.size:
                 chunk = os.read(task_fd, _INDEX.size - len(data))
                 if not chunk:
-                    return
+                    os._exit(0)  # the run is over
                 data += chunk
-            (index,) = _INDEX.unpack(data)
+            return _INDEX.unpack(data)[0]
+
+        def await_reply():
+            while True:
+                index = read_index()
+                if index in replies:
+                    return replies[index]
+                early.append(index)
+
+        def write(kind, parts):
+            self.worker.write_frame(result_fd, kind, parts)
+
+        while True:
+            index = early.popleft() if early else read_index()
             # Each task starts from the caller's cwd, environment and sys.path
             # as at the call, whatever the last one changed.
             self.worker._apply_context(self.context)
-            kind, parts = self.worker.run_task(self.calls[index])
-            self.worker.write_frame(result_fd, kind, parts)
+            outcome = self.worker.run_task(self.calls[index], self.lend_min)
+            self.worker.deliver(outcome, write, await_reply)
+            del outcome
 
     def _forget(self, child):
         child.wait()

@@ -542,6 +542,39 @@ class ChildDriverTests(DriverTests):
         self.assertEqual(limited.run([lambda: 1] * 5), [1] * 5)
 
 
+    def test_large_results_arrive_whole_with_their_types(self):
+        mib = 1 << 20
+
+        def blobs():
+            shared = b"s" * (2 * mib)
+            return {"bytes": b"b" * (3 * mib), "bytearray": bytearray(b"a" * (2 * mib)),
+                    "pair": (shared, shared), "deep": [[b"d" * (2 * mib)]],
+                    "small": b"tiny", "empty": bytearray()}
+
+        [top, got] = self.d.run([lambda: bytes(range(256)) * (8 * 4096), blobs])
+        self.assertEqual(top, bytes(range(256)) * (8 * 4096))
+        self.assertIs(type(top), bytes)
+        expected = blobs()
+        self.assertEqual(got, expected)
+        self.assertEqual({k: type(v) for k, v in got.items()},
+                         {k: type(v) for k, v in expected.items()})
+        self.assertIs(got["pair"][0], got["pair"][1])  # one object, as sent
+        got["bytearray"][0] = ord("z")  # still writable
+        if sys.platform.startswith("linux"):  # copied out of the child's memory
+            self.assertTrue(concurrency._lending[0])
+            self.assertTrue(concurrency._memory_readers)
+
+    def test_large_results_with_tasks_queued_behind_them(self):
+        # Two children, many tasks: tasks wait in each child's pipe while it
+        # waits for us to copy a result out of its memory.
+        two = type(self.d)(max_workers=2)
+        size = (1 << 20) + 17
+        results = two.run([lambda i=i: bytes([i]) * size for i in range(30)])
+        self.assertEqual([(len(r), r[:1], r[-1:]) for r in results],
+                         [(size, bytes([i]), bytes([i])) for i in range(30)])
+        self.assertEqual(two.run([lambda: 1, lambda: 2]), [1, 2])
+
+
 class SyncDriverTest(DriverTests, CleanTestCase):
     driver = "sync"
 
@@ -853,6 +886,59 @@ class ScriptTest(ScriptTestCase):
             self.assertIn("raw write %d" % n, done.stdout)
             self.assertIn("stderr of task %d" % n, done.stderr)
         self.assertEqual(done.stdout.splitlines()[-1], "[1, 2]")
+
+    @unittest.skipUnless(sys.platform.startswith("linux") and os.uname().machine
+                         in ("x86_64", "aarch64"), "a seccomp filter for Linux x86_64/aarch64")
+    def test_large_results_still_arrive_where_reading_child_memory_is_denied(self):
+        # As under a container's seccomp profile: process_vm_readv fails with
+        # EPERM, and results come through the pipe instead.
+        source = """\
+            import ctypes, errno, json, os, sys
+            import concurrency
+
+            NUMBER = {"x86_64": 310, "aarch64": 270}[os.uname().machine]
+            libc = ctypes.CDLL(None, use_errno=True)
+
+            class Rule(ctypes.Structure):
+                _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte),
+                            ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+
+            class Program(ctypes.Structure):
+                _fields_ = [("len", ctypes.c_ushort), ("rules", ctypes.POINTER(Rule))]
+
+            rules = (Rule * 4)(Rule(0x20, 0, 0, 0),            # load the syscall number
+                               Rule(0x15, 0, 1, NUMBER),       # process_vm_readv?
+                               Rule(0x06, 0, 0, 0x50000 | errno.EPERM),
+                               Rule(0x06, 0, 0, 0x7FFF0000))   # allow the rest
+            assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+            assert libc.prctl(22, 2, ctypes.byref(Program(4, rules)), 0, 0) == 0
+            denied = libc.syscall(NUMBER, os.getpid(), None, 0, None, 0, 0) == -1
+            denied = denied and ctypes.get_errno() == errno.EPERM
+
+            results = []
+            for name in sys.argv[1:]:
+                for _ in range(2):  # the second time on warm workers, if any
+                    out = concurrency.driver(name).run([
+                        lambda: b"x" * (3 << 20),
+                        lambda: (bytearray(b"y" * (2 << 20)), 5),
+                    ])
+                    results.append([len(out[0]), out[0] == b"x" * (3 << 20),
+                                    type(out[1][0]).__name__, len(out[1][0]), out[1][1]])
+            print(json.dumps({"denied": denied, "results": results,
+                              "lending": concurrency._lending[0]}))
+            """
+        expected = [3 << 20, True, "bytearray", 2 << 20, 5]
+        for drivers in (["process", "fork"], ["fork", "process"]):
+            with self.subTest(first=drivers[0]):
+                argv, env, cwd = self.script(source)
+                done = subprocess.run(argv + drivers, env=env, cwd=cwd, capture_output=True,
+                                      text=True, timeout=LONG_TIMEOUT)
+                self.assert_marked_processes_gone()
+                self.assertSucceeded(done)
+                report = json.loads(done.stdout.splitlines()[-1])
+                self.assertTrue(report["denied"], "the filter did not deny the call")
+                self.assertEqual(report["results"], [expected] * 4)
+                self.assertFalse(report["lending"])
 
     def test_script_ends_as_soon_as_its_work_is_done(self):
         started = time.monotonic()

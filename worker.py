@@ -10,13 +10,14 @@ in ``fork`` children.
 
 Modes:
 
-``serve TASK_FD RESULT_FD IDLE_TIMEOUT``
+``serve TASK_FD RESULT_FD IDLE_TIMEOUT [LEND_MIN]``
     A warm worker of the ``process`` driver.  Frames arrive on TASK_FD and
     leave on RESULT_FD; stdout and stderr stay the parent's, so a task's
     ``print()`` shows up there and can never corrupt a result.  A thread
     watches TASK_FD hang up: the parent is gone (exited or was killed), and
     the worker exits at once, even mid-task, so no worker outlives its
-    parent.  Unused for IDLE_TIMEOUT seconds, it exits too.
+    parent.  Unused for IDLE_TIMEOUT seconds, it exits too.  Buffers of at
+    least LEND_MIN bytes in a result are lent (see below); 0 turns that off.
 
 ``defer PAYLOAD_PATH KEY TIMEOUT``
     A detached deferred task: read the task payload from PAYLOAD_PATH (the
@@ -27,12 +28,21 @@ Frames are one kind byte, an 8-byte big-endian length, then the body:
 
     parent -> worker   b"C" context: pickled (cwd, environ, sys.path)
                        b"T" task: a serialized callable, see loads_task()
+                       b"F" / b"S" reply to a lent result (empty body)
     worker -> parent   b"R" result: encode_result()
                        b"E" error: encode_error()
                        b"Q" leaving after IDLE_TIMEOUT unused (empty body)
 
 Several b"T" frames may wait in the pipe; they are run in order, and each
 gets its b"R" or b"E".
+
+Large results are lent, not sent: a result's big buffers (bytes, bytearray,
+arrays that pickle with protocol 5) stay where the task left them, the b"R"
+body says where, and the parent copies them straight out of this process's
+memory (Linux process_vm_readv): one copy instead of the four a pipe costs
+(pickle, write, read, unpickle).  The worker keeps them and waits, its next
+task unread, until the parent replies b"F" (fetched), or b"S" when it could
+not read them: then they follow through the pipe after all.
 """
 
 import collections.abc
@@ -50,6 +60,18 @@ FRAME_HEADER = struct.Struct(">cQ")
 # the C pickle is much faster than dill, so dill only serves what pickle can't.
 PICKLED = b"p"
 DILLED = b"d"
+LENT = b"l"     # pickle protocol 5, its out-of-band buffers left in place
+INLINE = b"i"   # the same, the buffers following the pickle
+
+# A lent body after its flag: the count of buffers, the pickle's size, one
+# descriptor per buffer, the pickle (and, inline, the buffers themselves).
+LENT_HEADER = struct.Struct(">QQ")
+LENT_BUFFER = struct.Struct(">QQ?")  # address, size, read-only
+LEND_MIN = 1 << 20  # smaller buffers go through the pipe: it is fast enough
+
+# The parent's replies to a lent result.
+FETCHED = b"F"
+SEND_INLINE = b"S"
 
 # Kinds of error reported in an b"E" frame; the parent maps them to its errors.
 TASK_FAILED = "task"              # the task raised
@@ -75,12 +97,97 @@ def dumps_value(value):
     return [DILLED, buffer.getvalue()]
 
 
-def encode_result(value):
-    """Return the frame ``(kind, parts)`` for a task's return value."""
+def encode_result(value, lend_min=0):
+    """Return the outcome ``(kind, parts, lent)`` for a task's return value.
+
+    ``lent`` is None, or the views of the buffers the body lends, to be kept
+    until the parent has copied them; see deliver().
+    """
     try:
-        return b"R", dumps_value(value)
+        if lend_min:
+            lending = dumps_lending(value, lend_min)
+            if lending is not None:
+                return lending
+        return b"R", dumps_value(value), None
     except BaseException as exc:
-        return b"E", [encode_error(exc, RESULT_UNSERIALIZABLE)]
+        return b"E", [encode_error(exc, RESULT_UNSERIALIZABLE)], None
+
+
+def dumps_lending(value, lend_min):
+    """Pickle ``value`` lending its buffers of ``lend_min`` bytes or more:
+    the outcome for encode_result(), or None when it has none to lend."""
+    lent = []
+
+    def lend(buffer):
+        try:
+            view = buffer.raw()
+        except BufferError:  # not contiguous: pickle copies it in-band
+            return True
+        if view.nbytes < lend_min:
+            return True
+        address = _address_of(view)
+        if address is None:
+            return True
+        lent.append((address, view))
+        return False  # out of band: only its descriptor goes in the body
+
+    try:
+        data = pickle.dumps(_expose_buffers(value, lend_min), 5, buffer_callback=lend)
+    except Exception:
+        return None  # dumps_value() says what is wrong, or uses dill
+    if not lent:
+        return b"R", [PICKLED, data], None
+    descriptors = b"".join(LENT_BUFFER.pack(address, view.nbytes, view.readonly)
+                           for address, view in lent)
+    header = LENT_HEADER.pack(len(lent), len(data)) + descriptors
+    return b"R", [LENT, header, data], [view for _address, view in lent]
+
+
+def _expose_buffers(value, lend_min):
+    """Wrap large bytes and bytearrays in PickleBuffers, which pickle hands to
+    its buffer_callback.  It never does that for bytes itself.  Only the top
+    level and the items of a small list, tuple or dict are looked at: deeper
+    search would need a hook called for every object, slowing every result."""
+    wrapped = {}
+
+    def wrap(item):
+        if (type(item) is bytes or type(item) is bytearray) and len(item) >= lend_min:
+            if id(item) not in wrapped:  # the same object twice stays one
+                wrapped[id(item)] = pickle.PickleBuffer(item)
+            return wrapped[id(item)]
+        return item
+
+    kind = type(value)
+    if kind is bytes or kind is bytearray:
+        return wrap(value)
+    if (kind is list or kind is tuple) and len(value) <= 64:
+        items = [wrap(item) for item in value]
+        return kind(items) if wrapped else value
+    if kind is dict and len(value) <= 64:
+        items = {key: wrap(item) for key, item in value.items()}
+        return items if wrapped else value
+    return value
+
+
+def _address_of(view):
+    """Where the buffer lies in our memory, or None when we can't tell."""
+    import ctypes
+    if not view.readonly:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    if type(view.obj) is bytes and view.nbytes == len(view.obj):
+        # A c_char_p made from bytes points at the bytes' own storage.
+        return ctypes.cast(ctypes.c_char_p(view.obj), ctypes.c_void_p).value
+    return None
+
+
+def deliver(outcome, write, await_reply):
+    """Send an outcome with ``write(kind, parts)``.  A lent result's buffers
+    are kept until ``await_reply()`` returns the parent's reply; on
+    SEND_INLINE they follow through the pipe."""
+    kind, parts, lent = outcome
+    write(kind, parts)
+    if lent is not None and await_reply() == SEND_INLINE:
+        write(kind, [INLINE] + parts[1:] + lent)
 
 
 def encode_error(exc, kind=TASK_FAILED, skip_frames=0):
@@ -162,8 +269,9 @@ def await_coroutine(coroutine):
     raise value
 
 
-def run_task(fn):
-    """Call ``fn`` and return the outcome frame ``(kind, parts)``.
+def run_task(fn, lend_min=0):
+    """Call ``fn`` and return its outcome ``(kind, parts, lent)``, see
+    encode_result().
 
     Processes the task started and left running are ended first: a task owns
     its children, and none may outlive it.
@@ -172,11 +280,11 @@ def run_task(fn):
         value = call(fn)
     except BaseException as exc:
         # Skip this frame: the user's traceback starts in their own code.
-        return b"E", [encode_error(exc, TASK_FAILED, skip_frames=1)]
+        return b"E", [encode_error(exc, TASK_FAILED, skip_frames=1)], None
     finally:
         flush_std_streams()
         end_task_children()
-    return encode_result(value)
+    return encode_result(value, lend_min)
 
 
 def flush_std_streams():
@@ -262,6 +370,7 @@ class _Channel:
     def __init__(self, task_fd, result_fd):
         self.task_fd = task_fd
         self.result_fd = result_fd
+        self.early = []  # frames read while waiting for a reply, in order
 
     def read_exactly(self, size):
         buffer = bytearray(size)
@@ -275,6 +384,22 @@ class _Channel:
         return buffer
 
     def read_frame(self):
+        if self.early:
+            return self.early.pop(0)
+        return self._read_frame()
+
+    def await_reply(self):
+        """The parent's reply to a lent result; the tasks it sent before
+        that are kept for read_frame()."""
+        while True:
+            frame = self._read_frame()
+            if frame is None:
+                os._exit(0)
+            if frame[0] in (FETCHED, SEND_INLINE):
+                return frame[0]
+            self.early.append(frame)
+
+    def _read_frame(self):
         header = self.read_exactly(FRAME_HEADER.size)
         if header is None:
             return None
@@ -327,7 +452,7 @@ def _apply_context(context):
     sys.path[:] = path
 
 
-def serve(task_fd, result_fd, idle_timeout):
+def serve(task_fd, result_fd, idle_timeout, lend_min=0):
     import select
     channel = _Channel(task_fd, result_fd)
     _watch_parent(task_fd)
@@ -335,7 +460,7 @@ def serve(task_fd, result_fd, idle_timeout):
     waiting.register(task_fd, select.POLLIN)
     context = None
     while True:
-        if idle_timeout > 0 and not waiting.poll(idle_timeout * 1000):
+        if idle_timeout > 0 and not channel.early and not waiting.poll(idle_timeout * 1000):
             # Unused for IDLE_TIMEOUT: give the memory back.  Say so first: a
             # task the parent sent meanwhile was never read, and runs elsewhere.
             channel.write_frame(b"Q")
@@ -352,12 +477,13 @@ def serve(task_fd, result_fd, idle_timeout):
             try:
                 fn = loads_task(body)
             except BaseException as exc:
-                frame = (b"E", [encode_error(exc, TASK_UNLOADABLE)])
+                outcome = (b"E", [encode_error(exc, TASK_UNLOADABLE)], None)
             else:
-                frame = run_task(fn)
+                outcome = run_task(fn, lend_min)
                 del fn
             _restore_std_fds()
-            channel.write_frame(*frame)
+            deliver(outcome, channel.write_frame, channel.await_reply)
+            del outcome
         del frame, body
 
 
@@ -630,10 +756,11 @@ def main(argv):
     sys.modules["__main__"] = types.ModuleType("__main__")
     if mode == "serve":
         task_fd, result_fd, idle_timeout = int(argv[2]), int(argv[3]), float(argv[4])
+        lend_min = int(argv[5]) if len(argv) > 5 else 0
         _protect_channel(task_fd, result_fd)
         become_subreaper()
         _save_std_fds()
-        serve(task_fd, result_fd, idle_timeout)
+        serve(task_fd, result_fd, idle_timeout, lend_min)
     elif mode == "defer":
         timeout = None if argv[4] == "None" else float(argv[4])
         return run_deferred(argv[2], argv[3], timeout)
