@@ -127,6 +127,11 @@ _REAP_TIMEOUT = 5.0
 # Without pidfd, children that die are noticed by polling this often.
 _POLL_INTERVAL = 0.05
 
+# The fork driver forks one child per core, and the rest it may once no task
+# has ended for this long while others wait (see _ForkRun).
+_GROW_AFTER = 0.003
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
 _WORKER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 _POSIX = os.name == "posix"
 _HAVE_FORK = hasattr(os, "fork")
@@ -1467,8 +1472,9 @@ class _Child:
         self.fd = self.pidfd = None
 
 
-# Tasks sent to a child at once when many wait (see _Run.take_batch).
-_BATCH_TASKS = 16
+# At most this many tasks, and bytes of them, are sent to a child at once
+# (see _Run.take_batch).
+_BATCH_TASKS = 64
 _BATCH_BYTES = 256 * 1024
 
 
@@ -1510,13 +1516,15 @@ class _Run:
         return self.next_queued(child)
 
     def take_batch(self, children, size_of):
-        """Pending indices for one child: one, or several when many wait
-        (then every child has work anyway, and one wake-up carries them all),
-        only small ones, so that its pipe holds them without blocking us."""
+        """Pending indices for one child: one, or several when many wait, so
+        that one write and one wake-up carry them all.  A share of what
+        waits, shrinking as it does ("guided" scheduling): every child keeps
+        work to the end, and none holds many tasks that another, idle, could
+        run.  Only small ones, so that its pipe holds them without blocking."""
+        count = min(_BATCH_TASKS, max(1, len(self.pending) // (2 * children)))
         indices = [self.pending.popleft()]
         size = size_of(indices[0])
-        while (self.pending and len(indices) < _BATCH_TASKS
-               and len(self.pending) > 4 * children
+        while (len(indices) < count
                and size + size_of(self.pending[0]) <= _BATCH_BYTES):
             size += size_of(self.pending[0])
             indices.append(self.pending.popleft())
@@ -1537,6 +1545,13 @@ class _Run:
 
     def on_finished(self, child):
         """The child's task has its outcome."""
+
+    def wake_after(self):
+        """Seconds until on_wake() is due though nothing happens, or None."""
+        return None
+
+    def on_wake(self):
+        """Called at each turn of the loop while wake_after() gives a time."""
 
     def on_died(self, child, index):
         """The child died before the outcome of task ``index`` arrived."""
@@ -1595,6 +1610,9 @@ class _Run:
                 return
             if not _HAVE_PIDFD:
                 wait = _POLL_INTERVAL if wait is None else min(wait, _POLL_INTERVAL)
+            wake = self.wake_after()
+            if wake is not None:
+                wait = wake if wait is None else min(wait, wake)
             events = self.selector.select(wait)
             ended = set()
             for key, _mask in events:
@@ -1616,6 +1634,8 @@ class _Run:
                     self.unwatch(child)
                     child.wait()
                     self.on_died(child, index)
+            if wake is not None:
+                self.on_wake()
 
     @staticmethod
     def _drain(completed):
@@ -1687,11 +1707,22 @@ class _Worker(_Child):
         self.idle_since = time.monotonic()
         _live_workers.add(self)
 
-    def send_task(self, context, payload):
+    def send_tasks(self, context, payloads):
+        """Send task frames, and the context first if it has another: in one
+        write when small, as each write may cost a wake-up."""
+        frames = [(b"T", payload) for payload in payloads]
         if self.context != context:
-            _worker_module().write_frame(self.task_fd, b"C", [context])
-            self.context = context
-        _worker_module().write_frame(self.task_fd, b"T", [payload])
+            frames.insert(0, (b"C", context))
+        parts = []
+        for kind, body in frames:
+            parts += [_FRAME_HEADER.pack(kind, len(body)), body]
+        if sum(len(part) for part in parts) <= 2 * _BATCH_BYTES:
+            parts = [b"".join(parts)]
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                view = view[os.write(self.task_fd, view):]
+        self.context = context
 
     def reply(self, code):
         try:
@@ -1845,8 +1876,7 @@ class _ProcessRun(_Run):
             indices = self.take_batch(len(self.workers), lambda i: len(self.payloads[i]))
             self.queued[worker] = collections.deque(indices[1:])
             try:
-                for index in indices:
-                    worker.send_task(self.context, self.payloads[index])
+                worker.send_tasks(self.context, [self.payloads[i] for i in indices])
             except OSError:  # the worker is gone (it may have just left idle)
                 worker.wait()
                 worker.read_frames()
@@ -1940,26 +1970,53 @@ _REPLY_INDEX = {b"F": (1 << 64) - 1, b"S": (1 << 64) - 2}
 
 
 class _ForkRun(_Run):
-    """Forks up to max_workers children when the run starts (never more than
-    tasks); each inherits every task and runs the ones whose index it is
-    sent, so no task is serialized, and one fork serves many tasks."""
+    """Forks children as the run starts; each inherits every task and runs
+    the ones whose index it is sent, so no task is serialized, and one fork
+    serves many tasks.
+
+    One child per core at first.  When tasks wait and none has ended for
+    _GROW_AFTER, they are slow (waiting on I/O, most likely): more children
+    are forked then, up to max_workers (never more than tasks).  A burst of
+    tiny tasks is spared forks that could only compete for the cores."""
 
     def __init__(self, calls, max_workers, outcomes, timeout, deadline, stop):
         super().__init__(len(calls), outcomes, timeout, deadline, stop)
         _reap_exited()
         self.calls = calls
         self.size = min(max_workers, len(calls))
+        self.limit = min(self.size, _CORES)  # children allowed for now
+        self.progress = time.monotonic()  # when a task last ended
         self.free = []
         self.live = []
         self.context = _current_context()
+        self.starting = True  # forks now inherit the state self.context holds
         self.worker = _worker_module()
         self.worker.preload_libc()
         self.lend_min = self.worker.LEND_MIN if _lending[0] else 0
 
+    def wake_after(self):
+        if self.limit < self.size and self.pending:
+            return max(0.0, self.progress + _GROW_AFTER - time.monotonic())
+        return None
+
+    def on_wake(self):
+        if time.monotonic() - self.progress >= _GROW_AFTER:
+            self.limit = self.size
+
+    def on_frame(self, child, index, kind, body):
+        self.progress = time.monotonic()
+        return super().on_frame(child, index, kind, body)
+
     def start_tasks(self):
+        try:
+            self._start_tasks()
+        finally:
+            self.starting = False
+
+    def _start_tasks(self):
         while self.pending:
             if not self.free:
-                if len(self.live) >= self.size:
+                if len(self.live) >= self.limit:
                     return
                 self.free.append(self._fork())
             child = self.free.pop()
@@ -1988,7 +2045,7 @@ class _ForkRun(_Run):
                 _in_fork_child()
                 self.worker.die_with_parent(lifeline)
                 self.worker.become_subreaper()
-                self._serve(task_r, result_w)
+                self._serve(task_r, result_w, in_context=self.starting)
             except BaseException:
                 code = 70
             finally:
@@ -1998,21 +2055,30 @@ class _ForkRun(_Run):
         os.close(result_w)
         child = _ForkChild(pid, result_r, task_w)
         self.live.append(child)
+        self.progress = time.monotonic()  # the clock starts once it runs
         return child
 
-    def _serve(self, task_fd, result_fd):
-        """The child's loop: run the task of each index read, until the end."""
-        early = collections.deque()  # task indices read while awaiting a reply
+    def _serve(self, task_fd, result_fd, in_context):
+        """The child's loop: run the task of each index read, until the end.
+        ``in_context``: this process still has the cwd, environment and
+        sys.path of the call, as it was forked as the run started."""
+        read = collections.deque()  # indices read, not acted on yet
         replies = {number: code for code, number in _REPLY_INDEX.items()}
+        partial = b""
 
         def read_index():
-            data = b""
-            while len(data) < _INDEX.size:
-                chunk = os.read(task_fd, _INDEX.size - len(data))
+            nonlocal partial
+            while not read:
+                chunk = os.read(task_fd, _INDEX.size * _BATCH_TASKS)  # a batch at once
                 if not chunk:
                     os._exit(0)  # the run is over
-                data += chunk
-            return _INDEX.unpack(data)[0]
+                data = partial + chunk
+                whole = len(data) - len(data) % _INDEX.size
+                read.extend(number for (number,) in _INDEX.iter_unpack(data[:whole]))
+                partial = data[whole:]
+            return read.popleft()
+
+        early = collections.deque()  # task indices read while awaiting a reply
 
         def await_reply():
             while True:
@@ -2027,8 +2093,11 @@ class _ForkRun(_Run):
         while True:
             index = early.popleft() if early else read_index()
             # Each task starts from the caller's cwd, environment and sys.path
-            # as at the call, whatever the last one changed.
-            self.worker._apply_context(self.context)
+            # as at the call, whatever the last one changed.  (Not checked
+            # needlessly: the first touch of each page costs a fresh fork.)
+            if not in_context:
+                self.worker._apply_context(self.context)
+            in_context = False
             outcome = self.worker.run_task(self.calls[index], self.lend_min)
             self.worker.deliver(outcome, write, await_reply)
             del outcome

@@ -592,7 +592,10 @@ def die_with_parent(lifeline_fd):
         end_task_children()
         os._exit(1)
 
-    threading.Thread(target=watch, name="concurrency-lifeline", daemon=True).start()
+    # Not threading.Thread: its start() waits until the thread has run, a
+    # scheduling round trip on the way to the first task.
+    import _thread
+    _thread.start_new_thread(watch, ())
 
 
 def _children():
