@@ -104,7 +104,6 @@ import select
 import selectors
 import signal
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -1683,6 +1682,7 @@ class _Worker(_Child):
         result_r, result_w = _parent_pipe(keep="r")
         _widen_pipe(task_w)
         _widen_pipe(result_r)
+        import subprocess  # here: a script using only the fork driver starts faster
         try:
             self.process = subprocess.Popen(
                 _worker_command("serve", str(task_r), str(result_w), repr(idle_timeout),
@@ -1738,6 +1738,7 @@ class _Worker(_Child):
         _kill_group(self.pid)
 
     def wait(self):
+        import subprocess
         try:
             self.exitcode = self.process.wait(_REAP_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -1850,6 +1851,7 @@ class _WorkerPool:
 
 def _retire_workers(workers):
     """Let idle workers go: they exit on end-of-file at once; reap them."""
+    import subprocess
     for worker in workers:
         worker.retire()
     for worker in workers:
@@ -2035,6 +2037,7 @@ class _ForkRun(_Run):
         result_r, result_w = _parent_pipe(keep="r")
         _widen_pipe(result_r)
         lifeline = _lifeline_read_fd()
+        devnull = _devnull_fd()
         self.worker.flush_std_streams()  # or the child would print it again
         with _fds_lock:  # no pipe is half-registered while we fork
             pid = os.fork()
@@ -2042,7 +2045,7 @@ class _ForkRun(_Run):
             code = 0
             try:
                 # (_forget_workers_in_child closed every parent end we hold.)
-                _in_fork_child()
+                _in_fork_child(devnull)
                 self.worker.die_with_parent(lifeline)
                 self.worker.become_subreaper()
                 self._serve(task_r, result_w, in_context=self.starting)
@@ -2147,24 +2150,29 @@ def _reap_exited(block=False):
             _exiting.remove(child)
 
 
-def _in_fork_child():
+def _in_fork_child(devnull):
     """Make a fresh fork child independent of the parent's state."""
     # Its own process group, so a kill takes what its task started too (the
-    # parent does the same, whichever runs first); and Ctrl-C is the
-    # parent's to handle, as with process workers.
+    # parent does the same, whichever runs first), and a terminal's Ctrl-C
+    # reaches the parent alone, which decides what it means for the run.
     _own_group(0)
-    try:
-        signal.signal(signal.SIGINT, lambda signum, frame: None)
-    except ValueError:  # not the main thread (fork from a non-main thread)
-        pass
     # As in process workers: a task reading stdin gets end-of-file, not the
     # terminal's input.
-    try:
-        devnull = os.open(os.devnull, os.O_RDONLY)
+    if devnull is not None:
         os.dup2(devnull, 0)
-        os.close(devnull)
-    except OSError:
-        pass
+
+
+_devnull = []
+
+
+def _devnull_fd():
+    """A read-only /dev/null, opened once: fork children take it as stdin."""
+    if not _devnull:
+        try:
+            _devnull.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            _devnull.append(None)
+    return _devnull[0]
 
 
 def _widen_pipe(fd):
@@ -2203,6 +2211,7 @@ _detached = []  # Popen objects of detached deferred tasks, reaped when done
 def _spawn_detached(key, payload, timeout):
     """Start ``worker.py defer`` in a session of its own: it outlives us."""
     _detached[:] = [process for process in _detached if process.poll() is None]
+    import subprocess
     import tempfile
     fd, path = tempfile.mkstemp(prefix="concurrency-defer-", suffix=".pickle")
     try:
@@ -2224,6 +2233,7 @@ def _fork_detached(key, fn, timeout):
     """Run ``fn`` in a double-forked child in a session of its own, under a
     supervisor that reports a failure, crash or timeout on stderr."""
     worker = _worker_module()
+    devnull = _devnull_fd()
     worker.flush_std_streams()
     pid = os.fork()
     if pid == 0:
@@ -2231,7 +2241,7 @@ def _fork_detached(key, fn, timeout):
         try:
             os.setsid()
             if os.fork() == 0:
-                _in_fork_child()
+                _in_fork_child(devnull)
                 code = worker.supervise(lambda: worker.run_reporting(fn, repr(key)),
                                         repr(key), timeout)
         except BaseException:
