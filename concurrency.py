@@ -690,7 +690,7 @@ class ProcessDriver(_ChildDriver):
         # Start workers first: their Python and dill imports overlap ours.
         workers = self._pool.acquire(len(batch.calls), deadline)
         try:
-            payloads = [_dumps_task(key, fn) for key, fn in zip(batch.keys, batch.calls)]
+            payloads = _dumps_tasks(batch.keys, batch.calls)
             yield from _ProcessRun(self._pool, workers, payloads, outcomes, timeout, deadline,
                                    stop).completions()
         finally:
@@ -1062,13 +1062,36 @@ class _FastTaskPickler(pickle.Pickler):
     (dill's import alone costs ~100 ms).  What needs more -- a class of
     ``__main__`` (the worker must adopt it), a module that is not importable
     -- raises _NeedsDill, and dill sends it.
+
+    With ``templates``, the tasks of a run that share code (lambdas made in
+    a loop, the common way to make many tasks) share the pickle of what is
+    the same for all -- code, globals, name -- made once, as bytes each
+    payload carries: only defaults, closure and attributes are pickled per
+    task.  The worker unpickles the template for each task, so every task
+    still gets globals of its own.
     """
 
-    def __init__(self, file, protocol):
+    def __init__(self, file, protocol, templates=False):
         super().__init__(file, protocol)
         # One globals dict per function, so that a function reaching itself
         # through its globals meets the memoized dict and the recursion ends.
         self._globals = {}
+        self._templates = {} if templates and _template_maker() else None
+
+    def forget_globals(self):
+        """Before the next dump(): each task takes the globals as they are."""
+        self._globals.clear()
+
+    def _template(self, fn):
+        key = (fn.__code__, id(fn.__globals__), fn.__name__)
+        template = self._templates.get(key)
+        if template is None:
+            buffer = io.BytesIO()
+            # Without templates: a function met inside is sent whole.
+            _FastTaskPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(
+                (fn.__code__, self._globals[id(fn)][1], fn.__name__))
+            template = self._templates[key] = buffer.getvalue()
+        return template
 
     def reducer_override(self, obj):
         kind = type(obj)
@@ -1081,6 +1104,9 @@ class _FastTaskPickler(pickle.Pickler):
             # "BUILD": __dict__ items, then the rest as attributes).
             state = (obj.__dict__ or None, {"__kwdefaults__": obj.__kwdefaults__,
                                             "__qualname__": obj.__qualname__})
+            if self._templates is not None:
+                return (_template_maker(), (self._template(obj), obj.__defaults__,
+                                            obj.__closure__), state)
             return types.FunctionType, (obj.__code__, self._globals[id(obj)][1], obj.__name__,
                                         obj.__defaults__, obj.__closure__), state
         if kind is types.ModuleType:
@@ -1104,6 +1130,15 @@ class _FastTaskPickler(pickle.Pickler):
             except ValueError:  # an empty cell: a name not bound yet
                 return types.CellType, ()
         return NotImplemented
+
+
+def _template_maker():
+    """worker.function_from_template, if pickle finds it under its name here
+    (another copy of the library may have taken that name)."""
+    worker = _worker_module()
+    if sys.modules.get(worker.__name__) is worker:
+        return worker.function_from_template
+    return None
 
 
 def _importable(fn):
@@ -1132,15 +1167,32 @@ def _used_globals(fn):
     return used
 
 
-def _dumps_task(key, fn):
-    """Serialize a task: the fast C pickler where it can, dill otherwise."""
-    buffer = io.BytesIO()
+def _dumps_tasks(keys, calls):
+    """Serialize the tasks of a run, see _dumps_task()."""
+    fast = []  # one pickler for them all: making one costs as much as using it
+    return [_dumps_task(key, fn, fast) for key, fn in zip(keys, calls)]
+
+
+def _dumps_task(key, fn, fast=None):
+    """Serialize a task: the fast C pickler where it can, dill otherwise.
+    ``fast``: a list holding a (buffer, pickler) pair to reuse, or empty."""
+    if fast is None:
+        fast = []
+    if not fast:
+        buffer = io.BytesIO()
+        fast.append((buffer, _FastTaskPickler(buffer, pickle.HIGHEST_PROTOCOL,
+                                              templates=True)))
+    buffer, pickler = fast[0]
+    buffer.seek(0)
+    buffer.truncate()
     buffer.write(b"p")
+    pickler.clear_memo()
+    pickler.forget_globals()
     try:
-        _FastTaskPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(fn)
+        pickler.dump(fn)
         return buffer.getvalue()
     except Exception:  # _NeedsDill, or what the C pickler refuses: dill may do
-        pass
+        del fast[:]  # it may be left mid-way
     buffer = io.BytesIO()
     buffer.write(b"d")
     try:
@@ -1358,7 +1410,7 @@ _worker_modules = []
 # -c) goes first, so no file of the user's can shadow what the worker imports.
 _BOOTSTRAP = ("import sys; del sys.path[0]; import importlib.util as u; "
               "s = u.spec_from_file_location('_concurrency_worker', sys.argv[1]); "
-              "m = u.module_from_spec(s); s.loader.exec_module(m); "
+              "m = u.module_from_spec(s); sys.modules[s.name] = m; s.loader.exec_module(m); "
               "sys.exit(m.main(sys.argv[1:]))")
 
 
@@ -1374,6 +1426,8 @@ def _worker_module():
         spec = importlib.util.spec_from_file_location("_concurrency_worker", _WORKER_PATH)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        # Registered, as in workers, so that pickle finds its functions.
+        sys.modules.setdefault(spec.name, module)
         _worker_modules.append(module)
     return _worker_modules[0]
 

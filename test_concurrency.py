@@ -123,6 +123,9 @@ def rendezvous(directory, name, count, timeout=SHORT_TIMEOUT):
     return name
 
 
+SEEN = []  # tasks append to their own copy
+
+
 class TwoArgError(Exception):
     def __init__(self, code, detail):
         super().__init__("code %s: %s" % (code, detail))
@@ -647,6 +650,14 @@ class ProcessDriverTest(ChildDriverTests, CleanTestCase):
                  "module": lambda: os.path.basename("/a/b"), "builtin": lambda: abs(-3)}
         expected = {key: fn() for key, fn in tasks.items()}
         self.assertEqual(self.d.run(tasks), expected)
+
+    def test_tasks_sharing_code_each_get_their_own_globals(self):
+        # Lambdas made in a loop share their code, and travel as one template;
+        # still, each task unpickles globals of its own, as sent.
+        two = concurrency.ProcessDriver(max_workers=2)
+        results = two.run([lambda i=i: (SEEN.append(i), list(SEEN))[1] for i in range(40)])
+        self.assertEqual(results, [[i] for i in range(40)])
+        self.assertEqual(SEEN, [])
 
     def test_nested_run_inside_a_task(self):
         def outer():

@@ -326,6 +326,14 @@ def loads_task(body):
     return _task_unpickler_class()(io.BytesIO(view[1:])).load()
 
 
+def function_from_template(template, defaults, closure):
+    """Make a task function from the template its run's tasks share (see
+    concurrency._FastTaskPickler): unpickled anew for each, so that each
+    task has globals of its own."""
+    code, namespace, name = pickle.loads(template)
+    return types.FunctionType(code, namespace, name, defaults, closure)
+
+
 def _task_unpickler_class():
     if "task" not in _loaders:
         import dill
@@ -752,6 +760,9 @@ def _ignore_sigint():
 
 def main(argv):
     mode = argv[1] if len(argv) > 1 else ""
+    # Tasks name function_from_template by this name (python worker.py runs
+    # it as __main__, which is replaced below).
+    sys.modules.setdefault("_concurrency_worker", sys.modules[__name__])
     if mode == "serve":
         _ignore_sigint()
     # User code runs in a __main__ of its own: classes adopted from the
