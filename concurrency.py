@@ -126,9 +126,12 @@ _REAP_TIMEOUT = 5.0
 # Without pidfd, children that die are noticed by polling this often.
 _POLL_INTERVAL = 0.05
 
-# The fork driver forks one child per core, and the rest it may once no task
-# has ended for this long while others wait (see _ForkRun).
+# A run starts with one child per core (or the warm workers there are), and
+# uses the rest it may once no task has ended for _GROW_AFTER while others
+# wait, unless the cores are all busy with tasks; then after _GROW_ANYWAY.
+# See _Run.on_wake.
 _GROW_AFTER = 0.003
+_GROW_ANYWAY = 0.5
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 _WORKER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
@@ -688,11 +691,14 @@ class ProcessDriver(_ChildDriver):
         if not batch.calls:
             return
         # Start workers first: their Python and dill imports overlap ours.
-        workers = self._pool.acquire(len(batch.calls), deadline)
+        # The warm ones there are, or one per core; more once tasks prove
+        # slow (see _Run).
+        size = min(len(batch.calls), self.max_workers)
+        workers = self._pool.acquire(size, deadline, start=min(size, _CORES))
         try:
             payloads = _dumps_tasks(batch.keys, batch.calls)
-            yield from _ProcessRun(self._pool, workers, payloads, outcomes, timeout, deadline,
-                                   stop).completions()
+            yield from _ProcessRun(self._pool, workers, size, payloads, outcomes, timeout,
+                                   deadline, stop).completions()
         finally:
             self._pool.release(workers)
 
@@ -1453,6 +1459,7 @@ class _Child:
         self._large = None  # (kind, bytearray, filled) of a large frame in progress
         self.eof = False
         self.exitcode = None
+        self.served = False  # it has sent a frame: it is up and running
 
     def read_frames(self):
         """Read what the pipe holds now; return the complete frames."""
@@ -1542,6 +1549,8 @@ class _Run:
         self.outcomes = outcomes
         self.timeout = timeout
         self.deadline = deadline
+        self.progress = time.monotonic()  # when a task last ended
+        self.cpu_sample = None  # (when, {pid: CPU seconds}) of the last look
         self.selector = selectors.DefaultSelector()
         if stop is not None:
             self.selector.register(stop.fileno(), selectors.EVENT_READ, None)
@@ -1552,6 +1561,8 @@ class _Run:
 
     def on_frame(self, child, index, kind, body):
         """Handle a frame; return True when the child has no task left."""
+        self.progress = time.monotonic()
+        child.served = True
         lent = None
         if kind == b"R" and body[:1] == b"l":
             try:
@@ -1599,12 +1610,55 @@ class _Run:
     def on_finished(self, child):
         """The child's task has its outcome."""
 
+    # -- More children once tasks prove slow ----------------------------------
+    #
+    # A run starts with one child per core.  Tasks that end in microseconds
+    # are best served by those alone: more processes would only cost their
+    # start and compete for the cores.  Tasks that take their time get the
+    # rest, up to the run's size, once no task has ended for _GROW_AFTER --
+    # unless the children keep every core busy computing, when more would
+    # not finish sooner: then only after _GROW_ANYWAY, so that a task that
+    # computes forever does not hold back the ones waiting behind it.
+
+    def may_grow(self):
+        """True while the run could use more children than it does."""
+        return False
+
+    def grow(self):
+        """Use more children, up to the run's size."""
+
     def wake_after(self):
         """Seconds until on_wake() is due though nothing happens, or None."""
-        return None
+        if not (self.pending and self.may_grow()):
+            return None
+        due = self.progress + _GROW_AFTER - time.monotonic()
+        return due if due > 0 else 3 * _GROW_AFTER  # the next look at the cores
 
     def on_wake(self):
         """Called at each turn of the loop while wake_after() gives a time."""
+        now = time.monotonic()
+        if now - self.progress < _GROW_AFTER or not (self.pending and self.may_grow()):
+            return
+        if now - self.progress < _GROW_ANYWAY and self._cores_busy(now):
+            return
+        self.grow()
+
+    def _cores_busy(self, now):
+        """Whether the running children keep every core busy, from the CPU
+        time they took since the last look (Linux; elsewhere: no)."""
+        sample = {}
+        for child in self.running:
+            if child.served:  # not one still starting up: its start is no task's
+                seconds = _cpu_seconds(child.pid)
+                if seconds is not None:
+                    sample[child.pid] = seconds
+        last, self.cpu_sample = self.cpu_sample, (now, sample)
+        if not sample:
+            return False
+        if last is None or now - last[0] < _GROW_AFTER / 2:
+            return True  # judged at the next look
+        used = sum(seconds - last[1][pid] for pid, seconds in sample.items() if pid in last[1])
+        return used / (now - last[0]) >= _CORES - 0.5
 
     def on_died(self, child, index):
         """The child died before the outcome of task ``index`` arrived."""
@@ -1826,14 +1880,17 @@ class _WorkerPool:
         # A driver that is dropped must not leave its warm workers running.
         weakref.finalize(self, _retire_workers, self._idle)
 
-    def acquire(self, wanted, deadline):
-        """Check out up to ``wanted`` workers, waiting for one if none is free."""
+    def acquire(self, wanted, deadline, start=None):
+        """Check out up to ``wanted`` workers: idle ones, and new ones until
+        there are ``start`` (default: ``wanted``).  Waits for one if none is
+        free, until ``deadline``; not at all if ``deadline`` has passed."""
+        start = wanted if start is None else start
         with self._changed:
             while True:
                 self._drop_stale()
                 take = self._idle[-wanted:] if wanted else []
                 del self._idle[len(self._idle) - len(take):]
-                spawn = min(wanted - len(take), self.max_workers - self._live)
+                spawn = min(start - len(take), self.max_workers - self._live)
                 if take or spawn > 0:
                     break
                 wait = None if deadline is None else deadline - time.monotonic()
@@ -1917,10 +1974,11 @@ def _retire_workers(workers):
 
 
 class _ProcessRun(_Run):
-    def __init__(self, pool, workers, payloads, outcomes, timeout, deadline, stop):
+    def __init__(self, pool, workers, size, payloads, outcomes, timeout, deadline, stop):
         super().__init__(len(payloads), outcomes, timeout, deadline, stop)
         self.pool = pool
-        self.workers = workers
+        self.workers = workers  # all it checked out, to be released at the end
+        self.size = size  # most workers it may use
         self.free = list(workers)
         self.payloads = payloads
         self.context = pickle.dumps(_current_context(), pickle.HIGHEST_PROTOCOL)
@@ -1929,7 +1987,7 @@ class _ProcessRun(_Run):
     def start_tasks(self):
         while self.pending and self.free:
             worker = self.free.pop()
-            indices = self.take_batch(len(self.workers), lambda i: len(self.payloads[i]))
+            indices = self.take_batch(self.size, lambda i: len(self.payloads[i]))
             self.queued[worker] = collections.deque(indices[1:])
             try:
                 worker.send_tasks(self.context, [self.payloads[i] for i in indices])
@@ -1948,6 +2006,14 @@ class _ProcessRun(_Run):
 
     def on_finished(self, worker):
         self.free.append(worker)
+
+    def may_grow(self):
+        return len(self.workers) < self.size
+
+    def grow(self):
+        more = self.pool.acquire(self.size - len(self.workers), deadline=0)
+        self.workers.extend(more)
+        self.free.extend(more)
 
     def on_died(self, worker, index):
         worker.broken = True
@@ -2030,10 +2096,8 @@ class _ForkRun(_Run):
     the ones whose index it is sent, so no task is serialized, and one fork
     serves many tasks.
 
-    One child per core at first.  When tasks wait and none has ended for
-    _GROW_AFTER, they are slow (waiting on I/O, most likely): more children
-    are forked then, up to max_workers (never more than tasks).  A burst of
-    tiny tasks is spared forks that could only compete for the cores."""
+    One child per core at first, more once tasks prove slow (see _Run), up
+    to max_workers, never more than tasks."""
 
     def __init__(self, calls, max_workers, outcomes, timeout, deadline, stop):
         super().__init__(len(calls), outcomes, timeout, deadline, stop)
@@ -2041,7 +2105,6 @@ class _ForkRun(_Run):
         self.calls = calls
         self.size = min(max_workers, len(calls))
         self.limit = min(self.size, _CORES)  # children allowed for now
-        self.progress = time.monotonic()  # when a task last ended
         self.free = []
         self.live = []
         self.context = _current_context()
@@ -2050,18 +2113,11 @@ class _ForkRun(_Run):
         self.worker.preload_libc()
         self.lend_min = self.worker.LEND_MIN if _lending[0] else 0
 
-    def wake_after(self):
-        if self.limit < self.size and self.pending:
-            return max(0.0, self.progress + _GROW_AFTER - time.monotonic())
-        return None
+    def may_grow(self):
+        return self.limit < self.size
 
-    def on_wake(self):
-        if time.monotonic() - self.progress >= _GROW_AFTER:
-            self.limit = self.size
-
-    def on_frame(self, child, index, kind, body):
-        self.progress = time.monotonic()
-        return super().on_frame(child, index, kind, body)
+    def grow(self):
+        self.limit = self.size
 
     def start_tasks(self):
         try:
@@ -2111,6 +2167,7 @@ class _ForkRun(_Run):
         os.close(task_r)
         os.close(result_w)
         child = _ForkChild(pid, result_r, task_w)
+        child.served = True  # it runs the code we run: no start-up to wait for
         self.live.append(child)
         self.progress = time.monotonic()  # the clock starts once it runs
         return child
@@ -2227,6 +2284,15 @@ def _devnull_fd():
         except OSError:
             _devnull.append(None)
     return _devnull[0]
+
+
+def _cpu_seconds(pid):
+    """CPU time process ``pid`` has taken, or None where /proc can't tell."""
+    try:
+        with open("/proc/%d/schedstat" % pid, "rb") as file:
+            return int(file.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _widen_pipe(fd):
