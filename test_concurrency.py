@@ -545,6 +545,16 @@ class ChildDriverTests(DriverTests):
         self.assertEqual(limited.run([lambda: 1] * 5), [1] * 5)
 
 
+    def test_more_children_than_cores_once_tasks_are_slow(self):
+        # One child per core first; tasks that wait on each other (as on I/O)
+        # get the rest, up to max_workers, or they could never all meet.
+        count = concurrency._CORES + 2
+        wide = type(self.d)(max_workers=count)
+        meet = self.subdir("meet")
+        pids = wide.run([lambda i=i: (rendezvous(meet, str(i), count), os.getpid())[1]
+                         for i in range(count)])
+        self.assertEqual(len(set(pids)), count)
+
     def test_large_results_arrive_whole_with_their_types(self):
         mib = 1 << 20
 
@@ -708,16 +718,6 @@ class ForkDriverTest(ChildDriverTests, CleanTestCase):
         self.assertFalse(child_workers & parent_workers)
         # The parent's warm workers were left alone and still serve.
         self.assertTrue(set(process.run([os.getpid, os.getpid])) & parent_workers)
-
-    def test_more_children_than_cores_once_tasks_are_slow(self):
-        # One child per core first; tasks that wait on each other (as on I/O)
-        # get the rest, up to max_workers, or they could never all meet.
-        count = concurrency._CORES + 2
-        wide = concurrency.ForkDriver(max_workers=count)
-        meet = self.subdir("meet")
-        pids = wide.run([lambda i=i: (rendezvous(meet, str(i), count), os.getpid())[1]
-                         for i in range(count)])
-        self.assertEqual(len(set(pids)), count)
 
     def test_unavailable_without_os_fork(self):
         self.addCleanup(setattr, concurrency, "_HAVE_FORK", concurrency._HAVE_FORK)
