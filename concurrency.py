@@ -1463,6 +1463,7 @@ class _Child:
         self.eof = False
         self.exitcode = None
         self.served = False  # it has sent a frame: it is up and running
+        self.last_outcome = 0.0  # when its last task's outcome arrived
 
     def read_frames(self):
         """Read what the pipe holds now; return the complete frames."""
@@ -1539,6 +1540,10 @@ class _Child:
 # (see _Run.take_batch).
 _BATCH_TASKS = 64
 _BATCH_BYTES = 256 * 1024
+# A child with this many tasks left is sent more (see _Run.top_up), if they
+# fit in its pipe with what it has not read yet: pipes hold 64 KiB at least.
+_TOP_UP_AT = 8
+_TOP_UP_BYTES = 64 * 1024
 
 
 class _Run:
@@ -1580,19 +1585,32 @@ class _Run:
                 return False
             child.reply(_worker_module().FETCHED)
         _decode_outcome(self.outcomes, index, kind, body, lent)
-        return self.next_queued(child)
+        if self.next_queued(child):
+            return True
+        now = self.progress
+        if (self.pending and len(self.queued[child]) <= _TOP_UP_AT
+                and now - child.last_outcome < _GROW_AFTER):
+            self.top_up(child)
+        child.last_outcome = now
+        return False
 
-    def take_batch(self, children, size_of):
+    def top_up(self, child):
+        """Send more tasks to a child that has few left, and ends them fast:
+        they are in its pipe before it runs out, so it never waits for us,
+        and we never wake it up."""
+
+
+    def take_batch(self, children, size_of, room=_BATCH_BYTES):
         """Pending indices for one child: one, or several when many wait, so
         that one write and one wake-up carry them all.  A share of what
         waits, shrinking as it does ("guided" scheduling): every child keeps
         work to the end, and none holds many tasks that another, idle, could
         run.  Only small ones, so that its pipe holds them without blocking."""
-        count = min(_BATCH_TASKS, max(1, len(self.pending) // (2 * children)))
+        count = min(_BATCH_TASKS, max(1, len(self.pending) // children))
         indices = [self.pending.popleft()]
         size = size_of(indices[0])
         while (len(indices) < count
-               and size + size_of(self.pending[0]) <= _BATCH_BYTES):
+               and size + size_of(self.pending[0]) <= room):
             size += size_of(self.pending[0])
             indices.append(self.pending.popleft())
         return indices
@@ -2007,6 +2025,18 @@ class _ProcessRun(_Run):
             return False
         return super().on_frame(worker, index, kind, body)
 
+    def top_up(self, worker):
+        room = _TOP_UP_BYTES - sum(len(self.payloads[i]) for i in self.queued[worker])
+        if not self.pending or len(self.payloads[self.pending[0]]) > room:
+            return
+        indices = self.take_batch(self.size, lambda i: len(self.payloads[i]), room)
+        try:
+            worker.send_tasks(self.context, [self.payloads[i] for i in indices])
+        except OSError:  # it died: its pipes tell the run so
+            self.pending.extendleft(reversed(indices))
+            return
+        self.queued[worker].extend(indices)
+
     def on_finished(self, worker):
         self.free.append(worker)
 
@@ -2118,6 +2148,15 @@ class _ForkRun(_Run):
 
     def may_grow(self):
         return self.limit < self.size
+
+    def top_up(self, child):
+        indices = self.take_batch(self.size, lambda index: _INDEX.size)
+        try:
+            os.write(child.task_fd, b"".join(_INDEX.pack(index) for index in indices))
+        except OSError:  # it died: its pipes tell the run so
+            self.pending.extendleft(reversed(indices))
+            return
+        self.queued[child].extend(indices)
 
     def grow(self):
         self.limit = self.size
