@@ -15,8 +15,9 @@ Data flow of the default ``process`` driver:
                                             v
                                    worker.py "serve" (warm child)
                                             |  unserialize, call, pickle
-                                            |  b"R" value | b"E" error
-                                            v
+                                            |  b"R" value | b"E" error; large
+                                            |  buffers stay in the child, and
+                                            v  _copy_lent() reads them there
     results / first error  <-- _Outcomes <-- _Run: the parent's select() loop
 
 _Batch
@@ -26,9 +27,10 @@ _Batch
 ProcessDriver
     Keeps a pool of warm ``worker.py`` children, started with
     ``sys.executable`` by path (never ``import worker``).  Each run checks out
-    up to one worker per task, starting missing ones first so that their
-    start-up overlaps the serializing.  _FastTaskPickler sends lambdas and
-    functions by value with the C pickler; dill serves what needs more
+    the warm workers there are, or starts one per core, first, so that their
+    start-up overlaps the serializing; more once its tasks prove slow (see
+    _Run).  _FastTaskPickler sends lambdas and functions by value with the C
+    pickler, code a run's tasks share once; dill serves what needs more
     (classes of ``__main__``); importable modules travel by name.  A task
     that can't be serialized fails with SerializationError before any task
     starts.  Tasks and outcomes travel on two private pipes per worker, never
@@ -43,8 +45,9 @@ worker.py
     exit after ``idle_timeout``.
 
 ForkDriver
-    Forks up to ``max_workers`` children per run; they inherit the tasks, so
-    nothing is serialized but the outcomes, encoded by worker.py's code.
+    Forks one child per core when a run starts, more once its tasks prove
+    slow, up to ``max_workers``; they inherit the tasks, so nothing is
+    serialized but the outcomes, encoded by worker.py's code.
 
 SyncDriver
     Calls the tasks one after another in this process: for tests and

@@ -1330,6 +1330,11 @@ class ImportTest(unittest.TestCase):
         self.assertEqual(self.python("print(concurrency.run([lambda: 'dill' in sys.modules]), "
                                      "'dill' in sys.modules)"), "[False] False")
 
+    @unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
+    def test_fork_driver_scripts_do_not_load_subprocess(self):
+        self.assertEqual(self.python("print(concurrency.driver('fork').run([lambda: 1]), "
+                                     "'subprocess' in sys.modules)"), "[1] False")
+
     def test_public_names(self):
         for name in concurrency.__all__:
             self.assertTrue(hasattr(concurrency, name), name)
