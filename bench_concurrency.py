@@ -13,8 +13,10 @@ Scenarios:
   warm2     a later 2-task run in the same process (ms)
   many1000  1000 tiny lambdas in one run (ms)
   cpu       2 x cores tasks of ~0.2 s pure-Python arithmetic: efficiency =
-            sequential time / cores / wall (%; higher is better); the system
-            "os.fork" is a bare fork per task, what the hardware allows
+            sequential time / cores / wall (%; higher is better).  Each child
+            alternates the system's runs with a bare fork per task (what the
+            hardware allows; column "os.fork"), and the ratio is the system's
+            efficiency over the bare fork's of the same child
   big64mb   2 tasks each returning 64 MB of bytes (ms)
   rss       peak RSS of the parent after big64mb, and RSS of an idle worker (MB)
 """
@@ -140,17 +142,21 @@ def child(system, scenario, iterations):
         tasks = [lambda: spin(iterations) for _ in range(2 * CORES)]
         run(tasks[:CORES])  # warm up with the same work
         # This machine's speed drifts from second to second: each run is
-        # paired with a sequential task timed right after it.
-        efficiencies = []
+        # paired with a bare fork run and a sequential task timed right after.
+        ours, bare = [], []
         for _ in range(3):
-            started = time.perf_counter()
-            run(tasks)
-            wall = time.perf_counter() - started
+            walls = []
+            for runner in (run, _fork_run):
+                started = time.perf_counter()
+                runner(tasks)
+                walls.append(time.perf_counter() - started)
             started = time.perf_counter()
             spin(iterations)
             one = time.perf_counter() - started
-            efficiencies.append(100.0 * one * len(tasks) / CORES / wall)
-        return {"value": statistics.median(efficiencies)}
+            ours.append(100.0 * one * len(tasks) / CORES / walls[0])
+            bare.append(100.0 * one * len(tasks) / CORES / walls[1])
+        return {"value": statistics.median(ours), "os.fork": statistics.median(bare),
+                "ratio": statistics.median(o / b for o, b in zip(ours, bare))}
     if scenario in ("big64mb", "rss"):
         started = time.perf_counter()
         blobs = run([lambda: b"x" * (64 << 20), lambda: b"y" * (64 << 20)])
@@ -238,23 +244,26 @@ def main(argv):
     iterations = calibrate()
     print("machine: %d cores, Python %s, %s; medians of %d runs, each in a fresh "
           "interpreter" % (CORES, sys.version.split()[0], sys.platform, repeat))
-    rows = {}
+    rows, bare, cpu_ratios = {}, [], {}
     for scenario in scenarios:
-        columns = systems + (["os.fork"] if scenario == "cpu" else [])
-        for system in columns:
+        for system in systems:
             measure(system, scenario, iterations)  # untimed: fills bytecode caches
             results = [measure(system, scenario, iterations) for _ in range(repeat)]
             value = statistics.median(r["value"] for r in results)
             rows.setdefault(scenario, {})[system] = value
+            if scenario == "cpu":
+                bare.extend(r["os.fork"] for r in results)
+                rows["cpu"]["os.fork"] = statistics.median(bare)
+                cpu_ratios[system] = statistics.median(r["ratio"] for r in results)
             if scenario == "rss":
                 workers = [r["worker"] for r in results if r.get("worker") is not None]
                 rows.setdefault("idle worker rss", {})[system] = (
                     statistics.median(workers) if workers else None)
             sys.stderr.write("  %s %s: %.1f\n" % (scenario, system, value))
-    print_table(rows, systems)
+    print_table(rows, systems, cpu_ratios)
 
 
-def print_table(rows, systems):
+def print_table(rows, systems, cpu_ratios):
     units = {"first2": "ms", "warm2": "ms", "many1000": "ms", "cpu": "% eff", "big64mb": "ms",
              "rss": "MB peak", "idle worker rss": "MB"}
     names = [s for s in systems] + ["os.fork"]
@@ -267,10 +276,11 @@ def print_table(rows, systems):
                         for n in shown)
         higher_better = scenario == "cpu"
         peers = [row[n] for n in PEERS if row.get(n) is not None]
-        if scenario == "cpu" and row.get("os.fork"):
-            peers = [row["os.fork"]]
         ratios = []
-        if peers:
+        if scenario == "cpu":  # against the bare fork runs beside them
+            ratios = ["%s %.2f" % (ours.split("-")[1], cpu_ratios[ours])
+                      for ours in OURS if ours in cpu_ratios]
+        elif peers:
             best = max(peers) if higher_better else min(peers)
             for ours in OURS:
                 if row.get(ours) is not None and best:
