@@ -135,6 +135,7 @@ _POLL_INTERVAL = 0.05
 # See _Run.on_wake.
 _GROW_AFTER = 0.003
 _GROW_ANYWAY = 0.5
+_CPU_SPAN = 0.02  # the least time over which CPU use tells that cores are busy
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 _WORKER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
@@ -1668,21 +1669,29 @@ class _Run:
         self.grow()
 
     def _cores_busy(self, now):
-        """Whether the running children keep every core busy, from the CPU
-        time they took since the last look (Linux; elsewhere: no)."""
+        """Whether the running children keep the cores busy computing, from
+        the CPU time they take between looks (Linux; elsewhere: no)."""
         sample = {}
         for child in self.running:
             if child.served:  # not one still starting up: its start is no task's
                 seconds = _cpu_seconds(child.pid)
                 if seconds is not None:
                     sample[child.pid] = seconds
-        last, self.cpu_sample = self.cpu_sample, (now, sample)
         if not sample:
             return False
-        if last is None or now - last[0] < _GROW_AFTER / 2:
+        if self.cpu_sample is None:
+            self.cpu_sample = (now, sample)
             return True  # judged at the next look
-        used = sum(seconds - last[1][pid] for pid, seconds in sample.items() if pid in last[1])
-        return used / (now - last[0]) >= _CORES - 0.5
+        then, before = self.cpu_sample
+        span = now - then
+        cores = min(len(sample), _CORES) * span
+        used = sum(seconds - before[pid] for pid, seconds in sample.items() if pid in before)
+        if used < 0.25 * cores:
+            return False  # waiting, not computing: clear at once
+        if span < _CPU_SPAN:
+            return True  # too soon to tell a busy core from a start-up
+        self.cpu_sample = (now, sample)
+        return used >= 0.75 * cores
 
     def on_died(self, child, index):
         """The child died before the outcome of task ``index`` arrived."""

@@ -555,6 +555,22 @@ class ChildDriverTests(DriverTests):
                          for i in range(count)])
         self.assertEqual(len(set(pids)), count)
 
+    def test_a_task_computing_forever_does_not_hold_back_the_rest(self):
+        # Tasks keeping every core busy hold the run to one child per core,
+        # but not for long: the task waiting behind them still gets its own.
+        count = concurrency._CORES
+        wide = type(self.d)(max_workers=count + 1)
+        self.assertEqual(wide.run([lambda: 0] * count), [0] * count)  # warm ones
+
+        def compute_forever():
+            while True:
+                pass
+
+        results = wide.run([compute_forever] * count + [lambda: "done"], timeout=2.5,
+                           return_exceptions=True)
+        self.assertEqual(results[-1], "done")
+        self.assertEqual([type(r) for r in results[:-1]], [concurrency.TaskTimeout] * count)
+
     def test_large_results_arrive_whole_with_their_types(self):
         mib = 1 << 20
 
