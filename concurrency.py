@@ -1086,7 +1086,8 @@ class _FastTaskPickler(pickle.Pickler):
         # One globals dict per function, so that a function reaching itself
         # through its globals meets the memoized dict and the recursion ends.
         self._globals = {}
-        self._templates = {} if templates and _template_maker() else None
+        self._make_function = _template_maker() if templates else None
+        self._templates = {} if self._make_function else None
 
     def forget_globals(self):
         """Before the next dump(): each task takes the globals as they are."""
@@ -1115,8 +1116,8 @@ class _FastTaskPickler(pickle.Pickler):
             state = (obj.__dict__ or None, {"__kwdefaults__": obj.__kwdefaults__,
                                             "__qualname__": obj.__qualname__})
             if self._templates is not None:
-                return (_template_maker(), (self._template(obj), obj.__defaults__,
-                                            obj.__closure__), state)
+                return (self._make_function, (self._template(obj), obj.__defaults__,
+                                              obj.__closure__), state)
             return types.FunctionType, (obj.__code__, self._globals[id(obj)][1], obj.__name__,
                                         obj.__defaults__, obj.__closure__), state
         if kind is types.ModuleType:
@@ -1309,7 +1310,7 @@ def _copy_lent(pid, body):
 
 # Lent buffers are copied in pieces of this size, by up to this many threads.
 _COPY_PIECE = 8 << 20
-_COPY_THREADS = min(4, os.cpu_count() or 1)
+_COPY_THREADS = min(4, _CORES)
 
 
 _memory_readers = []
@@ -1602,7 +1603,6 @@ class _Run:
         """Send more tasks to a child that has few left, and ends them fast:
         they are in its pipe before it runs out, so it never waits for us,
         and we never wake it up."""
-
 
     def take_batch(self, children, size_of, room=_BATCH_BYTES):
         """Pending indices for one child: one, or several when many wait, so
