@@ -1656,6 +1656,8 @@ class _Run:
         """Seconds until on_wake() is due though nothing happens, or None."""
         if not (self.pending and self.may_grow()):
             return None
+        if self.cpu_sample is None:  # the first look, from which CPU use counts
+            self._cores_busy(time.monotonic())
         due = self.progress + _GROW_AFTER - time.monotonic()
         return due if due > 0 else 3 * _GROW_AFTER  # the next look at the cores
 
