@@ -1038,8 +1038,6 @@ def _task_pickler_class():
     """
     cls = _pickler_classes.get("task")
     if cls is None:
-        import importlib
-        import types
         import dill
         from dill import _dill
 
@@ -1100,7 +1098,7 @@ class _FastTaskPickler(pickle.Pickler):
             buffer = io.BytesIO()
             # Without templates: a function met inside is sent whole.
             _FastTaskPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(
-                (fn.__code__, self._globals[id(fn)][1], fn.__name__))
+                (fn.__code__, _used_globals(fn), fn.__name__))
             template = self._templates[key] = buffer.getvalue()
         return template
 
@@ -1109,8 +1107,6 @@ class _FastTaskPickler(pickle.Pickler):
         if kind is types.FunctionType:
             if _importable(obj):
                 return NotImplemented
-            if id(obj) not in self._globals:
-                self._globals[id(obj)] = (obj, _used_globals(obj))
             # What the constructor does not take is set once it exists (pickle
             # "BUILD": __dict__ items, then the rest as attributes).
             state = (obj.__dict__ or None, {"__kwdefaults__": obj.__kwdefaults__,
@@ -1118,6 +1114,8 @@ class _FastTaskPickler(pickle.Pickler):
             if self._templates is not None:
                 return (self._make_function, (self._template(obj), obj.__defaults__,
                                               obj.__closure__), state)
+            if id(obj) not in self._globals:
+                self._globals[id(obj)] = (obj, _used_globals(obj))
             return types.FunctionType, (obj.__code__, self._globals[id(obj)][1], obj.__name__,
                                         obj.__defaults__, obj.__closure__), state
         if kind is types.ModuleType:
@@ -1229,7 +1227,7 @@ def _loads_value(body, lent=None):
     if flag == b"p":
         return pickle.loads(view[1:])
     if flag == b"l" or flag == b"i":
-        count, size, descriptors, start = _lent_layout(view)
+        size, descriptors, start = _lent_layout(view)
         data = view[start:start + size]
         if flag == b"i":
             lent, offset = [], start + size
@@ -1243,6 +1241,7 @@ def _loads_value(body, lent=None):
 
 
 def _lent_layout(view):
+    """(pickle size, buffer descriptors, where the pickle starts) of a lent body."""
     worker = _worker_module()
     count, size = worker.LENT_HEADER.unpack_from(view, 1)
     offset = 1 + worker.LENT_HEADER.size
@@ -1250,7 +1249,7 @@ def _lent_layout(view):
     for _ in range(count):
         descriptors.append(worker.LENT_BUFFER.unpack_from(view, offset))
         offset += worker.LENT_BUFFER.size
-    return count, size, descriptors, offset
+    return size, descriptors, offset
 
 
 def _copy_lent(pid, body):
@@ -1261,7 +1260,7 @@ def _copy_lent(pid, body):
     threads, as most of the time goes to faulting in the fresh pages."""
     import ctypes
     reader = _memory_reader()
-    _count, _size, descriptors, _start = _lent_layout(memoryview(body))
+    _size, descriptors, _start = _lent_layout(memoryview(body))
     copies, pieces = [], collections.deque()
     for address, length, readonly in descriptors:
         if readonly:
