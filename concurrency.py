@@ -1071,36 +1071,42 @@ class _FastTaskPickler(pickle.Pickler):
     ``__main__`` (the worker must adopt it), a module that is not importable
     -- raises _NeedsDill, and dill sends it.
 
-    With ``templates``, the tasks of a run that share code (lambdas made in
-    a loop, the common way to make many tasks) share the pickle of what is
-    the same for all -- code, globals, name -- made once, as bytes each
-    payload carries: only defaults, closure and attributes are pickled per
-    task.  The worker unpickles the template for each task, so every task
-    still gets globals of its own.
+    Functions whose code is in ``shared_code`` -- the tasks of a run that
+    share code, lambdas made in a loop being the common way to make many --
+    share the pickle of what is the same for all (code, globals, name), made
+    once, as bytes each payload carries: only defaults, closure and
+    attributes are pickled per task.  The worker unpickles the template for
+    each task, so every task still gets globals of its own.  A template
+    over _TEMPLATE_MAX (large captured globals) would only add a copy to
+    every payload: those functions are sent whole.
     """
 
-    def __init__(self, file, protocol, templates=False):
+    def __init__(self, file, protocol, shared_code=()):
         super().__init__(file, protocol)
         # One globals dict per function, so that a function reaching itself
         # through its globals meets the memoized dict and the recursion ends.
         self._globals = {}
-        self._make_function = _template_maker() if templates else None
-        self._templates = {} if self._make_function else None
+        self._shared_code = shared_code
+        self._make_function = _template_maker() if shared_code else None
+        self._templates = {}  # (code, globals id, name) -> bytes, or None: too large
 
     def forget_globals(self):
         """Before the next dump(): each task takes the globals as they are."""
         self._globals.clear()
 
     def _template(self, fn):
+        """The template of ``fn``, or None when it travels whole."""
+        if self._make_function is None or fn.__code__ not in self._shared_code:
+            return None
         key = (fn.__code__, id(fn.__globals__), fn.__name__)
-        template = self._templates.get(key)
-        if template is None:
+        if key not in self._templates:
             buffer = io.BytesIO()
             # Without templates: a function met inside is sent whole.
             _FastTaskPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(
                 (fn.__code__, _used_globals(fn), fn.__name__))
-            template = self._templates[key] = buffer.getvalue()
-        return template
+            template = buffer.getvalue()
+            self._templates[key] = template if len(template) <= _TEMPLATE_MAX else None
+        return self._templates[key]
 
     def reducer_override(self, obj):
         kind = type(obj)
@@ -1111,9 +1117,9 @@ class _FastTaskPickler(pickle.Pickler):
             # "BUILD": __dict__ items, then the rest as attributes).
             state = (obj.__dict__ or None, {"__kwdefaults__": obj.__kwdefaults__,
                                             "__qualname__": obj.__qualname__})
-            if self._templates is not None:
-                return (self._make_function, (self._template(obj), obj.__defaults__,
-                                              obj.__closure__), state)
+            template = self._template(obj)
+            if template is not None:
+                return self._make_function, (template, obj.__defaults__, obj.__closure__), state
             if id(obj) not in self._globals:
                 self._globals[id(obj)] = (obj, _used_globals(obj))
             return types.FunctionType, (obj.__code__, self._globals[id(obj)][1], obj.__name__,
@@ -1176,22 +1182,30 @@ def _used_globals(fn):
     return used
 
 
+# Larger templates are not worth sharing (see _FastTaskPickler).
+_TEMPLATE_MAX = 64 * 1024
+
+
 def _dumps_tasks(keys, calls):
-    """Serialize the tasks of a run, see _dumps_task()."""
-    fast = []  # one pickler for them all: making one costs as much as using it
-    return [_dumps_task(key, fn, fast) for key, fn in zip(keys, calls)]
+    """Serialize the tasks of a run, see _dumps_task().  One pickler serves
+    them all (making one costs as much as using it), and code that several
+    tasks share travels as a template."""
+    codes = collections.Counter(fn.__code__ for fn in calls
+                                if type(fn) is types.FunctionType)
+    shared_code = {code for code, count in codes.items() if count > 1}
+    reused = []
+    return [_dumps_task(key, fn, reused, shared_code) for key, fn in zip(keys, calls)]
 
 
-def _dumps_task(key, fn, fast=None):
+def _dumps_task(key, fn, reused=None, shared_code=()):
     """Serialize a task: the fast C pickler where it can, dill otherwise.
-    ``fast``: a list holding a (buffer, pickler) pair to reuse, or empty."""
-    if fast is None:
-        fast = []
-    if not fast:
+    ``reused``: a list that keeps the (buffer, pickler) pair between calls."""
+    reused = [] if reused is None else reused
+    if not reused:
         buffer = io.BytesIO()
-        fast.append((buffer, _FastTaskPickler(buffer, pickle.HIGHEST_PROTOCOL,
-                                              templates=True)))
-    buffer, pickler = fast[0]
+        reused.append((buffer, _FastTaskPickler(buffer, pickle.HIGHEST_PROTOCOL,
+                                                shared_code)))
+    buffer, pickler = reused[0]
     buffer.seek(0)
     buffer.truncate()
     buffer.write(b"p")
@@ -1201,7 +1215,7 @@ def _dumps_task(key, fn, fast=None):
         pickler.dump(fn)
         return buffer.getvalue()
     except Exception:  # _NeedsDill, or what the C pickler refuses: dill may do
-        del fast[:]  # it may be left mid-way
+        del reused[:]  # it may be left mid-way
     buffer = io.BytesIO()
     buffer.write(b"d")
     try:
