@@ -91,7 +91,6 @@ __all__ = [
 __version__ = "0.1.0"
 
 import atexit
-import builtins
 import collections
 import collections.abc
 import contextvars
@@ -99,7 +98,6 @@ import errno
 import functools
 import importlib
 import io
-import marshal
 import math
 import os
 import pickle
@@ -711,7 +709,8 @@ class ProcessDriver(_ChildDriver):
         # Serialized now: a task that can't be fails here, at the call site,
         # and captured values are taken as they are now.
         context = _current_context()
-        payloads = [pickle.dumps((context, _dumps_task(key, fn)), pickle.HIGHEST_PROTOCOL)
+        serializer = _TaskSerializer()
+        payloads = [pickle.dumps((context, serializer.dumps(key, fn)), pickle.HIGHEST_PROTOCOL)
                     for key, fn in zip(batch.keys, batch.calls)]
 
         def start():
@@ -1024,213 +1023,201 @@ def _report_deferred_failure(key, exc):
 
 # -- Serialization ------------------------------------------------------------
 
-_pickler_classes = {}
+class _TaskSerializer:
+    """Serializes the tasks of one run (or one deferred batch).
 
+    worker.ValuePickler -- the C pickler, sending by value what the worker
+    could not find by name -- serves nearly every task; dill, under the same
+    rules, what it can't.  What neither can send fails here, before any task
+    starts, with a SerializationError naming the global or attribute that
+    pulled it in.
 
-def _task_pickler_class():
-    """A dill Pickler that sends importable modules by reference.
-
-    dill copies by value every module it does not find under sys.prefix --
-    the user's own modules next to their script, this library when vendored
-    -- with their whole state: an open database connection in a module global
-    breaks the task.  Such modules are importable in the worker (it gets our
-    sys.path), so they travel by name.
-    """
-    cls = _pickler_classes.get("task")
-    if cls is None:
-        import dill
-        from dill import _dill
-
-        def save_module(pickler, module):
-            name = module.__name__
-            if name != "__main__" and sys.modules.get(name) is module:
-                pickler.save_reduce(importlib.import_module, (name,), obj=module)
-            else:
-                _dill.save_module(pickler, module)
-
-        class TaskPickler(dill.Pickler):
-            dispatch = type(dill.Pickler.dispatch)(dill.Pickler.dispatch)
-
-        TaskPickler.dispatch[types.ModuleType] = save_module
-        cls = _pickler_classes["task"] = TaskPickler
-    return cls
-
-
-class _NeedsDill(Exception):
-    """Internal: the fast pickler met something only dill can send."""
-
-
-class _FastTaskPickler(pickle.Pickler):
-    """The C pickler, taught to send plain functions by value.
-
-    Most tasks are lambdas and functions of ``__main__`` that use module
-    globals, other functions and importable modules.  Those travel here as
-    stdlib calls -- ``types.FunctionType(marshal.loads(code), globals, ...)``
-    -- ten times faster than dill and without importing dill on either side
-    (dill's import alone costs ~100 ms).  What needs more -- a class of
-    ``__main__`` (the worker must adopt it), a module that is not importable
-    -- raises _NeedsDill, and dill sends it.
-
-    Functions whose code is in ``shared_code`` -- the tasks of a run that
-    share code, lambdas made in a loop being the common way to make many --
-    share the pickle of what is the same for all (code, globals, name), made
-    once, as bytes each payload carries: only defaults, closure and
-    attributes are pickled per task.  The worker unpickles the template for
-    each task, so every task still gets globals of its own.  A template
-    over _TEMPLATE_MAX (large captured globals) would only add a copy to
-    every payload: those functions are sent whole.
+    Tasks that share code -- lambdas made in a loop, the common way to make
+    many -- share the pickle of what is the same for all of them (the code,
+    the globals it uses), made once: a template.  Each task's payload is that
+    template, its STOP turned into a POP, followed by a pickle of the task
+    made with the template's memo, so that what the task shares with the
+    template (a sentinel default that is also a global) stays one object.
+    The worker unpickles the whole payload for every task, so each task
+    still has globals of its own.  A template over _TEMPLATE_MAX (a large
+    captured global) would only add a copy to every payload: such functions
+    are sent whole.
     """
 
-    def __init__(self, file, protocol, shared_code=()):
-        super().__init__(file, protocol)
-        # One globals dict per function, so that a function reaching itself
-        # through its globals meets the memoized dict and the recursion ends.
-        self._globals = {}
-        self._shared_code = shared_code
-        self._make_function = _template_maker() if shared_code else None
-        self._templates = {}  # (code, globals id, name) -> bytes, or None: too large
+    def __init__(self, calls=()):
+        self.worker = _worker_module()
+        self.buffer = io.BytesIO()
+        self.pickler = self.worker.ValuePickler(self.buffer)
+        functions = {id(fn): fn for fn in calls if type(fn) is types.FunctionType}
+        codes = collections.Counter(fn.__code__ for fn in functions.values()
+                                    if not self.worker.found_by_name(fn))
+        self.shared_code = {code for code, count in codes.items() if count > 1}
+        self.templates = {}  # (code, id(globals)) -> (payload prefix, pickler), or None
 
-    def forget_globals(self):
-        """Before the next dump(): each task takes the globals as they are."""
-        self._globals.clear()
+    def dumps(self, key, fn):
+        """The payload of task ``fn``: b"p" and a pickle, or b"d" and dill's."""
+        worker = self.worker
+        try:
+            return self._dumps(fn)
+        except worker.Unshippable as exc:
+            raise self._error(key, fn, exc) from exc
+        except RecursionError as exc:
+            raise SerializationError(key, "task", "cannot be serialized: it is nested too "
+                                     "deeply (%s)" % exc) from exc
+        except Exception:  # what the C pickler refuses: dill may do
+            self.buffer = io.BytesIO()  # the pickler may be left mid-way
+            self.pickler = worker.ValuePickler(self.buffer)
+        buffer = io.BytesIO()
+        buffer.write(b"d")
+        try:
+            worker.dill_value_pickler_class()(buffer).dump(fn)
+        except ImportError as exc:
+            raise SerializationError(
+                key, "task", "needs dill to be serialized, and dill is not installed: "
+                "pip install dill") from exc
+        except RecursionError as exc:
+            raise SerializationError(key, "task", "cannot be serialized: it is nested too "
+                                     "deeply (%s)" % exc) from exc
+        except Exception as exc:
+            raise self._error(key, fn, exc) from exc
+        return buffer.getvalue()
+
+    def _dumps(self, fn):
+        buffer, pickler = self.buffer, self.pickler
+        buffer.seek(0)
+        buffer.truncate()
+        buffer.write(b"p")
+        template = self._template(fn)
+        if template is None:
+            pickler.reset()
+            pickler.dump(fn)
+            return buffer.getvalue()
+        prefix, template_pickler = template
+        pickler.memo = template_pickler.memo
+        pickler.globals_ref = dict(template_pickler.globals_ref)
+        pickler.filled = set(template_pickler.filled)
+        buffer.write(prefix)
+        pickler.dump(fn)
+        return buffer.getvalue()
 
     def _template(self, fn):
-        """The template of ``fn``, or None when it travels whole."""
-        if self._make_function is None or fn.__code__ not in self._shared_code:
+        if type(fn) is not types.FunctionType or fn.__code__ not in self.shared_code:
             return None
-        key = (fn.__code__, id(fn.__globals__), fn.__name__)
-        if key not in self._templates:
+        key = (fn.__code__, id(fn.__globals__))
+        if key not in self.templates:
             buffer = io.BytesIO()
-            # Without templates: a function met inside is sent whole.
-            _FastTaskPickler(buffer, pickle.HIGHEST_PROTOCOL).dump(
-                (fn.__code__, _used_globals(fn), fn.__name__))
+            pickler = self.worker.ValuePickler(buffer)
+            base, submodules = pickler.prefill(fn)
+            pickler.dump((fn.__code__, base, submodules))
             template = buffer.getvalue()
-            self._templates[key] = template if len(template) <= _TEMPLATE_MAX else None
-        return self._templates[key]
+            if len(template) > _TEMPLATE_MAX:
+                self.templates[key] = None
+            else:
+                # The template's STOP becomes POP: the task's pickle follows.
+                self.templates[key] = (template[:-1] + pickle.POP, pickler)
+        return self.templates[key]
 
-    def reducer_override(self, obj):
-        kind = type(obj)
-        if kind is types.FunctionType:
-            if _importable(obj):
-                return NotImplemented
-            # What the constructor does not take is set once it exists (pickle
-            # "BUILD": __dict__ items, then the rest as attributes).
-            state = (obj.__dict__ or None, {"__kwdefaults__": obj.__kwdefaults__,
-                                            "__qualname__": obj.__qualname__})
-            template = self._template(obj)
-            if template is not None:
-                return self._make_function, (template, obj.__defaults__, obj.__closure__), state
-            if id(obj) not in self._globals:
-                self._globals[id(obj)] = (obj, _used_globals(obj))
-            return types.FunctionType, (obj.__code__, self._globals[id(obj)][1], obj.__name__,
-                                        obj.__defaults__, obj.__closure__), state
-        if kind is types.ModuleType:
-            name = obj.__name__
-            if name == "__main__" or sys.modules.get(name) is not obj:
-                raise _NeedsDill()
-            return importlib.import_module, (name,)
-        if obj is types.FunctionType or obj is types.CellType:
-            # Their names (builtins.function, builtins.cell) can't be looked up.
-            return getattr, (types, obj.__name__.capitalize() + "Type")
-        if isinstance(obj, type) and obj.__module__ == "__main__":
-            raise _NeedsDill()  # dill sends it by value; the worker adopts it
-        if kind is types.CodeType:
-            # marshal's format is the interpreter's own: workers run the same.
-            return marshal.loads, (marshal.dumps(obj),)
-        if kind is types.CellType:
-            # Filled after it is memoized (pickle sets the "slot" on load), so
-            # a function that reaches itself through its closure works.
-            try:
-                return types.CellType, (), (None, {"cell_contents": obj.cell_contents})
-            except ValueError:  # an empty cell: a name not bound yet
-                return types.CellType, ()
-        return NotImplemented
+    def _error(self, key, fn, exc):
+        culprit = _culprit(fn, self.worker)
+        where = "" if culprit is None else "%s is %s, which " % (culprit[0], _describe(culprit[1]))
+        if isinstance(exc, self.worker.Unshippable):
+            detail = "%s%s" % ("%s: " % culprit[0] if culprit else "", exc)
+        else:
+            detail = "%scannot be sent to another process (%s: %s)" % (
+                where or "it ", type(exc).__name__, exc)
+        return SerializationError(
+            key, "task", "cannot be serialized: %s. Create such objects inside the task, "
+            "or use the fork driver, which does not serialize tasks" % detail)
 
 
-def _template_maker():
-    """worker.function_from_template, if pickle finds it under its name here
-    (another copy of the library may have taken that name)."""
-    worker = _worker_module()
-    if sys.modules.get(worker.__name__) is worker:
-        return worker.function_from_template
-    return None
-
-
-def _importable(fn):
-    module = sys.modules.get(fn.__module__)
-    if module is None or fn.__module__ == "__main__":
-        return False
-    found = module
-    for part in fn.__qualname__.split("."):
-        found = getattr(found, part, None)
-    return found is fn
-
-
-def _used_globals(fn):
-    """The globals ``fn`` (and the code nested in it) refers to, as dill's
-    recurse=True takes them, plus what a function needs to run."""
-    names = set()
-    todo = [fn.__code__]
-    while todo:
-        code = todo.pop()
-        names.update(code.co_names)
-        todo.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
-    namespace = fn.__globals__
-    used = {name: namespace[name] for name in names if name in namespace}
-    used["__name__"] = fn.__module__
-    used["__builtins__"] = builtins
-    return used
-
-
-# Larger templates are not worth sharing (see _FastTaskPickler).
+# Larger templates are not worth sharing (see _TaskSerializer).
 _TEMPLATE_MAX = 64 * 1024
 
 
 def _dumps_tasks(keys, calls):
-    """Serialize the tasks of a run, see _dumps_task().  One pickler serves
-    them all (making one costs as much as using it), and code that several
-    tasks share travels as a template."""
-    codes = collections.Counter(fn.__code__ for fn in calls
-                                if type(fn) is types.FunctionType)
-    shared_code = {code for code, count in codes.items() if count > 1}
-    reused = []
-    return [_dumps_task(key, fn, reused, shared_code) for key, fn in zip(keys, calls)]
+    """Serialize the tasks of a run, see _TaskSerializer."""
+    serializer = _TaskSerializer(calls)
+    return [serializer.dumps(key, fn) for key, fn in zip(keys, calls)]
 
 
-def _dumps_task(key, fn, reused=None, shared_code=()):
-    """Serialize a task: the fast C pickler where it can, dill otherwise.
-    ``reused``: a list that keeps the (buffer, pickler) pair between calls."""
-    reused = [] if reused is None else reused
-    if not reused:
-        buffer = io.BytesIO()
-        reused.append((buffer, _FastTaskPickler(buffer, pickle.HIGHEST_PROTOCOL,
-                                                shared_code)))
-    buffer, pickler = reused[0]
-    buffer.seek(0)
-    buffer.truncate()
-    buffer.write(b"p")
-    pickler.clear_memo()
-    pickler.forget_globals()
+def _culprit(fn, worker, depth=4):
+    """(path, object) of the innermost thing the task reaches that can't be
+    serialized -- a global (``db``), a captured variable, an attribute path
+    (``settings.conn``), an item (``pool[0]``) -- or None.  Only called once
+    serializing has failed, so its cost is never paid by a working task."""
+
+    def fails(value):
+        try:
+            worker.ValuePickler(io.BytesIO()).dump(value)
+            return False
+        except worker.Unshippable:
+            return True
+        except Exception:
+            pass
+        try:
+            worker.dill_value_pickler_class()(io.BytesIO()).dump(value)
+            return False
+        except Exception:
+            return True
+
+    def parts(value):
+        if type(value) is types.FunctionType:
+            code = value.__code__
+            for name in worker.global_names(code):
+                if name in value.__globals__:
+                    yield name, value.__globals__[name]
+            for name, cell in zip(code.co_freevars, value.__closure__ or ()):
+                try:
+                    yield name, cell.cell_contents
+                except ValueError:
+                    pass
+            for index, default in enumerate(value.__defaults__ or ()):
+                yield "%s.__defaults__[%d]" % (value.__qualname__, index), default
+            for name, default in (value.__kwdefaults__ or {}).items():
+                yield name, default
+            return
+        if isinstance(value, functools.partial):
+            yield from parts(value.func)
+            for index, arg in enumerate(value.args):
+                yield "partial argument %d" % index, arg
+            for name, arg in value.keywords.items():
+                yield "partial argument %s" % name, arg
+            return
+        if isinstance(value, types.MethodType):
+            yield "self", value.__self__
+            return
+        if isinstance(value, (list, tuple, set, frozenset)):
+            for index, item in enumerate(value):
+                yield "[%d]" % index, item
+            return
+        if isinstance(value, dict):
+            for name, item in value.items():
+                yield "[%r]" % (name,), item
+            return
+        attributes = getattr(value, "__dict__", None)
+        if isinstance(attributes, dict):
+            for name, item in attributes.items():
+                yield "." + name, item
+
+    def search(path, value, depth):
+        for label, part in parts(value):
+            if not fails(part):
+                continue
+            if path is None or type(value) is types.FunctionType:
+                here = label
+            else:
+                here = path + label
+            if depth and not isinstance(part, (types.ModuleType, type)):
+                found = search(here, part, depth - 1)
+                if found is not None:
+                    return found
+            return here, part
+        return None
+
     try:
-        pickler.dump(fn)
-        return buffer.getvalue()
-    except Exception:  # _NeedsDill, or what the C pickler refuses: dill may do
-        del reused[:]  # it may be left mid-way
-    buffer = io.BytesIO()
-    buffer.write(b"d")
-    try:
-        # recurse=True per call: it traces only the globals the function
-        # uses.  dill.settings is process-wide and left alone.
-        _task_pickler_class()(buffer, pickle.HIGHEST_PROTOCOL, recurse=True).dump(fn)
-    except RecursionError as exc:
-        raise SerializationError(key, "task", "cannot be serialized: it is nested too deeply "
-                                 "(%s)" % exc) from exc
-    except Exception as exc:
-        raise SerializationError(
-            key, "task", "cannot be serialized with dill: %s: %s. Create such objects "
-            "inside the task, or use the fork driver, which does not serialize tasks"
-            % (type(exc).__name__, exc)) from exc
-    return buffer.getvalue()
+        return search(None, fn, depth)
+    except Exception:
+        return None
 
 
 def _loads_value(body, lent=None):
@@ -1239,6 +1226,7 @@ def _loads_value(body, lent=None):
     view = memoryview(body)
     flag = view[:1]
     if flag == b"p":
+        _worker_module()  # what values sent by value are rebuilt with
         return pickle.loads(view[1:])
     if flag == b"l" or flag == b"i":
         size, descriptors, start = _lent_layout(view)
@@ -1418,12 +1406,13 @@ def _add_note(exc, note):
 
 
 def _current_context():
-    """The caller's cwd, environment and sys.path, which every task gets."""
+    """The caller's cwd, environment, sys.path, sys.argv and recursion
+    limit, which every task gets."""
     try:
         cwd = os.getcwd()
     except OSError:
         cwd = None
-    return cwd, dict(os.environ), list(sys.path)
+    return cwd, dict(os.environ), list(sys.path), list(sys.argv), sys.getrecursionlimit()
 
 
 _worker_modules = []
@@ -1448,6 +1437,12 @@ def _worker_module():
     """worker.py loaded by path under a private name, never as ``worker``:
     a user's own worker.py must not be picked up."""
     if not _worker_modules:
+        running = sys.modules.get(_WORKER_NAME)
+        if running is not None and getattr(running, "__file__", None) == _WORKER_PATH:
+            # In a worker (a task using the library): the worker.py that runs,
+            # whose functions pickles here and in our workers name.
+            _worker_modules.append(running)
+            return running
         from importlib.machinery import SourceFileLoader
         loader = SourceFileLoader(_WORKER_NAME, _WORKER_PATH)
         module = types.ModuleType(_WORKER_NAME)

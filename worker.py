@@ -82,7 +82,8 @@ RESULT_UNSERIALIZABLE = "result"  # the task's return value could not be pickled
 # -- Outcome encoding (shared with the fork driver) ---------------------------
 
 def dumps_value(value):
-    """Pickle ``value`` with the C pickle, or dill when pickle can't.
+    """Pickle ``value`` with the C pickle, by value what pickle would look
+    up by name and not find (ValuePickler), or with dill when neither can.
 
     Returns the parts of the body: the flag, then the pickle, kept apart so
     a large pickle is never copied just to prepend one byte.
@@ -90,10 +91,18 @@ def dumps_value(value):
     try:
         return [PICKLED, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)]
     except Exception:
-        pass
+        pass  # a class or function pickle can't find by name, or a lock...
     import io
     buffer = io.BytesIO()
-    _result_pickler_class()(buffer, pickle.HIGHEST_PROTOCOL, recurse=True).dump(value)
+    try:
+        ValuePickler(buffer).dump(value)
+        return [PICKLED, buffer.getvalue()]
+    except Unshippable:
+        raise
+    except Exception:
+        pass
+    buffer = io.BytesIO()
+    dill_value_pickler_class()(buffer).dump(value)
     return [DILLED, buffer.getvalue()]
 
 
@@ -296,78 +305,635 @@ def flush_std_streams():
             pass
 
 
-# -- Classes from the parent's __main__ ---------------------------------------
+# -- Pickling by value --------------------------------------------------------
 #
-# dill sends classes defined in the parent's __main__ by value; here they get
-# rebuilt as new class objects.  Put top-level ones into this process's
-# __main__ (a private module, see serve()) and pickle them by reference on the
-# way back, so the parent resolves them to its own class: a returned instance
-# is an instance of the caller's class, and an exception keeps its class.
+# pickle finds functions and classes by name.  In another process the
+# caller's __main__ is not there (a worker runs no script), and a lambda, a
+# local class or one made with type() has no name to be found by at all.
+# ValuePickler sends those by value -- their code, globals, closure, class
+# dictionary -- and rebuilds them here with the make_* functions below;
+# everything else goes as pickle sends it.  The same pickler serves both
+# directions: tasks to a worker (concurrency.py) and values and exceptions
+# back (dumps_value).
+#
+# Rules it keeps, so that a task sees what it would have seen in the caller:
+# - Everything one pickle reaches keeps its identity: an object reached twice
+#   is one object, and functions of one module share one globals dict, as
+#   they share the module's in the caller.
+# - A class sent by value carries a random tracker id.  A process that gets
+#   a class by an id it already knows uses the class it has (see make_class),
+#   so a value of a class the caller sent comes back as the caller's very
+#   class, and two classes that merely share a name never mix.
+# - What can't be rebuilt faithfully is refused (Unshippable) rather than
+#   rebuilt wrong: a file open for writing (dill would truncate it), a closed
+#   file.  Locks come back new and unlocked: a copy of a held lock could
+#   never be released in the child.
 
-_ADOPTED = {}  # id(class) -> class
+class Unshippable(pickle.PicklingError):
+    """An object that can't be rebuilt faithfully in another process; the
+    message says what it is and what to do instead."""
+
+
+_GLOBAL_OPS = {}      # opcode -> shift of its argument into co_names
+_global_names_cache = {}
+
+_tracker_ids = None   # class or TypeVar -> its tracker id (weak keys)
+_tracked = None       # tracker id -> class or TypeVar (weak values)
+_fresh_classes = None  # classes made by make_class, their state not set yet
+ADOPT_INTO_MAIN = [False]  # a worker puts the caller's top-level classes in __main__
+
+
+def _trackers():
+    global _tracker_ids, _tracked, _fresh_classes
+    if _tracked is None:
+        import weakref
+        _tracker_ids = weakref.WeakKeyDictionary()
+        _tracked = weakref.WeakValueDictionary()
+        _fresh_classes = weakref.WeakSet()
+    return _tracker_ids, _tracked
+
+
+def tracker_id(obj):
+    """The id under which ``obj`` (a class or TypeVar) travels by value."""
+    ids, tracked = _trackers()
+    try:
+        found = ids.get(obj)
+        if found is None:
+            found = ids[obj] = os.urandom(12).hex()
+            tracked[found] = obj
+        return found
+    except TypeError:  # unhashable (a metaclass with __eq__): untracked
+        return None
+
+
+def forget_tracked_classes():
+    """A worker's next task gets classes of its own, not an earlier task's
+    (which it may have changed); what it returns still goes back by id."""
+    if _tracked is not None:
+        _tracked.clear()
+
+
+def _track(tracker, obj):
+    """The object already known under ``tracker``, else ``obj``, now known."""
+    if tracker is None:
+        return obj
+    _ids, tracked = _trackers()
+    found = tracked.get(tracker)
+    if found is not None:
+        return found
+    tracked[tracker] = obj
+    try:
+        _tracker_ids[obj] = tracker
+    except TypeError:
+        pass
+    return obj
+
+
+def found_by_name(obj, name=None):
+    """Whether pickle's lookup by module and qualified name finds ``obj``
+    itself: a module the other side can import, never __main__."""
+    module_name = getattr(obj, "__module__", None)
+    if not module_name or module_name == "__main__":
+        return False
+    module = sys.modules.get(module_name)
+    if module is None:
+        return False
+    found = module
+    for part in (name or getattr(obj, "__qualname__", "") or "").split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            return False
+    return found is obj
+
+
+def global_names(code):
+    """Names that ``code`` (and code nested in it) reads, writes or deletes
+    as globals: only those travel with a function."""
+    names = _global_names_cache.get(code)
+    if names is not None:
+        return names
+    if not _GLOBAL_OPS:
+        import opcode
+        for op_name, shift in (("LOAD_GLOBAL", 1 if sys.version_info >= (3, 11) else 0),
+                               ("STORE_GLOBAL", 0), ("DELETE_GLOBAL", 0),
+                               ("LOAD_FROM_DICT_OR_GLOBALS", 0)):
+            if op_name in opcode.opmap:
+                _GLOBAL_OPS[opcode.opmap[op_name]] = shift
+        _GLOBAL_OPS[-1] = opcode.opmap["EXTENDED_ARG"]
+    extended_arg = _GLOBAL_OPS[-1]
+    found = {}
+    raw, co_names, extended = code.co_code, code.co_names, 0
+    for i in range(0, len(raw), 2):
+        op, arg = raw[i], raw[i + 1] | extended
+        if op == extended_arg:
+            extended = arg << 8
+            continue
+        extended = 0
+        shift = _GLOBAL_OPS.get(op)
+        if shift is not None:
+            found[co_names[arg >> shift]] = None
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found.update(dict.fromkeys(global_names(const)))
+    names = tuple(found)
+    if len(_global_names_cache) > 4096:
+        _global_names_cache.clear()
+    _global_names_cache[code] = names
+    return names
+
+
+def _submodules(code, values):
+    """Imported submodules a function reaches as attributes of a package it
+    uses (``xml.etree.ElementTree``): they must be imported on the other
+    side too, or the attribute is missing there."""
+    found = []
+    names = None
+    for value in values:
+        if type(value) is types.ModuleType and getattr(value, "__package__", None):
+            if names is None:
+                names = set(code.co_names)
+                for const in code.co_consts:
+                    if isinstance(const, types.CodeType):
+                        names.update(const.co_names)
+            prefix = value.__name__ + "."
+            for name in list(sys.modules):
+                if isinstance(name, str) and name.startswith(prefix) \
+                        and not set(name[len(prefix):].split(".")) - names:
+                    found.append(sys.modules[name])
+    return found
+
+
+class _ByValue:
+    """reducer_override for ValuePickler and its dill counterpart."""
+
+    def init_by_value(self):
+        # id(a module's globals) -> (the dict sent in their place, the globals)
+        self.globals_ref = {}
+        # (id(globals), code) whose used globals that dict holds already
+        self.filled = set()
+
+    def reset(self):
+        """Before the next dump(): a new object graph of its own."""
+        self.clear_memo()
+        self.globals_ref.clear()
+        self.filled.clear()
+
+    def reducer_override(self, obj):
+        kind = type(obj)
+        if kind is types.FunctionType:
+            return self.reduce_function(obj)
+        if isinstance(obj, type):
+            return _reduce_class(obj)
+        reducer = _reducers().get(kind)
+        if reducer is not None:
+            return reducer(obj)
+        return NotImplemented
+
+    def base_globals(self, fn):
+        """The one dict that stands for ``fn``'s module globals in this pickle."""
+        entry = self.globals_ref.get(id(fn.__globals__))
+        if entry is None:
+            namespace = fn.__globals__
+            # What relative imports and __name__ need, and no more.
+            base = {name: namespace[name] for name in
+                    ("__name__", "__package__", "__path__", "__file__") if name in namespace}
+            entry = self.globals_ref[id(fn.__globals__)] = (base, namespace)
+        return entry[0]
+
+    def prefill(self, fn):
+        """Put the globals ``fn`` uses into its module's dict before it is
+        pickled (a template shared by tasks of one code, see concurrency)."""
+        base = self.base_globals(fn)
+        namespace = fn.__globals__
+        base.update((name, namespace[name]) for name in global_names(fn.__code__)
+                    if name in namespace)
+        self.filled.add((id(namespace), fn.__code__))
+        return base, _submodules(fn.__code__, list(base.values()))
+
+    def reduce_function(self, fn):
+        if found_by_name(fn):
+            return NotImplemented
+        if fn.__code__ is _singledispatch_code() and hasattr(fn, "registry"):
+            return _reduce_singledispatch(fn)
+        code = fn.__code__
+        base = self.base_globals(fn)
+        namespace = fn.__globals__
+        if (id(namespace), code) in self.filled:
+            used = submodules = None
+        else:
+            used = {name: namespace[name] for name in global_names(code) if name in namespace}
+            values = list(used.values())
+            if fn.__closure__:
+                for cell in fn.__closure__:
+                    try:
+                        values.append(cell.cell_contents)
+                    except ValueError:
+                        pass
+            submodules = _submodules(code, values) or None
+        state = (fn.__dict__ or None, fn.__qualname__, fn.__module__, fn.__doc__,
+                 fn.__annotations__ or None, fn.__kwdefaults__, used, submodules)
+        return (make_function, (code, base, fn.__name__, fn.__defaults__, fn.__closure__),
+                state, None, None, function_setstate)
+
+
+class ValuePickler(_ByValue, pickle.Pickler):
+    """The C pickler, sending by value what can't be found by name."""
+
+    def __init__(self, file, protocol=pickle.HIGHEST_PROTOCOL, **kwargs):
+        super().__init__(file, protocol, **kwargs)
+        self.init_by_value()
+
+
+def dill_value_pickler_class():
+    """dill's pickler with the same rules on top: for objects that neither
+    pickle nor ValuePickler can send.  Needs dill."""
+    if "dill" not in _loaders:
+        import dill
+
+        class DillValuePickler(_ByValue, dill.Pickler):
+            def __init__(self, file, protocol=pickle.HIGHEST_PROTOCOL):
+                dill.Pickler.__init__(self, file, protocol, recurse=True)
+                self.init_by_value()
+
+        _loaders["dill"] = DillValuePickler
+    return _loaders["dill"]
+
+
 _loaders = {}
 
 
-def _adopt(cls):
-    qualname = getattr(cls, "__qualname__", "")
-    if getattr(cls, "__module__", None) == "__main__" and qualname.isidentifier():
-        setattr(sys.modules["__main__"], qualname, cls)
-        _ADOPTED[id(cls)] = cls
-    return cls
+# Rebuilding on the receiving side.
 
-
-def loads_task(body):
-    """Unserialize a task payload: b"p" and a plain pickle, or b"d" and
-    dill's, whose classes of __main__ are adopted."""
-    view = memoryview(body)
-    if view[:1] == b"p":
-        return pickle.loads(view[1:])
-    import io
-    return _task_unpickler_class()(io.BytesIO(view[1:])).load()
-
-
-def function_from_template(template, defaults, closure):
-    """Make a task function from the template its run's tasks share (see
-    concurrency._FastTaskPickler): unpickled anew for each, so that each
-    task has globals of its own."""
-    code, namespace, name = pickle.loads(template)
+def make_function(code, namespace, name, defaults, closure):
+    if "__builtins__" not in namespace:
+        namespace["__builtins__"] = __builtins__
     return types.FunctionType(code, namespace, name, defaults, closure)
 
 
-def _task_unpickler_class():
-    if "task" not in _loaders:
-        import dill
-        from dill import _dill
-
-        def create_type(typeobj, *args):
-            return _adopt(_dill._create_type(typeobj, *args))
-
-        class TaskUnpickler(dill.Unpickler):
-            def find_class(self, module, name):
-                found = super().find_class(module, name)
-                return create_type if found is _dill._create_type else found
-
-        _loaders["task"] = TaskUnpickler
-    return _loaders["task"]
+def function_setstate(fn, state):
+    attributes, qualname, module, doc, annotations, kwdefaults, used, _submodules = state
+    if used:
+        fn.__globals__.update(used)
+    fn.__qualname__ = qualname
+    fn.__module__ = module
+    fn.__doc__ = doc
+    if annotations:
+        fn.__annotations__ = annotations
+    if kwdefaults:
+        fn.__kwdefaults__ = kwdefaults
+    if attributes:
+        fn.__dict__.update(attributes)
 
 
-def _result_pickler_class():
-    if "result" not in _loaders:
-        import dill
-        from dill import _dill
+def make_cell():
+    return types.CellType()
 
-        def save_type(pickler, cls):
-            if _ADOPTED.get(id(cls)) is cls:
-                pickle._Pickler.save_global(pickler, cls)
-            else:
-                _dill.save_type(pickler, cls)
 
-        class ResultPickler(dill.Pickler):
-            dispatch = type(dill.Pickler.dispatch)(dill.Pickler.dispatch)
+def make_class(metaclass, name, bases, namespace, tracker, adopt):
+    """A new class with what it needs to exist (its state follows, see
+    class_setstate), or the class already known by ``tracker``."""
+    made = types.new_class(name, bases, {"metaclass": metaclass},
+                           lambda body: body.update(namespace))
+    return _adopted(_track(tracker, _mark_fresh(made)), adopt)
 
-        ResultPickler.dispatch[type] = save_type
-        _loaders["result"] = ResultPickler
-    return _loaders["result"]
+
+def make_enum(metaclass, name, bases, qualname, module, members, tracker, adopt):
+    body = metaclass.__prepare__(name, bases)
+    for member, value in members.items():
+        body[member] = value
+    made = metaclass.__new__(metaclass, name, bases, body)
+    made.__module__, made.__qualname__ = module, qualname
+    return _adopted(_track(tracker, _mark_fresh(made)), adopt)
+
+
+def _mark_fresh(cls):
+    _trackers()
+    _fresh_classes.add(cls)
+    return cls
+
+
+def _adopted(cls, adopt):
+    # The caller's own top-level class of __main__: a task that pickles its
+    # instances by name (multiprocessing, a cache) finds it here too.
+    if adopt and ADOPT_INTO_MAIN[0]:
+        setattr(sys.modules["__main__"], cls.__qualname__, cls)
+    return cls
+
+
+def class_setstate(cls, state):
+    """Fill a class made by make_class; a class that was already known
+    keeps its own state."""
+    if cls not in _fresh_classes:
+        return cls
+    _fresh_classes.discard(cls)
+    attributes, members = state
+    registry = attributes.pop("_abc_impl", None)
+    for name, value in attributes.items():
+        setattr(cls, name, value)
+    if registry is not None:
+        for subclass in registry:
+            cls.register(subclass)
+    for member, extra in (members or {}).items():
+        vars(cls[member]).update(extra)
+    return cls
+
+
+def make_typevar(name, bound, constraints, covariant, contravariant, tracker):
+    import typing
+    made = typing.TypeVar(name, *constraints, bound=bound, covariant=covariant,
+                          contravariant=contravariant)
+    return _track(tracker, made)
+
+
+def make_module(name, namespace):
+    module = types.ModuleType(name)
+    module.__dict__.update(namespace)
+    return module
+
+
+def reopen_file(name, mode, position, encoding, errors):
+    """A file open for reading, open again at the same position."""
+    if "b" in mode:
+        file = open(name, mode)
+    else:
+        file = open(name, mode, encoding=encoding, errors=errors)
+    file.seek(position)
+    return file
+
+
+def make_lru_cache(fn, maxsize, typed):
+    import functools
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(fn)
+
+
+def make_singledispatch(default, registry):
+    import functools
+    dispatcher = functools.singledispatch(default)
+    for cls, implementation in registry:
+        dispatcher.register(cls, implementation)
+    return dispatcher
+
+
+def dataclass_sentinel(name):
+    import dataclasses
+    return getattr(dataclasses, name)
+
+
+# Reducing on the sending side.
+
+_BUILTIN_TYPES = {value: name for name, value in vars(types).items()
+                  if type(value) is type and not name.startswith("_")}
+
+
+def _reduce_class(cls):
+    if cls in _BUILTIN_TYPES:
+        return getattr, (types, _BUILTIN_TYPES[cls])
+    if found_by_name(cls) or cls.__module__ == "builtins":
+        return NotImplemented
+    namespace = dict(vars(cls))
+    if len(cls.__bases__) == 1:
+        inherited = vars(cls.__bases__[0])
+    else:
+        inherited = {}
+        for base in reversed(cls.__bases__):
+            inherited.update(vars(base))
+    for name in [name for name, value in namespace.items() if inherited.get(name, namespace) is value]:
+        del namespace[name]
+    for name in ("__weakref__", "__dict__"):
+        namespace.pop(name, None)
+    slots = namespace.get("__slots__")
+    made_with = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    if slots is not None:
+        made_with["__slots__"] = slots
+        for slot in ([slots] if isinstance(slots, str) else slots):
+            namespace.pop(slot, None)
+            if slot.startswith("__") and not slot.endswith("__"):
+                namespace.pop("_%s%s" % (cls.__name__.lstrip("_"), slot), None)
+    if "_abc_impl" in namespace:
+        import abc
+        registry = abc._get_dump(cls)[0]
+        namespace["_abc_impl"] = [ref() for ref in registry if ref() is not None]
+    namespace.pop("__annotate_func__", None)  # 3.14: made anew from the rest
+    main = sys.modules.get("__main__")
+    adopt = (cls.__module__ == "__main__" and cls.__qualname__.isidentifier()
+             and getattr(main, cls.__qualname__, None) is cls)
+    bases = vars(cls).get("__orig_bases__", cls.__bases__)
+    if any(not isinstance(base, type) and getattr(base, "__name__", "") == "NamedTuple"
+           for base in bases):
+        bases = cls.__bases__  # typing.NamedTuple: the class it made is the thing to copy
+    enum = sys.modules.get("enum")
+    if enum is not None and issubclass(cls, enum.Enum):
+        members = {name: member._value_ for name, member in cls.__members__.items()}
+        extras = {}
+        for name, member in cls.__members__.items():
+            extra = {key: value for key, value in vars(member).items()
+                     if not (key.startswith("_") and key.endswith("_"))}
+            if extra and member.name == name:
+                extras[name] = extra
+        for name in ("_generate_next_value_", "_member_names_", "_member_map_",
+                     "_member_type_", "_value2member_map_", "__qualname__", "__module__"):
+            namespace.pop(name, None)
+        for name in members:
+            namespace.pop(name, None)
+        return (make_enum, (type(cls), cls.__name__, cls.__bases__, cls.__qualname__,
+                            cls.__module__, members, tracker_id(cls), adopt),
+                (namespace, extras), None, None, class_setstate)
+    namespace.pop("__qualname__", None)
+    namespace.pop("__module__", None)
+    return (make_class, (type(cls), cls.__name__, bases, made_with, tracker_id(cls), adopt),
+            (namespace, None), None, None, class_setstate)
+
+
+def _reduce_code(code):
+    # marshal's format is the interpreter's own: the other side runs the same.
+    import marshal
+    return marshal.loads, (marshal.dumps(code),)
+
+
+def _reduce_cell(cell):
+    # Filled once memoized (pickle sets the state after), so a function
+    # that reaches itself through its closure works; a cell shared by two
+    # closures stays one cell.
+    try:
+        return make_cell, (), (None, {"cell_contents": cell.cell_contents})
+    except ValueError:  # an empty cell: a name not bound yet
+        return make_cell, ()
+
+
+def _reduce_module(module):
+    name = module.__name__
+    if name != "__main__" and sys.modules.get(name) is module:
+        import importlib
+        return importlib.import_module, (name,)
+    namespace = dict(vars(module))
+    namespace.pop("__builtins__", None)
+    return make_module, (name, namespace)
+
+
+def _reduce_typevar(typevar):
+    if found_by_name(typevar, typevar.__name__):
+        return NotImplemented
+    return make_typevar, (typevar.__name__, typevar.__bound__, typevar.__constraints__,
+                          typevar.__covariant__, typevar.__contravariant__,
+                          tracker_id(typevar))
+
+
+def _reduce_lock(lock):
+    import threading
+    return threading.Lock, ()
+
+
+def _reduce_rlock(lock):
+    import threading
+    return threading.RLock, ()
+
+
+def _reduce_condition(condition):
+    import threading
+    return threading.Condition, (condition._lock,)
+
+
+def _reduce_file(file):
+    for name in ("stdin", "stdout", "stderr", "__stdin__", "__stdout__", "__stderr__"):
+        if getattr(sys, name, None) is file:
+            return getattr, (sys, name)
+    name, mode = getattr(file, "name", None), getattr(file, "mode", "")
+    what = "the open file %r (mode %r)" % (name, mode)
+    if getattr(file, "closed", False):
+        raise Unshippable("%s is closed" % what)
+    if not isinstance(name, str) or not os.path.isfile(name) or not isinstance(mode, str) \
+            or set(mode) & set("wax+") or "r" not in mode:
+        raise Unshippable(
+            "%s can't be reopened faithfully in another process (it would be truncated, "
+            "or writes would interleave); open it inside the task" % what)
+    try:
+        position = file.tell()
+    except (OSError, ValueError) as exc:
+        raise Unshippable("%s has no position to reopen it at: %s" % (what, exc))
+    return reopen_file, (name, mode, position, getattr(file, "encoding", None),
+                         getattr(file, "errors", None))
+
+
+def _reduce_lru_cache(fn):
+    if found_by_name(fn):
+        return NotImplemented
+    parameters = fn.cache_parameters()
+    return make_lru_cache, (fn.__wrapped__, parameters["maxsize"], parameters["typed"])
+
+
+def _reduce_singledispatch(fn):
+    registry = [(cls, implementation) for cls, implementation in fn.registry.items()
+                if cls is not object]
+    return make_singledispatch, (fn.registry[object], registry)
+
+
+def _reduce_method(method):
+    return types.MethodType, (method.__func__, method.__self__)
+
+
+def _reduce_property(prop):
+    return property, (prop.fget, prop.fset, prop.fdel, prop.__doc__)
+
+
+def _reduce_wrapped_method(method):
+    # classmethod and staticmethod; what else is in their __dict__ follows.
+    return type(method), (method.__func__,), vars(method) or None
+
+
+def _reduce_mappingproxy(proxy):
+    return types.MappingProxyType, (dict(proxy),)
+
+
+def _reduce_descriptor(descriptor):
+    return getattr, (descriptor.__objclass__, descriptor.__name__)
+
+
+def _reduce_memoryview(view):
+    return memoryview, (view.tobytes(),)
+
+
+def _reduce_weakset(weakset):
+    import weakref
+    return weakref.WeakSet, (list(weakset),)
+
+
+def _reduce_dataclass_sentinel(sentinel):
+    # Compared by identity (dataclasses.fields(), "default is MISSING").
+    name = "MISSING" if type(sentinel).__name__ == "_MISSING_TYPE" else sentinel.name
+    return dataclass_sentinel, (name,)
+
+
+_singledispatch = []
+_reducer_table = {}
+
+
+def _singledispatch_code():
+    if not _singledispatch:
+        import functools
+        _singledispatch.append(functools.singledispatch(lambda value: value).__code__)
+    return _singledispatch[0]
+
+
+def _reducers():
+    """Reducers by type, for the modules imported so far (a type of a module
+    nobody imported has no instances to reduce)."""
+    modules = len(sys.modules)
+    if _reducer_table.get(None) == modules:
+        return _reducer_table
+    import _thread
+    import io
+    table = {
+        types.CodeType: _reduce_code,
+        types.CellType: _reduce_cell,
+        types.ModuleType: _reduce_module,
+        types.MethodType: _reduce_method,
+        types.MappingProxyType: _reduce_mappingproxy,
+        types.GetSetDescriptorType: _reduce_descriptor,
+        types.MemberDescriptorType: _reduce_descriptor,
+        property: _reduce_property,
+        classmethod: _reduce_wrapped_method,
+        staticmethod: _reduce_wrapped_method,
+        memoryview: _reduce_memoryview,
+        _thread.LockType: _reduce_lock,
+        _thread.RLock: _reduce_rlock,
+        io.TextIOWrapper: _reduce_file,
+        io.BufferedReader: _reduce_file,
+        io.BufferedWriter: _reduce_file,
+        io.BufferedRandom: _reduce_file,
+        io.FileIO: _reduce_file,
+    }
+    functools = sys.modules.get("functools")
+    if functools is not None:
+        table[functools._lru_cache_wrapper] = _reduce_lru_cache
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        table[threading.Condition] = _reduce_condition
+        if isinstance(threading.RLock, type):
+            table[threading.RLock] = _reduce_rlock
+    typing = sys.modules.get("typing")
+    if typing is not None:
+        table[typing.TypeVar] = _reduce_typevar
+    weakref = sys.modules.get("weakref")
+    if weakref is not None:
+        table[weakref.WeakSet] = _reduce_weakset
+    dataclasses = sys.modules.get("dataclasses")
+    if dataclasses is not None:
+        table[dataclasses._FIELD_BASE] = _reduce_dataclass_sentinel
+        table[dataclasses._MISSING_TYPE] = _reduce_dataclass_sentinel
+    _reducer_table.clear()
+    _reducer_table.update(table)
+    _reducer_table[None] = modules
+    return _reducer_table
+
+
+def loads_task(body):
+    """Unserialize a task payload: b"p" and a pickle (see ValuePickler), or
+    b"d" and dill's, for what only dill could send."""
+    view = memoryview(body)
+    if view[:1] == b"p":
+        return pickle.loads(view[1:])
+    import dill
+    return dill.loads(bytes(view[1:]))
 
 
 # -- serve: a warm worker of the process driver -------------------------------
@@ -439,8 +1005,9 @@ _applied_environ = {}  # id(context environ) -> os.environ's raw data after appl
 
 
 def _apply_context(context):
-    """Give the next task the caller's cwd, environment and sys.path."""
-    cwd, environ, path = context
+    """Give the next task the caller's cwd, environment, sys.path, sys.argv
+    and recursion limit."""
+    cwd, environ, path, argv, recursion_limit = context
     if cwd is not None:
         try:
             os.chdir(cwd)
@@ -458,6 +1025,18 @@ def _apply_context(context):
         if raw is not None:
             _applied_environ[id(environ)] = (environ, dict(raw))
     sys.path[:] = path
+    if sys.argv != argv:
+        sys.argv[:] = argv
+    if sys.getrecursionlimit() != recursion_limit:
+        sys.setrecursionlimit(recursion_limit)
+
+
+def _fresh_task_state(std_streams):
+    """What one task may change in this process that the next must not see:
+    its own __main__, no class of an earlier task's, the std streams."""
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    forget_tracked_classes()
+    sys.stdin, sys.stdout, sys.stderr = std_streams
 
 
 def serve(task_fd, result_fd, idle_timeout, lend_min=0):
@@ -467,6 +1046,7 @@ def serve(task_fd, result_fd, idle_timeout, lend_min=0):
     waiting = select.poll()  # not select(): our fd number may exceed FD_SETSIZE
     waiting.register(task_fd, select.POLLIN)
     context = None
+    std_streams = (sys.stdin, sys.stdout, sys.stderr)
     while True:
         if idle_timeout > 0 and not channel.early and not waiting.poll(idle_timeout * 1000):
             # Unused for IDLE_TIMEOUT: give the memory back.  Say so first: a
@@ -480,6 +1060,7 @@ def serve(task_fd, result_fd, idle_timeout, lend_min=0):
         if kind == b"C":
             context = pickle.loads(body)
         elif kind == b"T":
+            _fresh_task_state(std_streams)
             if context is not None:
                 _apply_context(context)
             try:
@@ -490,6 +1071,7 @@ def serve(task_fd, result_fd, idle_timeout, lend_min=0):
                 outcome = run_task(fn, lend_min)
                 del fn
             _restore_std_fds()
+            sys.stdin, sys.stdout, sys.stderr = std_streams
             deliver(outcome, channel.write_frame, channel.await_reply)
             del outcome
         del frame, body
@@ -760,9 +1342,10 @@ def _ignore_sigint():
 
 def main(argv):
     mode = argv[1] if len(argv) > 1 else ""
-    # Tasks name function_from_template by this name (python worker.py runs
-    # it as __main__, which is replaced below).
+    # Pickles name this module's functions (make_function...) by this name
+    # (python worker.py runs it as __main__, which is replaced below).
     sys.modules.setdefault("_concurrency_worker", sys.modules[__name__])
+    ADOPT_INTO_MAIN[0] = True
     if mode == "serve":
         _ignore_sigint()
     # User code runs in a __main__ of its own: classes adopted from the
