@@ -2331,6 +2331,8 @@ def _in_fork_child(devnull):
     # parent does the same, whichever runs first), and a terminal's Ctrl-C
     # reaches the parent alone, which decides what it means for the run.
     _own_group(0)
+    # Classes it sends back by value name the parent's by address.
+    _worker_module().FORKED_FROM[0] = os.getppid()
     # As in process workers: a task reading stdin gets end-of-file, not the
     # terminal's input.
     if devnull is not None:

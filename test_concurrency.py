@@ -999,6 +999,891 @@ class ScriptTest(ScriptTestCase):
             self.assertIn("users=120 orders=345", line)
 
 
+# -- Fidelity: what a task captures arrives as it was -------------------------
+
+# Cases after dill's and cloudpickle's own test suites and everyday code.
+# Each make_<name>() returns a task; the task returns plain values that must
+# be the same in a child as when it is called in the caller.
+FIDELITY_CASES = r'''"""Fidelity cases: each make_<name>() returns a task; the task returns plain
+values that must be the same in a child as when called here."""
+import abc
+import collections
+import dataclasses
+import enum
+import functools
+import inspect
+import logging
+import os
+import sys
+import threading
+import types
+import typing
+import xml.etree.ElementTree
+
+CASES = {}
+
+
+def case(fn):
+    CASES[fn.__name__[len("make_"):]] = fn
+    return fn
+
+
+# -- functions: what they carry besides their code
+
+def deco(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+@deco
+def greet(name: str, times: int = 1) -> str:
+    """Say hello."""
+    return "hello " + name * times
+
+
+@case
+def make_wraps_keeps_doc_and_annotations():
+    return lambda: (greet.__doc__, str(inspect.signature(greet)),
+                    sorted(typing.get_type_hints(greet)), greet.__name__,
+                    greet.__qualname__, greet("a", 2))
+
+
+@case
+def make_wrapper_logs_under_its_own_module():
+    @functools.wraps(os.path.join)
+    def wrapper():
+        return logging.getLogger(__name__).name, __name__
+    return wrapper
+
+
+@case
+def make_function_attributes_and_kwdefaults():
+    def tagged(*, scale=3):
+        return tagged.tag * scale
+    tagged.tag = 2
+    return lambda: (tagged(), tagged.__kwdefaults__, tagged.__qualname__)
+
+
+COUNTER = 0
+
+
+def bump():
+    global COUNTER
+    COUNTER += 1
+
+
+def read_counter():
+    return COUNTER
+
+
+@case
+def make_functions_share_globals():
+    def task():
+        start = read_counter()
+        bump()
+        bump()
+        return read_counter() - start
+    return task
+
+
+def define_setting():
+    global LATE_SETTING
+    LATE_SETTING = 41
+
+
+def use_setting():
+    return LATE_SETTING + 1
+
+
+@case
+def make_global_defined_by_a_helper():
+    return lambda: (define_setting(), use_setting())[1]
+
+
+_MISSING = object()
+SHARED_LIST = []
+
+
+@case
+def make_sentinel_default_keeps_identity():
+    return lambda value=_MISSING, items=SHARED_LIST: (value is _MISSING, items is SHARED_LIST)
+
+
+@case
+def make_closures_share_a_cell():
+    count = 0
+
+    def inc():
+        nonlocal count
+        count += 1
+
+    def get():
+        return count
+    return lambda: (inc(), inc(), get())[2]
+
+
+@case
+def make_recursive_closure():
+    def fact(n):
+        return 1 if n <= 1 else n * fact(n - 1)
+    return lambda: fact(6)
+
+
+@case
+def make_partial_of_lambda():
+    return functools.partial(lambda a, b: a * 10 + b, 4, b=2)
+
+
+def countdown(n):
+    while n:
+        yield n
+        n -= 1
+
+
+@case
+def make_generator_function():
+    return lambda: list(countdown(3))
+
+
+@functools.lru_cache(maxsize=8)
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
+@functools.cache
+def square(n):
+    return n * n
+
+
+@case
+def make_lru_cache_functions():
+    return lambda: (fib(30), fib.cache_parameters(), square(7))
+
+
+@functools.singledispatch
+def describe(value):
+    return "thing"
+
+
+@describe.register
+def _describe_int(value: int):
+    return "int"
+
+
+@describe.register(str)
+def _describe_str(value):
+    return "str"
+
+
+@case
+def make_singledispatch_function():
+    return lambda: (describe(1), describe("a"), describe(1.5))
+
+
+import xml.etree.ElementTree  # noqa: E402  (a submodule reached as an attribute)
+
+
+@case
+def make_submodule_as_attribute():
+    return lambda: xml.etree.ElementTree.fromstring("<a>x</a>").text
+
+
+plugins = types.ModuleType("plugins")
+plugins.VALUE = 7
+exec("def double():\n    return VALUE * 2\n", plugins.__dict__)
+
+
+@case
+def make_module_made_at_run_time():
+    return lambda: (plugins.double(), plugins.__name__)
+
+
+@case
+def make_context_argv_and_recursion_limit():
+    return lambda: (sys.argv[1:], sys.getrecursionlimit())
+
+
+# -- classes
+
+class Color(enum.Enum):
+    RED = 1
+    GREEN = 2
+    CRIMSON = 1  # an alias
+
+    def shout(self):
+        return self.name.upper() + "!"
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+class Perm(enum.Flag):
+    R = 4
+    W = 2
+    X = 1
+
+
+class Planet(enum.Enum):
+    EARTH = (5.97e24, 6.37e6)
+
+    def __init__(self, mass, radius):
+        self.mass = mass
+        self.radius = radius
+
+
+@case
+def make_enums():
+    red = Color.RED
+    return lambda: (red is Color.RED, Color(2).name, [c.name for c in Color],
+                    Color.CRIMSON is Color.RED, Color.RED.shout(), Level.HIGH + 1,
+                    (Perm.R | Perm.W).value, Perm.R in (Perm.R | Perm.X),
+                    Planet.EARTH.radius, isinstance(red, Color))
+
+
+class Registry(type):
+    names = []
+
+    def __new__(mcs, name, bases, namespace):
+        cls = super().__new__(mcs, name, bases, namespace)
+        mcs.names.append(name)
+        return cls
+
+
+class Plugin(metaclass=Registry):
+    kind = "plugin"
+
+
+@case
+def make_class_with_a_metaclass():
+    return lambda: (type(Plugin).__name__, Plugin.kind, Plugin().kind)
+
+
+class Config:
+    def __init__(self, name):
+        self.name = name
+
+
+Config.default = Config("default")
+
+
+@case
+def make_class_referring_to_itself():
+    return lambda: (Config.default.name, isinstance(Config.default, Config))
+
+
+T = typing.TypeVar("T")
+
+
+class Box(typing.Generic[T]):
+    def __init__(self, value: T):
+        self.value = value
+
+
+@case
+def make_typevar_and_generic():
+    return lambda: (Box[int](3).value, Box.__parameters__ == (T,), T.__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    x: int
+    y: int = 0
+
+
+Pair = dataclasses.make_dataclass("Pair", ["a", "b"])
+
+
+@case
+def make_dataclasses():
+    return lambda: (Point(1, 2), Pair(1, 2), [f.name for f in dataclasses.fields(Point)],
+                    dataclasses.asdict(Point(3)),
+                    dataclasses.fields(Point)[1].default is not dataclasses.MISSING)
+
+
+if sys.version_info >= (3, 10):
+    @dataclasses.dataclass(slots=True)
+    class Slotted:
+        a: int
+
+    @case
+    def make_slots_dataclass():
+        return lambda: (Slotted(5), hasattr(Slotted(5), "__dict__"))
+
+
+class Handler:
+    def __init__(self):
+        self.callback = self.handle
+        self.n = 5
+
+    def handle(self):
+        return self.n
+
+
+@case
+def make_bound_method_in_instance_dict():
+    handler = Handler()
+    return lambda: (handler.callback(), handler.callback.__self__ is handler)
+
+
+class Base:
+    def __init__(self):
+        self.made = "base"
+
+
+class Child(Base):
+    __slots__ = ()
+
+    def __init__(self):
+        super().__init__()
+        self.made += "+child"
+
+    @property
+    def label(self):
+        return self.made.upper()
+
+    @classmethod
+    def create(cls):
+        return cls()
+
+    @staticmethod
+    def helper():
+        return "static"
+
+
+@case
+def make_super_property_classmethod_staticmethod():
+    return lambda: (Child.create().made, Child().label, Child.helper())
+
+
+class Shape(abc.ABC):
+    @abc.abstractmethod
+    def area(self):
+        pass
+
+
+class Square(Shape):
+    def area(self):
+        return 4
+
+
+Shape.register(int)
+
+
+@case
+def make_abstract_class_with_registered_subclass():
+    return lambda: (Square().area(), isinstance(3, Shape), inspect.isabstract(Shape))
+
+
+class Outer:
+    class Inner:
+        value = "inner"
+
+
+@case
+def make_nested_class():
+    return lambda: (Outer.Inner.__qualname__, Outer.Inner.value)
+
+
+Coordinates = collections.namedtuple("Coordinates", "lat lon")
+
+
+class Version(typing.NamedTuple):
+    major: int
+    minor: int = 0
+
+
+@case
+def make_named_tuples():
+    return lambda: (Coordinates(1, 2).lon, Version(3)._asdict(), type(Version(1)).__name__)
+
+
+class Lazy:
+    @functools.cached_property
+    def value(self):
+        return 42
+
+
+@case
+def make_cached_property():
+    return lambda: Lazy().value
+
+
+@case
+def make_local_class():
+    class Local:
+        def __init__(self, v):
+            self.v = v
+
+        def __eq__(self, other):
+            return type(other) is type(self) and other.v == self.v
+        __hash__ = None
+    return lambda: (Local(1) == Local(1), Local.__qualname__.split(".")[-1])
+
+
+# -- objects that hang or lose data with a naive copy
+
+LOCK = threading.RLock()
+CONDITION = threading.Condition()
+PLAIN_LOCK = threading.Lock()
+STREAM_HANDLER = logging.StreamHandler(sys.stderr)
+
+
+class Holder:
+    def __init__(self):
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.lock = threading.RLock()
+
+
+HOLDER = Holder()
+
+
+@case
+def make_locks_come_back_usable():
+    def use():
+        got = [LOCK.acquire(timeout=5), CONDITION.acquire(timeout=5),
+               HOLDER.lock.acquire(timeout=5)]
+        for lock in (LOCK, CONDITION, HOLDER.lock):
+            lock.release()
+        STREAM_HANDLER.acquire()
+        STREAM_HANDLER.release()
+        return got, STREAM_HANDLER.stream is sys.stderr, HOLDER.handler.level
+    return use
+
+
+@case
+def make_queue_captured():
+    import queue
+    box = queue.Queue()
+    box.put("item")
+    return lambda: (box.get(timeout=5), box.empty())
+
+
+@case
+def make_mapping_proxy_and_views():
+    data = {"a": 1, "b": 2}
+    proxy = types.MappingProxyType(data)
+    keys = data.keys()
+    return lambda: (dict(proxy), sorted(keys))
+
+
+# -- more, after cloudpickle's and dill's own test suites
+
+@case
+def make_dict_views():
+    data = collections.OrderedDict([("a", 1), ("b", 2)])
+    plain = {"x": 1}
+    return lambda: (list(data.keys()), list(data.values()), list(data.items()),
+                    list(plain.items()), list(plain.values()))
+
+
+@case
+def make_memoryview_and_bytes():
+    view = memoryview(b"abcdef")
+    return lambda: (view.tobytes(), len(view))
+
+
+@case
+def make_closure_none_and_empty_cell():
+    def plain():
+        return None
+
+    if False:
+        later = None
+
+    def reads_later():
+        return later
+
+    def probe():
+        try:
+            reads_later()
+        except NameError as exc:
+            return plain.__closure__ is None, type(exc).__name__
+    return probe
+
+
+class Node:
+    pass
+
+
+Node.parent_class = Node
+
+
+def node_depth():
+    return Node.parent_class is Node
+
+
+@case
+def make_cycle_in_class_dict_and_globals():
+    return node_depth
+
+
+@case
+def make_method_and_getset_descriptors():
+    upper, fromhex, fromkeys, real = str.upper, float.fromhex, dict.__dict__["fromkeys"], float.real
+    return lambda: (upper("a"), fromhex("0x1p1"), fromkeys.__get__(None, dict)("ab"),
+                    real.__get__(2.5))
+
+
+@case
+def make_logger_by_name():
+    log = logging.getLogger("fidelity.app")
+    return lambda: (log.name, log is logging.getLogger("fidelity.app"))
+
+
+@case
+def make_weakset_keeps_identity():
+    import weakref
+
+    class Item:
+        pass
+    item = Item()
+    items = weakref.WeakSet([item])
+    return lambda: (len(items), item in items)
+
+
+class WithSlots:
+    __slots__ = ("a", "__private")
+
+    def __init__(self):
+        self.a = 1
+        self.__private = 2
+
+    def total(self):
+        return self.a + self.__private
+
+
+@case
+def make_instance_with_slots():
+    instance = WithSlots()
+    return lambda: (instance.total(), hasattr(instance, "__dict__"), WithSlots.__slots__)
+
+
+@case
+def make_positional_and_keyword_only():
+    def f(a, /, b, *, c=3):
+        return a + b + c
+    return lambda: (f(1, 2), f(1, b=2, c=4), str(inspect.signature(f)))
+
+
+class Tagged:
+    def __init_subclass__(cls, tag=None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.tag = tag
+
+
+class Sub(Tagged, tag="sub"):
+    pass
+
+
+@case
+def make_init_subclass_keyword():
+    return lambda: Sub.tag
+
+
+class Annotated:
+    limit: typing.ClassVar[int] = 3
+    mode: typing.Literal["a", "b"] = "a"
+    name: str
+
+
+@case
+def make_class_annotations():
+    return lambda: (sorted(Annotated.__annotations__), Annotated.limit, Annotated.mode)
+
+
+@dataclasses.dataclass
+class WithInitVar:
+    scale: dataclasses.InitVar[int]
+    total: int = 0
+    unit: typing.ClassVar[str] = "m"
+
+    def __post_init__(self, scale):
+        self.total *= scale
+
+
+@case
+def make_dataclass_with_initvar_and_classvar():
+    return lambda: (WithInitVar(2, 5).total, [f.name for f in dataclasses.fields(WithInitVar)],
+                    WithInitVar.unit)
+
+
+class Key:
+    def __init__(self, name):
+        self.name = name
+
+    def __eq__(self, other):
+        return isinstance(other, Key) and other.name == self.name
+
+    def __hash__(self):
+        return hash(self.name)
+
+
+@case
+def make_set_and_dict_of_instances():
+    keys = {Key("a"), Key("b")}
+    table = {Key("a"): 1}
+    return lambda: (Key("a") in keys, table[Key("a")], len(keys))
+
+
+@case
+def make_exception_class_of_main():
+    class Failed(Exception):
+        def __init__(self, code):
+            super().__init__("failed with %d" % code)
+            self.code = code
+
+    def task():
+        try:
+            raise Failed(3)
+        except Failed as exc:
+            return exc.code, str(exc)
+    return task
+
+
+@case
+def make_coroutine_function():
+    async def compute():
+        return 6 * 7
+    return compute
+
+
+@case
+def make_class_made_with_type():
+    Made = type("Made", (object,), {"value": 9, "get": lambda self: self.value})
+    return lambda: (Made().get(), Made.__name__)
+
+
+@case
+def make_nested_lambdas():
+    outer = lambda x: lambda y: x + y  # noqa: E731
+    return lambda: outer(1)(2)
+
+
+@case
+def make_global_function_used_by_a_class_method():
+    class UsesHelper:
+        def run(self):
+            return read_counter() - read_counter(), greet("b")
+    return lambda: UsesHelper().run()
+'''
+
+# Runs every case alone, two sharing code (made twice: one template), and all
+# in one run, on the driver named in argv, then compares with in-process calls.
+FIDELITY_CHECK = r'''import json, sys
+import concurrency
+
+# Tasks must see the caller's limit, and locks held while a run starts must
+# not come back held.
+sys.setrecursionlimit(1234)
+driver = concurrency.driver(sys.argv[1])
+
+
+def outcome(value):
+    if isinstance(value, BaseException):
+        return "%s: %s" % (type(value).__name__, value)
+    return repr(value)
+
+
+def run(tasks):
+    try:
+        return [outcome(value) for value in
+                driver.run(tasks, timeout=SHORT_TIMEOUT, return_exceptions=True)]
+    except Exception as exc:
+        return [outcome(exc)] * len(tasks)
+
+
+SHORT_TIMEOUT = 30
+names = list(cases.CASES)
+with cases.LOCK, cases.CONDITION, cases.HOLDER.lock:
+    got = {"alone": {}, "two sharing code": {}}
+    for name in names:
+        got["alone"][name] = run([cases.CASES[name]()])[0]
+        first, second = run([cases.CASES[name](), cases.CASES[name]()])
+        got["two sharing code"][name] = first if first == second else (first, second)
+    got["all in one run"] = dict(zip(names, run([cases.CASES[name]() for name in names])))
+# Called here last: some cases change this process's state as they run.
+expected = {name: outcome(concurrency.driver("sync").run([cases.CASES[name]()], return_exceptions=True)[0])
+            for name in names}
+broken = [name for name in names if isinstance(
+    concurrency.driver("sync").run([cases.CASES[name]()], return_exceptions=True)[0],
+    BaseException)]
+mismatches = [[name, how, got[how][name], expected[name]]
+              for how in got for name in names if got[how][name] != expected[name]]
+print(json.dumps({"cases": len(names), "broken": broken, "mismatches": mismatches}))
+'''
+
+IDENTITY_SCRIPT = """\
+import enum, json, sys
+import concurrency
+
+class Model:
+    x = 0
+
+class Color(enum.Enum):
+    RED = 1
+
+class Boom(Exception):
+    pass
+
+def make_local():
+    class Model:
+        x = 3
+    return Model
+
+def two_models():
+    return type("Model", (), {"x": 1}), type("Model", (), {"x": 2})
+
+def fact_closure():
+    def fact(n):
+        return 1 if n <= 1 else n * fact(n - 1)
+    return fact
+
+def local_error():
+    class Boom(Exception):
+        pass
+    raise Boom("local")
+
+d = concurrency.driver(sys.argv[1])
+out = {}
+a, b = d.run([two_models])[0]
+out["two_models"] = [a is not b, a.x, b.x, a is not Model, b is not Model]
+local = make_local()
+[instance] = d.run([lambda: local()])
+out["local_class_named_like_a_top_level_one"] = [type(instance) is local, instance.x]
+[made] = d.run([lambda: make_local()()])
+out["local_class_made_in_the_task"] = [type(made) is not Model, made.x]
+[instances] = d.run([lambda: [Model(), local()]])
+out["caller_classes_in_one_result"] = [type(instances[0]) is Model, type(instances[1]) is local]
+out["enum_member"] = d.run([lambda: Color.RED])[0] is Color.RED
+out["closure_referring_to_itself"] = d.run([fact_closure])[0](5)
+try:
+    d.run([local_error])
+except Boom:
+    out["local_exception"] = "caught as the top-level Boom"
+except Exception as exc:
+    out["local_exception"] = [type(exc).__name__, str(exc)]
+print(json.dumps(out))
+"""
+
+
+class FidelityTest(ScriptTestCase):
+    """Tasks from a script's __main__ (as users write them) and from an
+    importable module ship faithfully, or fail before the run starts."""
+
+    def check_cases(self, layout, driver):
+        if layout == "main":
+            source = FIDELITY_CASES + "\ncases = sys.modules[__name__]\n" + FIDELITY_CHECK
+            argv, env, cwd = self.script(source)
+        else:
+            argv, env, cwd = self.script("import cases\n" + FIDELITY_CHECK)
+            write_file(os.path.join(cwd, "cases.py"), FIDELITY_CASES)
+        done = subprocess.run(argv + [driver], env=env, cwd=cwd, capture_output=True,
+                              text=True, timeout=LONG_TIMEOUT)
+        self.assert_marked_processes_gone()
+        self.assertSucceeded(done)
+        report = json.loads(done.stdout.splitlines()[-1])
+        self.assertGreaterEqual(report["cases"], 48)
+        self.assertEqual(report["broken"], [], "cases that fail even in-process")
+        self.assertEqual(report["mismatches"], [])
+
+    def test_cases_from_a_main_script(self):
+        for driver in ("process", "fork"):
+            with self.subTest(driver=driver):
+                self.check_cases("main", driver)
+
+    def test_cases_from_an_importable_module(self):
+        for driver in ("process", "fork"):
+            with self.subTest(driver=driver):
+                self.check_cases("module", driver)
+
+    def test_results_come_back_as_the_very_class(self):
+        for driver in ("process", "fork"):
+            with self.subTest(driver=driver):
+                argv, env, cwd = self.script(IDENTITY_SCRIPT)
+                done = subprocess.run(argv + [driver], env=env, cwd=cwd,
+                                      capture_output=True, text=True, timeout=LONG_TIMEOUT)
+                self.assert_marked_processes_gone()
+                self.assertSucceeded(done)
+                self.assertEqual(json.loads(done.stdout.splitlines()[-1]), {
+                    "two_models": [True, 1, 2, True, True],
+                    "local_class_named_like_a_top_level_one": [True, 3],
+                    "local_class_made_in_the_task": [True, 3],
+                    "caller_classes_in_one_result": [True, True],
+                    "enum_member": True,
+                    "closure_referring_to_itself": 120,
+                    "local_exception": ["Boom", "local"],
+                })
+
+    def test_open_files_are_refused_or_reopened_where_they_were(self):
+        done = self.run_script("""\
+            import json, os, sys
+            import concurrency
+            path = os.path.join(os.getcwd(), "log.txt")
+            with open(path, "w") as file:
+                file.write("one\\ntwo\\nthree\\n")
+            report = {}
+            for mode in ("a", "w", "r+"):
+                # "w" on a file of its own: opening it truncates.
+                log = open(path if mode != "w" else path + ".new", mode)
+                try:
+                    concurrency.run([lambda: log.write("lost")])
+                    report[mode] = "ran"
+                except concurrency.SerializationError as exc:
+                    report[mode] = str(exc)
+                log.close()
+            report["intact"] = open(path).read()
+            reader = open(path)
+            reader.readline()
+            binary = open(path, "rb")
+            binary.read(4)
+            report["read"] = concurrency.run([lambda: reader.readline(),
+                                              lambda: binary.read(3).decode()])
+            report["parent_unmoved"] = [reader.readline(), binary.read(3).decode()]
+            print(json.dumps(report))
+            """)
+        self.assertSucceeded(done)
+        report = json.loads(done.stdout.splitlines()[-1])
+        for mode in ("a", "w", "r+"):
+            self.assertIn("task 0: cannot be serialized: log: the open file", report[mode])
+            self.assertIn("(mode %r)" % mode, report[mode])
+        self.assertEqual(report["intact"], "one\ntwo\nthree\n")
+        self.assertEqual(report["read"], ["two\n", "two"])
+        self.assertEqual(report["parent_unmoved"], ["two\n", "two"])
+
+    def test_error_names_what_cannot_ship_before_anything_runs(self):
+        done = self.run_script("""\
+            import json, os, sqlite3, types
+            import concurrency
+            db = sqlite3.connect(":memory:")
+            settings = types.SimpleNamespace(name="shop", conn=db)
+            def captured():
+                conn = db
+                return lambda: conn
+            marker = os.path.join(os.getcwd(), "ran")
+            messages = []
+            for task in (lambda: db.execute("select 1"), lambda: settings.name,
+                         captured()):
+                try:
+                    concurrency.run([lambda: open(marker, "w").close(), task])
+                except concurrency.SerializationError as exc:
+                    messages.append(str(exc))
+            print(json.dumps([messages, os.path.exists(marker)]))
+            """)
+        self.assertSucceeded(done)
+        messages, ran = json.loads(done.stdout.splitlines()[-1])
+        self.assertFalse(ran, "a task ran although its sibling could not be serialized")
+        self.assertEqual(len(messages), 3, messages)
+        for message, culprit in zip(messages, ("db is ", "settings.conn is ", "conn is ")):
+            self.assertIn("task 1: cannot be serialized: " + culprit, message)
+            self.assertIn("sqlite3.Connection", message)
+            self.assertIn("Create such objects inside the task, or use the fork driver",
+                          message)
+
+
 # -- defer and deferring ------------------------------------------------------
 
 class SyncDeferTest(CleanTestCase):

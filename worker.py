@@ -341,6 +341,7 @@ _tracker_ids = None   # class or TypeVar -> its tracker id (weak keys)
 _tracked = None       # tracker id -> class or TypeVar (weak values)
 _fresh_classes = None  # classes made by make_class, their state not set yet
 ADOPT_INTO_MAIN = [False]  # a worker puts the caller's top-level classes in __main__
+FORKED_FROM = [None]  # in a fork driver's child: the parent's pid
 
 
 def _trackers():
@@ -359,7 +360,13 @@ def tracker_id(obj):
     try:
         found = ids.get(obj)
         if found is None:
-            found = ids[obj] = os.urandom(12).hex()
+            if FORKED_FROM[0] is not None:
+                # A fork child shares the parent's addresses for what existed
+                # before the fork: the parent finds its own class by this id.
+                found = "fork:%d:%d" % (FORKED_FROM[0], id(obj))
+            else:
+                found = os.urandom(12).hex()
+            ids[obj] = found
             tracked[found] = obj
         return found
     except TypeError:  # unhashable (a metaclass with __eq__): untracked
@@ -379,6 +386,8 @@ def _track(tracker, obj):
         return obj
     _ids, tracked = _trackers()
     found = tracked.get(tracker)
+    if found is None and tracker.startswith("fork:%d:" % os.getpid()):
+        found = _class_at(int(tracker.rsplit(":", 1)[1]), obj)
     if found is not None:
         return found
     tracked[tracker] = obj
@@ -387,6 +396,20 @@ def _track(tracker, obj):
     except TypeError:
         pass
     return obj
+
+
+def _class_at(address, like):
+    """Our class (or TypeVar) at ``address`` that a fork child sent back,
+    if it is still there and has the same names; else None."""
+    import gc
+    for candidate in gc.get_objects():
+        if id(candidate) == address:
+            if (type(candidate) is type(like)
+                    and getattr(candidate, "__qualname__", None) == getattr(like, "__qualname__", None)
+                    and getattr(candidate, "__module__", None) == getattr(like, "__module__", None)):
+                return candidate
+            return None
+    return None
 
 
 def found_by_name(obj, name=None):
@@ -805,7 +828,7 @@ def _reduce_file(file):
             or set(mode) & set("wax+") or "r" not in mode:
         raise Unshippable(
             "%s can't be reopened faithfully in another process (it would be truncated, "
-            "or writes would interleave); open it inside the task" % what)
+            "or writes would interleave)" % what)
     try:
         position = file.tell()
     except (OSError, ValueError) as exc:
@@ -846,6 +869,16 @@ def _reduce_mappingproxy(proxy):
 
 def _reduce_descriptor(descriptor):
     return getattr, (descriptor.__objclass__, descriptor.__name__)
+
+
+def _reduce_classmethod_descriptor(descriptor):
+    # As found in the class's __dict__ (dict.__dict__["fromkeys"]); pickle's
+    # own reduction of it (3.9) gives the bound builtin instead.
+    return class_attribute, (descriptor.__objclass__, descriptor.__name__)
+
+
+def class_attribute(cls, name):
+    return vars(cls)[name]
 
 
 def _reduce_memoryview(view):
@@ -890,6 +923,7 @@ def _reducers():
         types.MappingProxyType: _reduce_mappingproxy,
         types.GetSetDescriptorType: _reduce_descriptor,
         types.MemberDescriptorType: _reduce_descriptor,
+        types.ClassMethodDescriptorType: _reduce_classmethod_descriptor,
         property: _reduce_property,
         classmethod: _reduce_wrapped_method,
         staticmethod: _reduce_wrapped_method,
