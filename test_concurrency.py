@@ -685,6 +685,37 @@ class ProcessDriverTest(ChildDriverTests, CleanTestCase):
         self.assertEqual(results, [[i] for i in range(40)])
         self.assertEqual(SEEN, [])
 
+    def test_a_task_replacing_std_streams_does_not_silence_the_next(self):
+        one = concurrency.ProcessDriver(max_workers=1)
+
+        def silence():
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+            return os.getpid()
+
+        def streams():
+            return os.getpid(), sys.stdout is sys.__stdout__, sys.stderr is sys.__stderr__
+
+        first, (second, stdout_back, stderr_back) = one.run([silence, streams])
+        self.assertEqual(first, second, "both tasks ran in one worker")
+        self.assertTrue(stdout_back and stderr_back)
+
+    def test_each_task_starts_with_a_clean_main_module(self):
+        one = concurrency.ProcessDriver(max_workers=1)
+
+        def leave_something():
+            sys.modules["__main__"].leftover = "from an earlier task"
+            return os.getpid()
+
+        def look():
+            return os.getpid(), hasattr(sys.modules["__main__"], "leftover")
+
+        first, (second, seen) = one.run([leave_something, look])
+        self.assertEqual(first, second, "both tasks ran in one worker")
+        self.assertFalse(seen)
+        [(third, seen_later)] = one.run([look])
+        self.assertEqual(third, first)
+        self.assertFalse(seen_later)
+
     def test_nested_run_inside_a_task(self):
         def outer():
             return sum(concurrency.driver("process").run([lambda: 1, lambda: 2]))
@@ -1854,6 +1885,28 @@ class FidelityTest(ScriptTestCase):
         self.assertEqual(report["read"], ["two\n", "two"])
         self.assertEqual(report["parent_unmoved"], ["two\n", "two"])
 
+    def test_without_dill_plain_tasks_run_and_the_rest_say_install_dill(self):
+        done = self.run_script("""\
+            import sys, weakref
+            sys.modules["dill"] = None  # as where dill is not installed
+            import concurrency
+            class Item:
+                pass
+            item = Item()
+            ref = weakref.ref(item)  # only dill sends a weak reference
+            print(concurrency.run([lambda: 1 + 1, lambda: Item.__name__]))
+            try:
+                concurrency.run([lambda: ref])
+            except concurrency.SerializationError as exc:
+                print(exc)
+            """)
+        self.assertSucceeded(done)
+        lines = done.stdout.splitlines()
+        self.assertEqual(lines[0], "[2, 'Item']")
+        self.assertIn("task 0: needs dill to be serialized, and dill is not installed: "
+                      "pip install dill", lines[1])
+        self.assertNotIn("fork driver", lines[1])
+
     def test_error_names_what_cannot_ship_before_anything_runs(self):
         done = self.run_script("""\
             import json, os, sqlite3, types
@@ -2047,6 +2100,29 @@ class DetachedDeferTest(ScriptTestCase):
                 self.assertEqual(sorted(os.listdir(out)), ["always", "late"])
                 self.assertIn("deferred task 0 failed", stderr)
                 self.assertIn("ZeroDivisionError", stderr)
+
+    def test_deferred_task_capturing_held_locks_and_a_handler_finishes(self):
+        # A copy of a lock held while the task was serialized would be held
+        # forever in the child: the deferred task would never end.
+        argv, env, cwd = self.script("""\
+            import logging, os, sys, threading
+            import concurrency
+            lock, condition = threading.RLock(), threading.Condition()
+            handler = logging.StreamHandler(sys.stderr)
+            out = os.path.abspath("done")
+            def task():
+                with lock, condition, handler.lock:
+                    handler.handle(logging.makeLogRecord({"msg": "logged by the task"}))
+                    open(out, "w").close()
+            with lock, condition, handler.lock:
+                concurrency.driver("process").defer([task])
+            """)
+        done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True,
+                              timeout=LONG_TIMEOUT)
+        self.assertSucceeded(done)
+        wait_until(lambda: os.path.exists(os.path.join(cwd, "done")), LONG_TIMEOUT,
+                   "the deferred task to finish")
+        self.assert_marked_processes_gone()
 
     def test_process_driver_rejects_unserializable_task_at_call_site(self):
         concurrency.set_default_driver("process")
