@@ -7,11 +7,11 @@
 
 Data flow of the default ``process`` driver:
 
-    run(tasks) --> _Batch ----------> payload per task: b"p" + C pickle (plain
-                   (validated keys,   functions by value), or b"d" + dill
-                    callables, shape)       |
+    run(tasks) --> _Batch ----------> payload per task: b"p" + C pickle (what
+                   (validated keys,   the child can't import, by value), or
+                    callables, shape) b"d" + dill's, for the rare rest
                                             |  b"C" context (cwd, environ,
-                                            |  sys.path), b"T" task frames
+                                            |  sys.path, argv), b"T" tasks
                                             v
                                    worker.py "serve" (warm child)
                                             |  unserialize, call, pickle
@@ -29,10 +29,12 @@ ProcessDriver
     ``sys.executable`` by path (never ``import worker``).  Each run checks out
     the warm workers there are, or starts one per core, first, so that their
     start-up overlaps the serializing; more once its tasks prove slow (see
-    _Run).  _FastTaskPickler sends lambdas and functions by value with the C
-    pickler, code a run's tasks share once; dill serves what needs more
-    (classes of ``__main__``); importable modules travel by name.  A task
-    that can't be serialized fails with SerializationError before any task
+    _Run).  _TaskSerializer pickles the tasks with worker.ValuePickler: the
+    C pickler, sending by value the functions and classes the worker could
+    not import (lambdas, closures, all of ``__main__``), code a run's tasks
+    share once; importable modules travel by name; dill serves the rare
+    rest.  A task that can't be serialized fails with SerializationError,
+    naming the global that pulled in what can't travel, before any task
     starts.  Tasks and outcomes travel on two private pipes per worker, never
     on stdout, so a task's ``print()`` reaches the terminal and can't corrupt
     a result.

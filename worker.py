@@ -6,7 +6,7 @@ MODE ...`` works too) -- never as ``import worker``.  It imports only the
 standard library, and dill only for a payload or result that needs it; never
 ``concurrency``, so it works wherever the two files are copied.
 ``concurrency.py`` loads it the same way to reuse the outcome encoding below
-in ``fork`` children.
+in ``fork`` children, and ValuePickler (see "Pickling by value") for tasks.
 
 Modes:
 
@@ -26,7 +26,8 @@ Modes:
 
 Frames are one kind byte, an 8-byte big-endian length, then the body:
 
-    parent -> worker   b"C" context: pickled (cwd, environ, sys.path)
+    parent -> worker   b"C" context: pickled (cwd, environ, sys.path, argv,
+                       recursion limit)
                        b"T" task: a serialized callable, see loads_task()
                        b"F" / b"S" reply to a lent result (empty body)
     worker -> parent   b"R" result: encode_result()
