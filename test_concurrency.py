@@ -1885,6 +1885,35 @@ class FidelityTest(ScriptTestCase):
         self.assertEqual(report["read"], ["two\n", "two"])
         self.assertEqual(report["parent_unmoved"], ["two\n", "two"])
 
+    def test_closure_made_in_a_package_keeps_its_relative_imports(self):
+        argv, env, cwd = self.script("""\
+            import json, sys
+            import concurrency
+            import shop
+            task = shop.make_task(2)
+            print(json.dumps([concurrency.driver(sys.argv[1]).run([task])[0], task()]))
+            """)
+        os.mkdir(os.path.join(cwd, "shop"))
+        # Made in the package's __init__: __name__ alone ("shop") doesn't tell
+        # the package a relative import starts from; __package__ does.
+        write_file(os.path.join(cwd, "shop", "__init__.py"), textwrap.dedent("""\
+            def make_task(n):
+                def task():
+                    from .helpers import RATE
+                    return n * RATE, __name__
+                return task
+            """))
+        write_file(os.path.join(cwd, "shop", "helpers.py"), "RATE = 3\n")
+        for driver in ("process", "fork"):
+            with self.subTest(driver=driver):
+                done = subprocess.run(argv + [driver], env=env, cwd=cwd, capture_output=True,
+                                      text=True, timeout=LONG_TIMEOUT)
+                self.assert_marked_processes_gone()
+                self.assertSucceeded(done)
+                got, expected = json.loads(done.stdout.splitlines()[-1])
+                self.assertEqual(expected, [6, "shop"])
+                self.assertEqual(got, expected)
+
     def test_without_dill_plain_tasks_run_and_the_rest_say_install_dill(self):
         done = self.run_script("""\
             import sys, weakref
