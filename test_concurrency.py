@@ -1694,6 +1694,47 @@ def make_nested_lambdas():
     return lambda: outer(1)(2)
 
 
+class Parent:
+    x = 1
+
+
+class Kid(Parent):
+    x = 1  # its own, though equal to the parent's
+
+
+@case
+def make_class_attribute_equal_to_the_base_one():
+    def task():
+        Parent.x = 2
+        return Kid.x, "x" in vars(Kid)
+    return task
+
+
+@case
+def make_views_and_descriptors_captured():
+    data = {"a": 1, "b": 2}
+    keys, values, items = data.keys(), data.values(), data.items()
+    abstract = type.__dict__["__abstractmethods__"]
+
+    class Shape(abc.ABC):
+        @abc.abstractclassmethod
+        def make(cls):
+            pass
+
+        @abc.abstractproperty
+        def size(self):
+            pass
+    return lambda: (sorted(keys), sorted(values), sorted(items),
+                    type(abstract).__name__, sorted(Shape.__abstractmethods__))
+
+
+@case
+def make_module_made_at_run_time_keeps_builtins():
+    made = types.ModuleType("made")
+    exec("def total(items):\n    return sum(items) + len(items)\n", made.__dict__)
+    return lambda: made.total([1, 2])
+
+
 @case
 def make_global_function_used_by_a_class_method():
     class UsesHelper:

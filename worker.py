@@ -511,6 +511,12 @@ class _ByValue:
         reducer = _reducers().get(kind)
         if reducer is not None:
             return reducer(obj)
+        # Subclasses without a reduction of their own (abc.abstractproperty,
+        # abstractclassmethod): pickle can't send those either.
+        if isinstance(obj, (classmethod, staticmethod)) and "__reduce__" not in vars(kind):
+            return _reduce_wrapped_method(obj)
+        if isinstance(obj, property) and "__reduce__" not in vars(kind):
+            return kind, (obj.fget, obj.fset, obj.fdel, obj.__doc__)
         return NotImplemented
 
     def base_globals(self, fn):
@@ -672,7 +678,18 @@ def make_typevar(name, bound, constraints, covariant, contravariant, tracker):
 def make_module(name, namespace):
     module = types.ModuleType(name)
     module.__dict__.update(namespace)
+    module.__dict__["__builtins__"] = __builtins__
     return module
+
+
+def make_dict_view(kind, items, ordered):
+    """A keys, values or items view of a new dict with just these items."""
+    if ordered:
+        import collections
+        data = collections.OrderedDict(items)
+    else:
+        data = dict(items)
+    return getattr(data, kind)()
 
 
 def reopen_file(name, mode, position, encoding, errors):
@@ -714,15 +731,9 @@ def _reduce_class(cls):
         return getattr, (types, _BUILTIN_TYPES[cls])
     if found_by_name(cls) or cls.__module__ == "builtins":
         return NotImplemented
+    # All of its own dict, even what equals a base's (x = 1 in both): left
+    # out, it would follow the base's value after a change.
     namespace = dict(vars(cls))
-    if len(cls.__bases__) == 1:
-        inherited = vars(cls.__bases__[0])
-    else:
-        inherited = {}
-        for base in reversed(cls.__bases__):
-            inherited.update(vars(base))
-    for name in [name for name, value in namespace.items() if inherited.get(name, namespace) is value]:
-        del namespace[name]
     for name in ("__weakref__", "__dict__"):
         namespace.pop(name, None)
     slots = namespace.get("__slots__")
@@ -869,7 +880,8 @@ def _reduce_mappingproxy(proxy):
 
 
 def _reduce_descriptor(descriptor):
-    return getattr, (descriptor.__objclass__, descriptor.__name__)
+    # From the class's __dict__: getattr(type, "__abstractmethods__") raises.
+    return class_attribute, (descriptor.__objclass__, descriptor.__name__)
 
 
 def _reduce_classmethod_descriptor(descriptor):
@@ -880,6 +892,20 @@ def _reduce_classmethod_descriptor(descriptor):
 
 def class_attribute(cls, name):
     return vars(cls)[name]
+
+
+def _dict_view_reducer(kind, ordered):
+    # Only what the view shows travels, never the rest of its dict.
+    if kind == "keys":
+        def reduce(view):
+            return make_dict_view, (kind, [(key, None) for key in view], ordered)
+    elif kind == "values":
+        def reduce(view):
+            return make_dict_view, (kind, list(enumerate(view)), ordered)
+    else:
+        def reduce(view):
+            return make_dict_view, (kind, list(view), ordered)
+    return reduce
 
 
 def _reduce_memoryview(view):
@@ -937,6 +963,13 @@ def _reducers():
         io.BufferedRandom: _reduce_file,
         io.FileIO: _reduce_file,
     }
+    for kind in ("keys", "values", "items"):
+        table[type(getattr({}, kind)())] = _dict_view_reducer(kind, False)
+    collections = sys.modules.get("collections")
+    if collections is not None:
+        for kind in ("keys", "values", "items"):
+            table[type(getattr(collections.OrderedDict(), kind)())] = \
+                _dict_view_reducer(kind, True)
     functools = sys.modules.get("functools")
     if functools is not None:
         table[functools._lru_cache_wrapper] = _reduce_lru_cache
