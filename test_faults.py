@@ -53,6 +53,19 @@ class UnpickleRaisesError(Exception):
         return _explode, self.args
 
 
+class ArgsRaiseError(Exception):
+    @property
+    def args(self):
+        raise RuntimeError("args refuses")
+
+    @property
+    def __dict__(self):
+        raise RuntimeError("__dict__ refuses")
+
+    def __reduce__(self):
+        raise RuntimeError("__reduce__ refuses")
+
+
 class ReduceRaisesValue:
     def __reduce__(self):
         raise RuntimeError("this value refuses to be pickled")
@@ -189,6 +202,15 @@ class FaultTests:
         with self.assertRaises(UnpickleRaisesError) as caught:
             self.d.run([task])
         self.assertEqual(str(caught.exception), "unpickle me")
+        self.assertStillServes()
+
+    def test_exception_whose_args_and_dict_raise_becomes_remote_error(self):
+        def task():
+            raise ArgsRaiseError("no way to copy me")
+        with self.assertRaises(concurrency.RemoteError) as caught:
+            self.d.run({"t": task})
+        self.assertEqual(caught.exception.type_name, "test_faults.ArgsRaiseError")
+        self.assertEqual(caught.exception.message, "no way to copy me")
         self.assertStillServes()
 
     # -- results ------------------------------------------------------------

@@ -215,18 +215,20 @@ def encode_error(exc, kind=TASK_FAILED, skip_frames=0):
     cls = type(exc)
     info = {
         "kind": kind,
-        "type": "%s.%s" % (cls.__module__, cls.__qualname__),
+        "type": "%s.%s" % (getattr(cls, "__module__", "?"), getattr(cls, "__qualname__", "?")),
         "message": _safe_str(exc),
         "traceback": _safe_format(cls, exc, tb),
-        "exc": _try_dumps(exc),
-        "parts": _try_dumps((cls, exc.args, dict(getattr(exc, "__dict__", {})))),
+        "exc": _try_dumps(lambda: exc),
+        "parts": _try_dumps(lambda: (cls, exc.args, dict(getattr(exc, "__dict__", {})))),
     }
     return pickle.dumps(info, pickle.HIGHEST_PROTOCOL)
 
 
-def _try_dumps(obj):
+def _try_dumps(make):
+    """The pickle of what ``make()`` returns, or None: an exception whose
+    args, __dict__ or pickling raises still travels as text."""
     try:
-        return b"".join(dumps_value(obj))
+        return b"".join(dumps_value(make()))
     except BaseException:
         return None
 
