@@ -1110,7 +1110,8 @@ class _TaskSerializer:
             buffer = io.BytesIO()
             pickler = self.worker.ValuePickler(buffer)
             base, submodules = pickler.prefill(fn)
-            pickler.dump((fn.__code__, base, submodules))
+            # What every task's pickle names goes in too, memoized once.
+            pickler.dump((fn.__code__, base, submodules, self.worker.make_function))
             template = buffer.getvalue()
             if len(template) > _TEMPLATE_MAX:
                 self.templates[key] = None

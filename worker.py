@@ -337,6 +337,7 @@ class Unshippable(pickle.PicklingError):
     message says what it is and what to do instead."""
 
 
+_OWN_GLOBALS = globals()  # this module's functions pickle by name, always
 _GLOBAL_OPS = {}      # opcode -> shift of its argument into co_names
 _global_names_cache = {}
 
@@ -468,6 +469,24 @@ def global_names(code):
     return names
 
 
+_plain_states = {}
+
+
+def _plain_function_state(code, name, module):
+    """The state (as reduce_function tells it) of a function that
+    FunctionType(code, globals, name) makes, with nothing set on it since."""
+    key = (code, name, module)
+    state = _plain_states.get(key)
+    if state is None:
+        closure = tuple(types.CellType() for _ in code.co_freevars) or None
+        made = types.FunctionType(code, {"__name__": module}, name, None, closure)
+        state = (made.__qualname__, made.__module__, made.__doc__, None, None, None, None)
+        if len(_plain_states) > 4096:
+            _plain_states.clear()
+        _plain_states[key] = state
+    return state
+
+
 def _submodules(code, values):
     """Imported submodules a function reaches as attributes of a package it
     uses (``xml.etree.ElementTree``): they must be imported on the other
@@ -543,7 +562,7 @@ class _ByValue:
         return base, _submodules(fn.__code__, list(base.values()))
 
     def reduce_function(self, fn):
-        if found_by_name(fn):
+        if fn.__globals__ is _OWN_GLOBALS or found_by_name(fn):
             return NotImplemented
         if fn.__code__ is _singledispatch_code() and hasattr(fn, "registry"):
             return _reduce_singledispatch(fn)
@@ -564,6 +583,9 @@ class _ByValue:
             submodules = _submodules(code, values) or None
         state = (fn.__dict__ or None, fn.__qualname__, fn.__module__, fn.__doc__,
                  fn.__annotations__ or None, fn.__kwdefaults__, used, submodules)
+        if state[1:] == _plain_function_state(code, fn.__name__, base.get("__name__")) \
+                and not state[0]:
+            state = None  # what make_function gives: no setstate to run
         return (make_function, (code, base, fn.__name__, fn.__defaults__, fn.__closure__),
                 state, None, None, function_setstate)
 
