@@ -190,7 +190,8 @@ class WorkerCrashed(ConcurrencyError):
     """A child process died before it sent the task's outcome.
 
     Attributes: ``key`` of the task, ``exitcode`` (negative for a signal, as
-    in subprocess), ``signal`` (its name, e.g. ``"SIGKILL"``, or None).
+    in subprocess; None when something else reaped the process and its
+    status is lost), ``signal`` (its name, e.g. ``"SIGKILL"``, or None).
     """
 
     def __init__(self, key, exitcode):
@@ -199,6 +200,9 @@ class WorkerCrashed(ConcurrencyError):
         self.signal = _signal_name(-exitcode) if exitcode is not None and exitcode < 0 else None
         if self.signal:
             how = "was killed by %s" % self.signal
+        elif exitcode is None:
+            how = ("ended (how is unknown: something else reaped it, such as SIGCHLD "
+                   "set to SIG_IGN or a handler that waits for every child)")
         else:
             how = "exited with code %s" % exitcode
         super().__init__("task %r crashed: its process %s before returning a result"
@@ -1477,6 +1481,7 @@ class _Child:
         self._buffer = bytearray()
         self._large = None  # (kind, bytearray, filled) of a large frame in progress
         self.eof = False
+        self.ended = False  # reaped; exitcode None then: something else reaped it
         self.exitcode = None
         self.served = False  # it has sent a frame: it is up and running
         self.last_outcome = 0.0  # when its last task's outcome arrived
@@ -1531,7 +1536,39 @@ class _Child:
                 return
 
     def poll(self):
-        raise NotImplementedError
+        """None while it runs; once it has ended, its exit code (negative:
+        the signal that killed it), or "unknown" when something else reaped
+        it -- SIGCHLD ignored, an application that waits for every child --
+        and took its status with it."""
+        if not self.ended:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = self.pid, None
+            if not pid:
+                return None
+            self.ended = True
+            if status is not None:
+                self.exitcode = os.waitstatus_to_exitcode(status)
+            self.on_reaped()
+        return "unknown" if self.exitcode is None else self.exitcode
+
+    def on_reaped(self):
+        pass
+
+    def wait_ended(self, timeout):
+        """Wait until it has ended, at most ``timeout`` seconds (None: no
+        limit); True if it has."""
+        if self.pidfd is not None and self.poll() is None:
+            exited = select.poll()  # not select(): the fd may exceed FD_SETSIZE
+            exited.register(self.pidfd, select.POLLIN)
+            exited.poll(None if timeout is None else timeout * 1000)
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if end is not None and time.monotonic() > end:
+                return False
+            time.sleep(0.001)
+        return True
 
     def kill(self):
         raise NotImplementedError
@@ -1884,20 +1921,19 @@ class _Worker(_Child):
         except OSError:
             pass  # it died: the run notices that on its pipes
 
-    def poll(self):
-        return self.process.poll()
+    def on_reaped(self):
+        # Reaped here, not by Popen (whose wait() takes a child something
+        # else reaped for one that exited with 0).
+        self.process.returncode = self.exitcode if self.exitcode is not None else -1
 
     def kill(self):
         self.broken = True
         _kill_group(self.pid)
 
     def wait(self):
-        import subprocess
-        try:
-            self.exitcode = self.process.wait(_REAP_TIMEOUT)
-        except subprocess.TimeoutExpired:
+        if not self.wait_ended(_REAP_TIMEOUT):
             self.kill()
-            self.exitcode = self.process.wait()
+            self.wait_ended(None)
         # What its last task started must not outlive it.  Safe after the
         # reap: a pid stays reserved while its process group has members.
         _kill_group(self.pid, only_group=True)
@@ -2098,18 +2134,8 @@ class _ForkChild(_Child):
         super().__init__(pid, result_fd)
         self.task_fd = task_fd
 
-    def poll(self):
-        if self.exitcode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                return -1
-            if pid:
-                self.exitcode = os.waitstatus_to_exitcode(status)
-        return self.exitcode
-
     def kill(self):
-        if self.exitcode is None:
+        if not self.ended:
             _kill_group(self.pid)
 
     def reply(self, code):
@@ -2128,17 +2154,9 @@ class _ForkChild(_Child):
         # The child was killed, has exited or is about to: reap it, and kill
         # it if it does not exit in time.
         self.retire()
-        if self.pidfd is not None and self.poll() is None:
-            exited = select.poll()  # not select(): the fd may exceed FD_SETSIZE
-            exited.register(self.pidfd, select.POLLIN)
-            if not exited.poll(_REAP_TIMEOUT * 1000):
-                self.kill()
-        end = time.monotonic() + _REAP_TIMEOUT
-        while self.poll() is None:
-            if time.monotonic() > end:
-                self.kill()
-                end = float("inf")
-            time.sleep(0.001)
+        if not self.wait_ended(_REAP_TIMEOUT):
+            self.kill()
+            self.wait_ended(None)
         _kill_group(self.pid, only_group=True)
         self.close()
         return self.exitcode
@@ -2431,6 +2449,9 @@ def _fork_detached(key, fn, timeout):
             os.setsid()
             if os.fork() == 0:
                 _in_fork_child(devnull)
+                # The supervisor waits for its child: SIGCHLD ignored by
+                # the application would take the child's status away.
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 code = worker.supervise(lambda: worker.run_reporting(fn, repr(key)),
                                         repr(key), timeout)
         except BaseException:

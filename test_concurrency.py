@@ -815,8 +815,9 @@ class ScriptTestCase(CleanTestCase):
 
     def run_script(self, source, **kwargs):
         timeout = kwargs.pop("timeout", LONG_TIMEOUT)
+        argv_extra = kwargs.pop("argv_extra", [])
         argv, env, cwd = self.script(source, **kwargs)
-        done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True,
+        done = subprocess.run(argv + argv_extra, env=env, cwd=cwd, capture_output=True, text=True,
                               timeout=timeout)
         self.assert_marked_processes_gone()
         return done

@@ -588,6 +588,42 @@ class ScriptFaultTest(ScriptTestCase):
         print(json.dumps({"ok": ok, "growth": peak - base, "payload": payload}))
         """
 
+    def test_crash_is_never_reported_as_a_clean_exit_when_children_are_reaped_elsewhere(self):
+        for setup in ("signal.signal(signal.SIGCHLD, signal.SIG_IGN)",
+                      "signal.signal(signal.SIGCHLD, reap_every_child)"):
+            for driver in ("process", "fork"):
+                with self.subTest(setup=setup, driver=driver):
+                    done = self.run_script("""\
+                        import json, os, signal, sys
+                        import concurrency
+                        def reap_every_child(signum, frame):
+                            try:
+                                while os.waitpid(-1, os.WNOHANG)[0]:
+                                    pass
+                            except ChildProcessError:
+                                pass
+                        %s
+                        d = concurrency.driver(sys.argv[1])
+                        report = []
+                        for crash in (lambda: os.kill(os.getpid(), signal.SIGKILL),
+                                      lambda: os._exit(0)):
+                            out = d.run({"crash": crash, "fine": lambda: 7},
+                                        return_exceptions=True)
+                            report.append([type(out["crash"]).__name__,
+                                           getattr(out["crash"], "exitcode", "-"),
+                                           str(out["crash"]), out["fine"]])
+                        print(json.dumps(report))
+                        """ % setup, argv_extra=[driver])
+                    self.assertSucceeded(done)
+                    for name, exitcode, message, fine in json.loads(done.stdout.splitlines()[-1]):
+                        self.assertEqual((name, fine), ("WorkerCrashed", 7))
+                        if exitcode is None:
+                            self.assertIn("how is unknown", message)
+                        else:
+                            self.assertIn(exitcode, (-signal.SIGKILL, 0))
+                    # The kill can't pass for a clean exit.
+                    self.assertNotEqual(json.loads(done.stdout.splitlines()[-1])[0][1], 0)
+
     def test_huge_payloads_intact_within_three_times_their_size(self):
         for driver in ("process", "fork"):
             for case in ("capture", "result", "objects"):

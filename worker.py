@@ -1434,6 +1434,10 @@ def _ignore_sigint():
 
 def main(argv):
     mode = argv[1] if len(argv) > 1 else ""
+    # SIG_IGN survives exec: a caller ignoring SIGCHLD would have our
+    # children reaped behind our back, their exit status lost.
+    import signal
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # Pickles name this module's functions (make_function...) by this name
     # (python worker.py runs it as __main__, which is replaced below).
     sys.modules.setdefault("_concurrency_worker", sys.modules[__name__])
