@@ -624,6 +624,61 @@ class ScriptFaultTest(ScriptTestCase):
                     # The kill can't pass for a clean exit.
                     self.assertNotEqual(json.loads(done.stdout.splitlines()[-1])[0][1], 0)
 
+    def test_classes_of_a_script_run_under_cprofile_or_exec_come_back_as_themselves(self):
+        source = """\
+            import json, sys
+            import concurrency
+
+            class Row:
+                def __init__(self, n):
+                    self.n = n
+
+            class Failed(Exception):
+                pass
+
+            def throw(error):
+                raise error
+
+            def local():
+                class LocalError(Exception):
+                    pass
+                try:
+                    concurrency.driver(sys.argv[1]).run([lambda: throw(LocalError("x"))])
+                except LocalError:
+                    return "caught"
+                except Exception as exc:
+                    return "missed %r" % exc
+
+            d = concurrency.driver(sys.argv[1])
+            out = {}
+            [row] = d.run([lambda: Row(3)])
+            out["row"] = [type(row) is Row, row.n]
+            try:
+                d.run([lambda: throw(Failed("f"))])
+            except Failed:
+                out["failed"] = "caught"
+            except Exception as exc:
+                out["failed"] = repr(exc)
+            out["local"] = local()
+            print(json.dumps(out))
+            """
+        for how in ("cProfile", "exec"):
+            for driver in ("process", "fork"):
+                with self.subTest(how=how, driver=driver):
+                    argv, env, cwd = self.script(source)
+                    if how == "cProfile":
+                        argv = [sys.executable, "-m", "cProfile", "-o", os.devnull] + argv[1:]
+                    else:  # a namespace of its own named __main__, as runners make
+                        argv = [sys.executable, "-c", "import sys; sys.argv = sys.argv[1:]; "
+                                "exec(compile(open(sys.argv[0]).read(), sys.argv[0], 'exec'), "
+                                "{'__name__': '__main__'})"] + argv[1:]
+                    done = subprocess.run(argv + [driver], env=env, cwd=cwd, capture_output=True,
+                                          text=True, timeout=LONG_TIMEOUT)
+                    self.assert_marked_processes_gone()
+                    self.assertSucceeded(done)
+                    self.assertEqual(json.loads(done.stdout.splitlines()[-1]),
+                                     {"row": [True, 3], "failed": "caught", "local": "caught"})
+
     def test_huge_payloads_intact_within_three_times_their_size(self):
         for driver in ("process", "fork"):
             for case in ("capture", "result", "objects"):
