@@ -1419,7 +1419,38 @@ def _current_context():
         cwd = os.getcwd()
     except OSError:
         cwd = None
-    return cwd, dict(os.environ), list(sys.path), list(sys.argv), sys.getrecursionlimit()
+    return cwd, dict(os.environ), _sys_path(cwd), list(sys.argv), sys.getrecursionlimit()
+
+
+_imported_from_cwd = {}  # (sys.path, cwd, module count) -> the directories
+
+
+def _sys_path(cwd):
+    """sys.path as the child must see it.  With "" on it (a Python shell,
+    python -c), a module imported before an os.chdir() came from the
+    directory that was current then: that directory follows "", so that the
+    child imports the module by name from where the caller got it."""
+    path = list(sys.path)
+    if "" not in path or cwd is None:
+        return path
+    key = (tuple(path), cwd, len(sys.modules))
+    found = _imported_from_cwd.get(key)
+    if found is None:
+        searched = {os.path.abspath(entry or cwd) for entry in path if isinstance(entry, str)}
+        found = []
+        for name, module in list(sys.modules.items()):
+            origin = getattr(module, "__file__", None)
+            if "." in name or not isinstance(origin, str) or not os.path.isabs(origin):
+                continue
+            directory = os.path.dirname(origin)
+            if getattr(module, "__path__", None) is not None:  # a package
+                directory = os.path.dirname(directory)
+            if directory not in searched and directory not in found:
+                found.append(directory)
+        _imported_from_cwd.clear()
+        _imported_from_cwd[key] = found
+    index = path.index("")
+    return path[:index + 1] + found + path[index + 1:]
 
 
 _worker_modules = []

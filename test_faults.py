@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import unittest
@@ -678,6 +679,24 @@ class ScriptFaultTest(ScriptTestCase):
                     self.assertSucceeded(done)
                     self.assertEqual(json.loads(done.stdout.splitlines()[-1]),
                                      {"row": [True, 3], "failed": "caught", "local": "caught"})
+
+    def test_local_module_found_after_an_interactive_session_changes_directory(self):
+        argv, env, cwd = self.script("")
+        write_file(os.path.join(cwd, "shop.py"), "def count():\n    return 42\n")
+        other = self.subdir("elsewhere")
+        code = textwrap.dedent("""\
+            import json, os, sys
+            import concurrency
+            import shop  # found through "" on sys.path, as in a python shell
+            os.chdir(%r)
+            print(json.dumps([concurrency.driver(name).run([lambda: shop.count()])[0]
+                              for name in ("process", "fork")]))
+            """ % other)
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd,
+                              capture_output=True, text=True, timeout=LONG_TIMEOUT)
+        self.assert_marked_processes_gone()
+        self.assertSucceeded(done)
+        self.assertEqual(json.loads(done.stdout.splitlines()[-1]), [42, 42])
 
     def test_huge_payloads_intact_within_three_times_their_size(self):
         for driver in ("process", "fork"):
