@@ -1471,6 +1471,32 @@ def _worker_command(mode, *args):
     return [sys.executable, "-c", _BOOTSTRAP, _WORKER_PATH, mode] + list(args)
 
 
+# execve(2) refuses one variable over 128 KiB (MAX_ARG_STRLEN) and an
+# environment near the argument space (ARG_MAX, 2 MiB here and there).
+_EXEC_VARIABLE_MAX = 32 * 1024
+_EXEC_ENVIRON_MAX = 1 << 20
+
+
+def _worker_environ():
+    """The environment to exec a worker with: the caller's, less what execve
+    would refuse.  Tasks get all of it anyway: it travels in the context."""
+    environ = os.environ
+    total, large = 0, False
+    for name, value in environ.items():
+        size = len(name) + len(value) + 2
+        total += size
+        large = large or size > _EXEC_VARIABLE_MAX
+    if not large and total <= _EXEC_ENVIRON_MAX:
+        return None  # as it is
+    trimmed = {name: value for name, value in environ.items()
+               if len(name) + len(value) + 2 <= _EXEC_VARIABLE_MAX}
+    if sum(len(name) + len(value) + 2 for name, value in trimmed.items()) > _EXEC_ENVIRON_MAX:
+        # Still too much: what Python itself reads at start-up, no more.
+        trimmed = {name: value for name, value in trimmed.items()
+                   if name.startswith(("PYTHON", "LC_")) or name in ("PATH", "HOME", "LANG", "TMPDIR")}
+    return trimmed
+
+
 def _worker_module():
     """worker.py loaded by path under a private name, never as ``worker``:
     a user's own worker.py must not be picked up."""
@@ -1910,6 +1936,7 @@ class _Worker(_Child):
                 _worker_command("serve", str(task_r), str(result_w), repr(idle_timeout),
                                 str(_worker_module().LEND_MIN if _lending[0] else 0)),
                 stdin=subprocess.DEVNULL, pass_fds=(task_r, result_w), close_fds=True,
+                env=_worker_environ(),
                 # A session (and process group) of its own: a kill takes the
                 # processes its task started too, and a terminal's Ctrl-C
                 # goes to us alone -- we decide what it means for a run.
@@ -2457,7 +2484,7 @@ def _spawn_detached(key, payload, timeout):
             file.write(payload)
         process = subprocess.Popen(
             _worker_command("defer", path, repr(key), repr(timeout)),
-            stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+            env=_worker_environ(), stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True)
     except BaseException:
         try:
             os.unlink(path)

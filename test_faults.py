@@ -698,6 +698,25 @@ class ScriptFaultTest(ScriptTestCase):
         self.assertSucceeded(done)
         self.assertEqual(json.loads(done.stdout.splitlines()[-1]), [42, 42])
 
+    def test_an_environment_variable_too_large_to_exec_still_reaches_tasks(self):
+        out = self.subdir("out")
+        done = self.run_script("""\
+            import json, os
+            import concurrency
+            os.environ["HUGE"] = "x" * (200 * 1024)  # over execve's 128 KiB a variable
+            def sizes():
+                return len(os.environ["HUGE"]), os.environ.get("PATH") == %r
+            concurrency.driver("process").defer(
+                [lambda: open(os.path.join(%r, "deferred"), "w").write(str(sizes()[0]))])
+            print(json.dumps(concurrency.driver("process").run([sizes, sizes])))
+            """ % (os.environ.get("PATH"), out))
+        self.assertSucceeded(done)
+        self.assertEqual(json.loads(done.stdout.splitlines()[-1]), [[204800, True]] * 2)
+        wait_until(lambda: os.path.exists(os.path.join(out, "deferred")), LONG_TIMEOUT,
+                   "the deferred task")
+        wait_until(lambda: read_file(os.path.join(out, "deferred")) == "204800",
+                   SHORT_TIMEOUT, "the deferred task's output")
+
     def test_huge_payloads_intact_within_three_times_their_size(self):
         for driver in ("process", "fork"):
             for case in ("capture", "result", "objects"):
