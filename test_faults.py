@@ -481,6 +481,27 @@ class SyncFaultTest(CleanTestCase):
 # -- Faults seen from a user's script -----------------------------------------
 
 @unittest.skipUnless(HAVE_PROC and hasattr(os, "fork"), "needs /proc and os.fork")
+class WorkerPlumbingTest(CleanTestCase):
+
+    def test_a_worker_whose_pipe_was_closed_leaves_without_a_word(self):
+        # As when the parent retires an idle worker the moment it leaves by
+        # itself: its "leaving" frame meets a closed pipe.
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        worker = subprocess.Popen(
+            concurrency._worker_command("serve", str(task_r), str(result_w), "0.05", "0"),
+            pass_fds=(task_r, result_w), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        os.close(task_r)
+        os.close(result_w)
+        os.close(result_r)  # before it has said anything
+        try:
+            _out, err = worker.communicate(timeout=LONG_TIMEOUT)
+        finally:
+            os.close(task_w)
+        self.assertEqual(err, b"")
+        self.assertEqual(worker.returncode, 0)
+
+
 class ScriptFaultTest(ScriptTestCase):
 
     def test_megabytes_of_output_and_fake_frames_leave_results_intact(self):

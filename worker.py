@@ -1453,7 +1453,13 @@ def main(argv):
         _protect_channel(task_fd, result_fd)
         become_subreaper()
         _save_std_fds()
-        serve(task_fd, result_fd, idle_timeout, lend_min)
+        try:
+            serve(task_fd, result_fd, idle_timeout, lend_min)
+        except OSError:
+            # Our pipes failed: the parent closed them (it retired us as we
+            # left, or it is gone).  It notices on its own; the user's
+            # terminal is no place for our plumbing.
+            os._exit(0)
     elif mode == "defer":
         timeout = None if argv[4] == "None" else float(argv[4])
         return run_deferred(argv[2], argv[3], timeout)
