@@ -847,7 +847,7 @@ class _Stop:
     the run's select()."""
 
     def __init__(self):
-        self._read, self._write = os.pipe()
+        self._read, self._write = map(_above_std, os.pipe())
         self._set = False
 
     def fileno(self):
@@ -1531,7 +1531,7 @@ class _Child:
         if _HAVE_PIDFD:
             with _fds_lock:
                 try:
-                    self.pidfd = os.pidfd_open(pid)
+                    self.pidfd = _above_std(os.pidfd_open(pid))
                     _parent_fds.add(self.pidfd)
                 except OSError:
                     pass
@@ -2425,7 +2425,7 @@ def _devnull_fd():
     """A read-only /dev/null, opened once: fork children take it as stdin."""
     if not _devnull:
         try:
-            _devnull.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            _devnull.append(_above_std(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)))
         except OSError:
             _devnull.append(None)
     return _devnull[0]
@@ -2537,9 +2537,23 @@ _fds_lock = threading.Lock()
 def _parent_pipe(keep):
     """os.pipe(), with our end (``keep``: "r" or "w") registered as such."""
     with _fds_lock:
-        read_fd, write_fd = os.pipe()
+        read_fd, write_fd = map(_above_std, os.pipe())
         _parent_fds.add(read_fd if keep == "r" else write_fd)
     return read_fd, write_fd
+
+
+def _above_std(fd):
+    """``fd``, moved above 0, 1 and 2 if it is one of them.  A caller run with
+    stdout or stderr closed (prog >&- 2>&-) must not find our pipes there:
+    its own writes to 2 would reach a worker's task stream, and a worker
+    given fd 1 would print into its own pipe."""
+    if fd > 2:
+        return fd
+    import fcntl
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    finally:
+        os.close(fd)
 
 
 def _close_parent_fd(fd):

@@ -738,6 +738,36 @@ class ScriptFaultTest(ScriptTestCase):
         wait_until(lambda: read_file(os.path.join(out, "deferred")) == "204800",
                    SHORT_TIMEOUT, "the deferred task's output")
 
+    def test_a_caller_with_stdout_and_stderr_closed(self):
+        out = self.path("report.json")
+        argv, env, cwd = self.script("""\
+            import json, os, sys
+            import concurrency
+            def noisy(n):
+                print("printed by task", n)
+                try:
+                    os.write(2, b"raw write to stderr\\n")
+                except OSError:
+                    pass
+                return n
+            report = {}
+            for name in ("process", "fork"):
+                first = concurrency.driver(name).run([lambda: noisy(1), lambda: noisy(2)])
+                try:
+                    os.write(2, b"the caller writes to fd 2\\n")  # closed: EBADF here
+                except OSError:
+                    pass
+                report[name] = [first, concurrency.driver(name).run([lambda: noisy(3)])]
+            with open(sys.argv[1], "w") as file:
+                json.dump(report, file)
+            """)
+        done = subprocess.run(["sh", "-c", 'exec "$@" >&- 2>&-', "sh"] + argv + [out],
+                              env=env, cwd=cwd, timeout=LONG_TIMEOUT)
+        self.assert_marked_processes_gone()
+        self.assertEqual(done.returncode, 0)
+        self.assertEqual(json.loads(read_file(out)),
+                         {"process": [[1, 2], [3]], "fork": [[1, 2], [3]]})
+
     def test_huge_payloads_intact_within_three_times_their_size(self):
         for driver in ("process", "fork"):
             for case in ("capture", "result", "objects"):
