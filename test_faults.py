@@ -299,6 +299,35 @@ class FaultTests:
         wait_until(lambda: not pid_alive(pid), SHORT_TIMEOUT, "the task's child to end")
         self.assertStillServes()
 
+    def test_a_task_s_child_forks_again_and_keeps_its_own_files(self):
+        def fork_twice():
+            # The child opens files (taking the lowest free numbers), then
+            # forks: the grandchild must find them open.
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                status = 1
+                try:
+                    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(8)]
+                    grandchild = os.fork()
+                    if grandchild == 0:
+                        try:
+                            for fd in held:
+                                os.fstat(fd)
+                            os.write(write_end, b"ok")
+                        finally:
+                            os._exit(0)
+                    os.waitpid(grandchild, 0)
+                    status = 0
+                finally:
+                    os._exit(status)
+            os.close(write_end)
+            os.waitpid(pid, 0)
+            with os.fdopen(read_end, "rb") as file:
+                return file.read()
+        self.assertEqual(self.d.run([fork_twice]), [b"ok"])
+        self.assertStillServes()
+
     def test_forked_child_left_running_is_ended_with_the_task(self):
         def start():
             pid = os.fork()

@@ -1218,12 +1218,17 @@ def _protect_channel(*fds):
     for fd in fds:
         os.set_inheritable(fd, False)
     if hasattr(os, "register_at_fork"):
+        open_fds = list(fds)
+
         def close_in_child():
-            for fd in fds:
+            # Once, in the task's child: in its own forks these numbers may
+            # be files of its own by then.
+            for fd in open_fds:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
+            del open_fds[:]
         os.register_at_fork(after_in_child=close_in_child)
 
 
