@@ -299,6 +299,21 @@ class FaultTests:
         wait_until(lambda: not pid_alive(pid), SHORT_TIMEOUT, "the task's child to end")
         self.assertStillServes()
 
+    def test_a_forked_process_that_returns_never_speaks_for_the_run(self):
+        def fork_and_return(n):
+            os.fork()  # the child returns too, as if it were the task
+            return n
+
+        def fork_and_raise(n):
+            if os.fork() == 0:
+                raise ValueError("raised in the forked process")
+            return n
+
+        tasks = [lambda: fork_and_return(0), lambda: fork_and_raise(1)]
+        tasks += [lambda i=i: i for i in range(2, 40)]
+        self.assertEqual(self.d.run(tasks, timeout=LONG_TIMEOUT), list(range(40)))
+        self.assertStillServes()
+
     def test_a_task_s_child_forks_again_and_keeps_its_own_files(self):
         def fork_twice():
             # The child opens files (taking the lowest free numbers), then

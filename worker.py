@@ -288,15 +288,37 @@ def run_task(fn, lend_min=0):
     Processes the task started and left running are ended first: a task owns
     its children, and none may outlive it.
     """
+    pid = os.getpid()
     try:
         value = call(fn)
     except BaseException as exc:
+        _leave_if_stray(pid, exc)
         # Skip this frame: the user's traceback starts in their own code.
         return b"E", [encode_error(exc, TASK_FAILED, skip_frames=1)], None
     finally:
+        _leave_if_stray(pid)
         flush_std_streams()
         end_task_children()
     return encode_result(value, lend_min)
+
+
+def _leave_if_stray(pid, exc=None):
+    """A process the task forked that returned (or raised) into our code
+    instead of calling os._exit(): it must never speak on the run's pipes
+    nor take tasks meant for its parent.  It ends here, as a script's
+    process ends at its last line."""
+    if os.getpid() == pid:
+        return
+    code = 0
+    if exc is not None and not (isinstance(exc, SystemExit) and not exc.code):
+        code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else 1
+        if not isinstance(exc, SystemExit):
+            try:
+                sys.stderr.write(_safe_format(type(exc), exc, exc.__traceback__))
+            except BaseException:
+                pass
+    flush_std_streams()
+    os._exit(code)
 
 
 def flush_std_streams():
