@@ -1461,14 +1461,28 @@ _worker_modules = []
 # -c) goes first, so no file of the user's can shadow what the worker imports.
 # The loader by hand: importlib.util costs a worker ~2 ms more to import.
 _WORKER_NAME = "_concurrency_worker"
-_BOOTSTRAP = ("import sys; del sys.path[0]; from importlib.machinery import SourceFileLoader; "
+_BOOTSTRAP = ("import sys; sys.path[:1] = [] if sys.path[:1] == [''] else sys.path[:1]; "
+              "from importlib.machinery import SourceFileLoader; "
               "l = SourceFileLoader(%r, sys.argv[1]); m = type(sys)(l.name); "
               "m.__file__, m.__loader__ = l.path, l; sys.modules[l.name] = m; "
               "l.exec_module(m); sys.exit(m.main(sys.argv[1:]))" % _WORKER_NAME)
 
 
 def _worker_command(mode, *args):
-    return [sys.executable, "-c", _BOOTSTRAP, _WORKER_PATH, mode] + list(args)
+    return ([sys.executable] + _interpreter_flags() + ["-c", _BOOTSTRAP, _WORKER_PATH, mode]
+            + list(args))
+
+
+_flags = []
+
+
+def _interpreter_flags():
+    """The caller's -I, -E, -s, -O, -B, -W and -X options: a worker runs
+    tasks as isolated, as optimized and with the warnings the caller has."""
+    if not _flags:
+        import subprocess
+        _flags.append(subprocess._args_from_interpreter_flags())
+    return _flags[0]
 
 
 # execve(2) refuses one variable over 128 KiB (MAX_ARG_STRLEN) and an

@@ -812,6 +812,29 @@ class ScriptFaultTest(ScriptTestCase):
         self.assertEqual(json.loads(read_file(out)),
                          {"process": [[1, 2], [3]], "fork": [[1, 2], [3]]})
 
+    def test_workers_run_with_the_caller_s_interpreter_flags(self):
+        argv, env, cwd = self.script("""\
+            import json, os, sys
+            sys.path.insert(0, %r)  # -I ignores PYTHONPATH and the script's folder
+            import concurrency
+            def flags():
+                return [sys.flags.isolated, sys.flags.optimize, "sitecustomize" in sys.modules,
+                        [str(option) for option in sys.warnoptions]]
+            print(json.dumps([flags()] + concurrency.driver("process").run([flags])))
+            """ % os.path.dirname(os.path.abspath(concurrency.__file__)))
+        site = self.subdir("site")
+        write_file(os.path.join(site, "sitecustomize.py"), "print('sitecustomize ran')\n")
+        env = dict(env, PYTHONPATH=site)
+        done = subprocess.run([sys.executable, "-I", "-O", "-W", "error::UserWarning"] + argv[1:],
+                              env=env, cwd=cwd, capture_output=True, text=True,
+                              timeout=LONG_TIMEOUT)
+        self.assert_marked_processes_gone()
+        self.assertSucceeded(done)
+        parent, task = json.loads(done.stdout.splitlines()[-1])
+        self.assertEqual(parent[:2] + parent[3:], [1, 1, ["error::UserWarning"]])
+        self.assertEqual(task, parent)
+        self.assertNotIn("sitecustomize ran", done.stdout)
+
     def test_huge_payloads_intact_within_three_times_their_size(self):
         for driver in ("process", "fork"):
             for case in ("capture", "result", "objects"):
