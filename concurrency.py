@@ -2653,8 +2653,23 @@ timeout = none
 _config_cache = {}
 
 
+# A config file is a few lines; one larger than this is not one.
+_CONFIG_MAX_BYTES = 64 * 1024
+# A timeout shorter than this fails every task (a process takes longer to
+# start); more workers than this exhaust a machine's processes.
+_TIMEOUT_MIN = 0.001
+_MAX_WORKERS_MAX = 4096
+
+
 def _read_config():
-    """The validated settings of concurrency.ini, {} when there is none."""
+    """The validated settings of concurrency.ini, {} when there is none.
+
+    The file is read from the current directory, so whoever controls that
+    directory controls it: only a regular file of sane size is read (never
+    a FIFO or a device), without following it into interpolation, and every
+    bad file or value is a ConfigError naming the file and key.
+    """
+    import stat as stat_module
     path = os.environ.get(CONFIG_ENV) or CONFIG_FILE
     try:
         stat = os.stat(path)
@@ -2662,14 +2677,34 @@ def _read_config():
         if os.environ.get(CONFIG_ENV):
             raise ConfigError("%s: no such config file (named by %s)" % (path, CONFIG_ENV))
         return {}
-    signature = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+    signature = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size, stat.st_ino)
     cached = _config_cache.get("config")
     if cached is not None and cached[0] == signature:
         return cached[1]
-    import configparser
-    parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"))
     try:
-        parser.read(path, encoding="utf-8")
+        # O_NONBLOCK: a FIFO swapped in after the stat() can't block us.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise ConfigError("%s: cannot be read: %s" % (path, exc.strerror)) from None
+    try:
+        opened = os.fstat(fd)
+        if not stat_module.S_ISREG(opened.st_mode):
+            raise ConfigError("%s: is not a regular file; a config file is" % path)
+        if opened.st_size > _CONFIG_MAX_BYTES:
+            raise ConfigError("%s: is %d bytes; a config file is at most %d"
+                              % (path, opened.st_size, _CONFIG_MAX_BYTES))
+        data = os.read(fd, _CONFIG_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("%s: is not UTF-8 text (byte %d)" % (path, exc.start)) from None
+    import configparser
+    # No interpolation: a "%" in a value is just a character.
+    parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
+    try:
+        parser.read_string(text, source=path)
     except configparser.Error as exc:
         raise ConfigError("%s: cannot be parsed: %s" % (path, exc)) from None
     if not parser.has_section(_CONFIG_SECTION):
@@ -2683,22 +2718,24 @@ def _read_config():
         elif name == "max_workers":
             try:
                 number = int(value)
-                if number < 1:
+                if not 1 <= number <= _MAX_WORKERS_MAX:
                     raise ValueError
             except ValueError:
                 raise ConfigError("%s: max_workers = %s is not allowed; use a positive whole "
-                                  "number, e.g. max_workers = 8" % (path, value)) from None
+                                  "number up to %d, e.g. max_workers = 8"
+                                  % (path, value, _MAX_WORKERS_MAX)) from None
             config["max_workers"] = number
         elif name == "timeout":
             if value.lower() in ("", "none"):
                 continue
             try:
                 number = float(value)
-                if math.isnan(number) or number <= 0:
+                if not _TIMEOUT_MIN <= number < math.inf:
                     raise ValueError
             except ValueError:
                 raise ConfigError("%s: timeout = %s is not allowed; use a positive number of "
-                                  "seconds, or none for no limit" % (path, value)) from None
+                                  "seconds (%g at least), or none for no limit"
+                                  % (path, value, _TIMEOUT_MIN)) from None
             config["timeout"] = number
         else:
             raise ConfigError("%s: unknown key %r in [%s]; allowed keys: default, "
@@ -2708,11 +2745,25 @@ def _read_config():
 
 
 def _publish_config(force=False):
-    if os.path.exists(CONFIG_FILE) and not force:
+    if os.path.islink(CONFIG_FILE):
+        # Followed, it would write wherever the link points (a dangling one
+        # too), while we say we wrote ./concurrency.ini.
+        sys.stderr.write("%s in %s is a symbolic link; remove it first, nothing was written\n"
+                         % (CONFIG_FILE, os.getcwd()))
+        return 1
+    if os.path.lexists(CONFIG_FILE) and not force:
         sys.stderr.write("%s already exists in %s; use --force to overwrite it\n"
                          % (CONFIG_FILE, os.getcwd()))
         return 1
-    with open(CONFIG_FILE, "w", encoding="utf-8") as file:
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= os.O_TRUNC if force else os.O_EXCL
+    try:
+        fd = os.open(CONFIG_FILE, flags, 0o644)
+    except OSError as exc:
+        sys.stderr.write("%s: cannot be written in %s: %s; nothing was written\n"
+                         % (CONFIG_FILE, os.getcwd(), exc.strerror))
+        return 1
+    with open(fd, "w", encoding="utf-8") as file:
         file.write(_CONFIG_TEMPLATE)
     print("wrote %s" % os.path.abspath(CONFIG_FILE))
     return 0

@@ -2331,6 +2331,45 @@ class RegistryTest(CleanTestCase):
                     concurrency.default_driver()
                     concurrency.ProcessDriver()
 
+    def test_hostile_config_files_give_a_prompt_config_error(self):
+        def case(make, message):
+            os.path.lexists("concurrency.ini") and os.remove("concurrency.ini")
+            make()
+            concurrency._config_cache.clear()
+            started = time.monotonic()
+            with self.assertRaisesRegex(concurrency.ConfigError, message):
+                concurrency.default_driver()
+            self.assertLess(time.monotonic() - started, SHORT_TIMEOUT)
+
+        def write_bytes(data):
+            with open("concurrency.ini", "wb") as file:
+                file.write(data)
+
+        case(lambda: os.mkfifo("concurrency.ini"), "concurrency.ini: is not a regular file")
+        case(lambda: os.symlink("/dev/zero", "concurrency.ini"),
+             "concurrency.ini: is not a regular file")
+        case(lambda: write_bytes(b"[concurrency]\n; " + b"x" * (1 << 20) + b"\n"),
+             r"concurrency.ini: is \d+ bytes; a config file is at most")
+        case(lambda: write_bytes(b"[concurrency]\ndefault = \xff\xfe\n"),
+             "concurrency.ini: is not UTF-8 text")
+        case(lambda: write_bytes(b"[concurrency]\ndefault = %(x)s\n"),
+             r"concurrency.ini: default = %\(x\)s names an unknown driver")
+        case(lambda: write_bytes(b"[concurrency]\ntimeout = 1e-300\n"),
+             "concurrency.ini: timeout = 1e-300 is not allowed")
+        case(lambda: write_bytes(b"[concurrency]\ndefault = sync\ndefault = fork\n"),
+             "concurrency.ini: cannot be parsed")
+
+    def test_config_publish_never_follows_a_symlink(self):
+        target = self.path("elsewhere.ini")
+        os.symlink(target, "concurrency.ini")  # dangling
+        for extra in ([], ["--force"]):
+            done = subprocess.run([sys.executable, "-m", "concurrency", "config:publish"] + extra,
+                                  cwd=self.tmp, env=dict(os.environ, PYTHONPATH=REPO),
+                                  capture_output=True, text=True, timeout=LONG_TIMEOUT)
+            self.assertNotEqual(done.returncode, 0)
+            self.assertIn("is a symbolic link", done.stderr)
+            self.assertFalse(os.path.exists(target))
+
     def test_config_publish_command(self):
         env = dict(os.environ, PYTHONPATH=REPO)
         command = [sys.executable, "-m", "concurrency", "config:publish"]
