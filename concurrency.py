@@ -716,14 +716,11 @@ class ProcessDriver(_ChildDriver):
         # and captured values are taken as they are now.
         context = _current_context()
         serializer = _TaskSerializer()
-        payloads = [pickle.dumps((context, serializer.dumps(key, fn)), pickle.HIGHEST_PROTOCOL)
-                    for key, fn in zip(batch.keys, batch.calls)]
-
-        def start():
-            for key, payload in zip(batch.keys, payloads):
-                _spawn_detached(key, payload, self.timeout)
-
-        _schedule_deferred(start, always)
+        tasks = [(repr(key), serializer.dumps(key, fn)) for key, fn in zip(batch.keys, batch.calls)]
+        # One detached process for the batch, running max_workers at once.
+        payload = pickle.dumps((context, self.timeout, self.max_workers, tasks),
+                               pickle.HIGHEST_PROTOCOL)
+        _schedule_deferred(lambda: _spawn_detached(payload), always)
 
 
 class ForkDriver(_ChildDriver):
@@ -749,12 +746,8 @@ class ForkDriver(_ChildDriver):
 
     def defer(self, tasks, *, always=False):
         batch = _Batch(tasks)
-
-        def start():
-            for key, fn in zip(batch.keys, batch.calls):
-                _fork_detached(key, fn, self.timeout)
-
-        _schedule_deferred(start, always)
+        jobs = list(zip(batch.keys, batch.calls))
+        _schedule_deferred(lambda: _fork_detached(jobs, self.timeout, self.max_workers), always)
 
 
 # -- Input and outcomes -------------------------------------------------------
@@ -2487,30 +2480,47 @@ def _kill_group(pid, only_group=False):
 _detached = []  # Popen objects of detached deferred tasks, reaped when done
 
 
-def _spawn_detached(key, payload, timeout):
-    """Start ``worker.py defer`` in a session of its own: it outlives us."""
+def _spawn_detached(payload):
+    """Start ``worker.py defer`` in a session of its own: it outlives us.
+
+    The payload (the environment is in it) goes through an anonymous file
+    the child inherits: nothing is left on disk if we die, and neither keys
+    nor anything else of the tasks shows on its command line.
+    """
     _detached[:] = [process for process in _detached if process.poll() is None]
     import subprocess
-    import tempfile
-    fd, path = tempfile.mkstemp(prefix="concurrency-defer-", suffix=".pickle")
+    path = None
+    if hasattr(os, "memfd_create"):
+        fd = _above_std(os.memfd_create("concurrency-defer", os.MFD_CLOEXEC))
+        source = "fd:%d" % fd
+    else:  # a file of our own, removed by the child once read
+        import tempfile
+        fd, path = tempfile.mkstemp(prefix="concurrency-defer-", suffix=".pickle")
+        source = path
     try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(payload)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
         process = subprocess.Popen(
-            _worker_command("defer", path, repr(key), repr(timeout)),
-            env=_worker_environ(), stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True)
+            _worker_command("defer", source), env=_worker_environ(),
+            stdin=subprocess.DEVNULL, pass_fds=(fd,) if path is None else (),
+            close_fds=True, start_new_session=True)
     except BaseException:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         raise
+    finally:
+        os.close(fd)
     _detached.append(process)
 
 
-def _fork_detached(key, fn, timeout):
-    """Run ``fn`` in a double-forked child in a session of its own, under a
-    supervisor that reports a failure, crash or timeout on stderr."""
+def _fork_detached(jobs, timeout, limit):
+    """Run the tasks of ``jobs`` -- (key, callable) -- in a double-forked
+    supervisor in a session of its own, which runs ``limit`` at once and
+    reports a failure, crash or timeout on stderr."""
     worker = _worker_module()
     devnull = _devnull_fd()
     worker.flush_std_streams()
@@ -2521,11 +2531,12 @@ def _fork_detached(key, fn, timeout):
             os.setsid()
             if os.fork() == 0:
                 _in_fork_child(devnull)
-                # The supervisor waits for its child: SIGCHLD ignored by
-                # the application would take the child's status away.
+                # The supervisor waits for its children: SIGCHLD ignored by
+                # the application would take their status away.
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                code = worker.supervise(lambda: worker.run_reporting(fn, repr(key)),
-                                        repr(key), timeout)
+                code = worker.supervise(
+                    [(repr(key), lambda fn=fn, key=key: worker.run_reporting(fn, repr(key)))
+                     for key, fn in jobs], timeout, limit)
         except BaseException:
             code = 70
         finally:

@@ -2195,6 +2195,70 @@ class DetachedDeferTest(ScriptTestCase):
                    "the deferred task to finish")
         self.assert_marked_processes_gone()
 
+    def test_many_deferred_tasks_return_at_once_and_run_a_bounded_number_at_a_time(self):
+        for driver in ("process", "fork"):
+            with self.subTest(driver=driver):
+                argv, env, cwd = self.script("""\
+                    import json, os, sys, time
+                    import concurrency
+                    out = os.path.abspath("out")
+                    os.mkdir(out)
+                    def task(i):
+                        started = time.monotonic()
+                        time.sleep(0.05)
+                        with open(os.path.join(out, "%d.tmp" % i), "w") as file:
+                            json.dump([started, time.monotonic()], file)
+                        os.rename(os.path.join(out, "%d.tmp" % i),
+                                  os.path.join(out, "%d.json" % i))
+                    d = concurrency.extend("four", lambda: getattr(concurrency,
+                        {"process": "ProcessDriver", "fork": "ForkDriver"}[sys.argv[1]])(
+                        max_workers=4))
+                    started = time.monotonic()
+                    concurrency.driver("four").defer([lambda i=i: task(i) for i in range(60)])
+                    print(json.dumps(time.monotonic() - started))
+                    """)
+                done = subprocess.run(argv + [driver], env=env, cwd=cwd, capture_output=True,
+                                      text=True, timeout=LONG_TIMEOUT)
+                self.assertSucceeded(done)
+                self.assertLess(json.loads(done.stdout.splitlines()[-1]), 1.0)
+                out = os.path.join(cwd, "out")
+                wait_until(lambda: len([name for name in os.listdir(out)
+                                        if name.endswith(".json")]) == 60,
+                           LONG_TIMEOUT, "the 60 deferred tasks")
+                spans = [json.loads(read_file(os.path.join(out, "%d.json" % i)))
+                         for i in range(60)]
+                most = max(sum(1 for start, end in spans if start <= moment < end)
+                           for moment, _end in spans)
+                self.assertLessEqual(most, 4)
+                self.assert_marked_processes_gone()
+
+    def test_deferred_tasks_leave_nothing_on_disk_and_show_nothing_in_ps(self):
+        private_tmp = self.subdir("tmp")
+        argv, env, cwd = self.script("""\
+            import os, time
+            import concurrency
+            os.environ["SECRET_TOKEN"] = "hunter2"
+            concurrency.driver("process").defer(
+                {"key-for-nobody-else": lambda: open("started", "w").close() or time.sleep(3)})
+            """, env={"TMPDIR": private_tmp})
+        # Not capture_output: the deferred task inherits the pipes, and
+        # reading them to their end would wait for it to finish.
+        done = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=LONG_TIMEOUT)
+        self.assertEqual(done.returncode, 0)
+        wait_until(lambda: os.path.exists(os.path.join(cwd, "started")), LONG_TIMEOUT,
+                   "the deferred task to start")
+        self.assertEqual(os.listdir(private_tmp), [])
+        self.assertTrue(marked_processes(self.mark), "the deferred task runs")
+        for entry in os.listdir("/proc"):
+            try:
+                with open("/proc/%s/cmdline" % entry, "rb") as file:
+                    command = file.read()
+            except OSError:
+                continue
+            self.assertNotIn(b"key-for-nobody-else", command)
+        self.assert_marked_processes_gone(within=LONG_TIMEOUT)
+
     def test_process_driver_rejects_unserializable_task_at_call_site(self):
         concurrency.set_default_driver("process")
         gen = (n for n in range(2))

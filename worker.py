@@ -19,10 +19,12 @@ Modes:
     parent.  Unused for IDLE_TIMEOUT seconds, it exits too.  Buffers of at
     least LEND_MIN bytes in a result are lent (see below); 0 turns that off.
 
-``defer PAYLOAD_PATH KEY TIMEOUT``
-    A detached deferred task: read the task payload from PAYLOAD_PATH (the
-    file is removed once read), run it in a forked child and report a
-    failure, a crash or a timeout on stderr, since nobody waits for it.
+``defer fd:N`` or ``defer PAYLOAD_PATH``
+    Detached deferred tasks: read the batch's payload from descriptor N (an
+    anonymous file) or PAYLOAD_PATH (removed once read), run each task in a
+    forked child, a bounded number at once, and report a failure, a crash
+    or a timeout on stderr, since nobody waits for them.  Keys and the
+    environment travel in the payload, never on the command line.
 
 Frames are one kind byte, an 8-byte big-endian length, then the body:
 
@@ -1368,40 +1370,70 @@ def _report(key, what):
         pass
 
 
-def supervise(run, key, timeout):
-    """Run ``run()`` in a forked child and report a crash or timeout on stderr.
-
-    Returns the exit code to leave with.  The child's processes go with it.
-    """
+def supervise(jobs, timeout, limit):
+    """Run each job -- ``(key, run)`` -- in a forked child, at most ``limit``
+    at once, and report a crash or timeout on stderr, since nobody waits for
+    them.  Returns the exit code to leave with: 0 when every job succeeded.
+    A job's processes go with it."""
     import signal
-    pid = os.fork()
-    if pid == 0:
-        code = 70
+    pending = list(reversed(jobs))
+    running = {}  # pid -> (key, deadline or None)
+    failed = False
+    while pending or running:
+        while pending and len(running) < limit:
+            key, run = pending.pop()
+            pid = os.fork()
+            if pid == 0:
+                code = 70
+                try:
+                    os.setpgid(0, 0)
+                    code = run()
+                finally:
+                    flush_std_streams()
+                    os._exit(code)
+            try:
+                os.setpgid(pid, pid)
+            except OSError:
+                pass
+            running[pid] = (key, None if timeout is None else time.monotonic() + timeout)
+        now = time.monotonic()
+        for pid, (key, deadline) in list(running.items()):
+            if deadline is not None and now >= deadline:
+                _kill_group(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                del running[pid]
+                failed = True
+                _report(key, "did not finish within %g s; it was killed\n" % timeout)
+        deadlines = [deadline for _key, deadline in running.values() if deadline is not None]
         try:
-            os.setpgid(0, 0)
-            code = run()
-        finally:
-            flush_std_streams()
-            os._exit(code)
+            if deadlines or pending:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if not pid:
+                    left = min(deadlines) - time.monotonic() if deadlines else 0.05
+                    time.sleep(min(max(left, 0.001), 0.05))
+                    continue
+            else:
+                pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        if pid not in running:
+            continue
+        key, _deadline = running.pop(pid)
+        _kill_group(pid, signal.SIGKILL)
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:
+            _report(key, "crashed: its process was killed by %s\n" % _signal_name(-code))
+        elif code not in (0, 1):  # 1: failed, and run() reported it
+            _report(key, "crashed: its process exited with code %d\n" % code)
+        failed = failed or code != 0
+    return 1 if failed else 0
+
+
+def _kill_group(pid, signum):
     try:
-        os.setpgid(pid, pid)
+        os.killpg(pid, signum)
     except OSError:
         pass
-    status = _wait(pid, timeout)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
-    if status is None:
-        os.waitpid(pid, 0)
-        _report(key, "did not finish within %g s; it was killed\n" % timeout)
-        return 1
-    code = os.waitstatus_to_exitcode(status)
-    if code < 0:
-        _report(key, "crashed: its process was killed by %s\n" % _signal_name(-code))
-    elif code not in (0, 1):  # 1: failed, and run() reported it
-        _report(key, "crashed: its process exited with code %d\n" % code)
-    return 0 if code == 0 else 1
 
 
 def _wait(pid, timeout):
@@ -1427,26 +1459,39 @@ def _signal_name(number):
         return "signal %d" % number
 
 
-def run_deferred(payload_path, key, timeout):
-    try:
-        with open(payload_path, "rb") as payload:
+def run_deferred(source):
+    """Run a deferred batch: its payload -- (context, timeout, limit, [(key,
+    task payload)]) -- comes from an inherited descriptor (``fd:N``, an
+    anonymous file: nothing on disk) or from a file that is removed once
+    read."""
+    if source.startswith("fd:"):
+        with os.fdopen(int(source[3:]), "rb") as payload:
+            payload.seek(0)
             body = payload.read()
-    finally:
+    else:
         try:
-            os.unlink(payload_path)
-        except OSError:
-            pass
-    context, task = pickle.loads(body)
+            with open(source, "rb") as payload:
+                body = payload.read()
+        finally:
+            try:
+                os.unlink(source)
+            except OSError:
+                pass
+    context, timeout, limit, tasks = pickle.loads(body)
+    del body
     _apply_context(context)
-    try:
-        fn = loads_task(task)
-    except BaseException as exc:
-        _report(key, "could not be unserialized:\n"
-                + _safe_format(type(exc), exc, exc.__traceback__))
-        return 1
+    jobs = []
+    for key, task in tasks:
+        try:
+            fn = loads_task(task)
+        except BaseException as exc:
+            _report(key, "could not be unserialized:\n"
+                    + _safe_format(type(exc), exc, exc.__traceback__))
+            continue
+        jobs.append((key, lambda fn=fn, key=key: run_reporting(fn, key)))
     if not hasattr(os, "fork"):
-        return run_reporting(fn, key)
-    return supervise(lambda: run_reporting(fn, key), key, timeout)
+        return max([job() for _key, job in jobs] or [0])
+    return supervise(jobs, timeout, limit)
 
 
 def _ignore_sigint():
@@ -1488,8 +1533,7 @@ def main(argv):
             # terminal is no place for our plumbing.
             os._exit(0)
     elif mode == "defer":
-        timeout = None if argv[4] == "None" else float(argv[4])
-        return run_deferred(argv[2], argv[3], timeout)
+        return run_deferred(argv[2])
     sys.stderr.write("worker.py is started by the concurrency library, not by hand.\n")
     return 2
 
