@@ -1232,10 +1232,13 @@ def _loads_value(body, lent=None):
         size, descriptors, start = _lent_layout(view)
         data = view[start:start + size]
         if flag == b"i":
-            lent, offset = [], start + size
-            for _address, length, readonly in descriptors:
-                part = view[offset:offset + length]
-                lent.append(bytes(part) if readonly else bytearray(part))
+            lent, offset, made = [], start + size, {}
+            for descriptor in descriptors:
+                _address, length, readonly = descriptor
+                if descriptor not in made:  # one buffer lent twice is one object
+                    part = view[offset:offset + length]
+                    made[descriptor] = bytes(part) if readonly else bytearray(part)
+                lent.append(made[descriptor])
                 offset += length
         return pickle.loads(data, buffers=lent)
     import dill
@@ -1263,8 +1266,12 @@ def _copy_lent(pid, body):
     import ctypes
     reader = _memory_reader()
     _size, descriptors, _start = _lent_layout(memoryview(body))
-    copies, pieces = [], collections.deque()
-    for address, length, readonly in descriptors:
+    copies, pieces, made = [], collections.deque(), {}
+    for descriptor in descriptors:
+        address, length, readonly = descriptor
+        if descriptor in made:  # one buffer lent twice is one object
+            copies.append(made[descriptor])
+            continue
         if readonly:
             # bytes are immutable once shared; until then they may be filled
             # in place, as C code does.
@@ -1274,6 +1281,7 @@ def _copy_lent(pid, body):
             copy = bytearray(length)
             target = ctypes.addressof(ctypes.c_char.from_buffer(copy)) if length else 0
         copies.append(copy)
+        made[descriptor] = copy
         for offset in range(0, length, _COPY_PIECE):
             pieces.append((target + offset, address + offset,
                            min(_COPY_PIECE, length - offset)))

@@ -256,6 +256,33 @@ class FaultTests:
         self.assertFalse(pid_alive(int(read_file(pid_file))))
         self.assertStillServes()
 
+    def test_large_results_keep_shared_and_cyclic_references(self):
+        def shared():
+            buffer = bytearray(b"x" * (2 * MB))
+            return [buffer, buffer]
+
+        def cyclic():
+            items = [b"y" * (2 * MB)]
+            items.append(items)
+            return items
+
+        def deeper():
+            data = b"z" * (2 * MB)
+            return [data, {"again": data}]
+
+        def dict_of_itself():
+            table = {"big": bytearray(2 * MB)}
+            table["me"] = table
+            return table
+
+        first, loop, nested, table = self.d.run([shared, cyclic, deeper, dict_of_itself])
+        self.assertIs(first[0], first[1])
+        self.assertEqual(len(first[0]), 2 * MB)
+        self.assertIs(loop[1], loop)
+        self.assertIs(nested[0], nested[1]["again"])
+        self.assertIs(table["me"], table)
+        self.assertStillServes()
+
     def test_busy_loop_times_out(self):
         def spin():
             while True:

@@ -143,8 +143,22 @@ def dumps_lending(value, lend_min):
         lent.append((address, view))
         return False  # out of band: only its descriptor goes in the body
 
+    exposed, replaced = _expose_buffers(value, lend_min)
     try:
-        data = pickle.dumps(_expose_buffers(value, lend_min), 5, buffer_callback=lend)
+        if not replaced:
+            data = pickle.dumps(exposed, 5, buffer_callback=lend)
+        else:
+            import io
+            buffer = io.BytesIO()
+            pickler = pickle.Pickler(buffer, 5, buffer_callback=lend)
+            pickler.dump(exposed)
+            # A replaced object reached another way too (a buffer also
+            # deeper down, a list that contains itself) would come back as
+            # two objects: pickle alone keeps it one.
+            memo = pickler.memo.copy()
+            if any(id(obj) in memo for obj in replaced):
+                return None
+            data = buffer.getvalue()
     except Exception:
         return None  # dumps_value() says what is wrong, or uses dill
     if not lent:
@@ -159,26 +173,35 @@ def _expose_buffers(value, lend_min):
     """Wrap large bytes and bytearrays in PickleBuffers, which pickle hands to
     its buffer_callback.  It never does that for bytes itself.  Only the top
     level and the items of a small list, tuple or dict are looked at: deeper
-    search would need a hook called for every object, slowing every result."""
+    search would need a hook called for every object, slowing every result.
+
+    Returns what to pickle and the objects it replaced (wrapped buffers, a
+    copied container), which the pickle must not meet again elsewhere."""
     wrapped = {}
+    replaced = []
 
     def wrap(item):
         if (type(item) is bytes or type(item) is bytearray) and len(item) >= lend_min:
             if id(item) not in wrapped:  # the same object twice stays one
                 wrapped[id(item)] = pickle.PickleBuffer(item)
+                replaced.append(item)
             return wrapped[id(item)]
         return item
 
     kind = type(value)
     if kind is bytes or kind is bytearray:
-        return wrap(value)
+        return wrap(value), replaced
     if (kind is list or kind is tuple) and len(value) <= 64:
         items = [wrap(item) for item in value]
-        return kind(items) if wrapped else value
+        if not wrapped:
+            return value, replaced
+        return kind(items), replaced + [value]
     if kind is dict and len(value) <= 64:
         items = {key: wrap(item) for key, item in value.items()}
-        return items if wrapped else value
-    return value
+        if not wrapped:
+            return value, replaced
+        return items, replaced + [value]
+    return value, replaced
 
 
 def _address_of(view):
