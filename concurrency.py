@@ -96,7 +96,6 @@ import atexit
 import collections
 import collections.abc
 import contextvars
-import errno
 import functools
 import importlib
 import io
@@ -1307,14 +1306,32 @@ def _copy_lent(pid, body):
 
     helpers = [threading.Thread(target=copy_pieces, name="concurrency-copy")
                for _ in range(min(len(pieces), _COPY_THREADS) - 1)]
-    for helper in helpers:
-        helper.start()
-    copy_pieces()
-    for helper in helpers:
-        helper.join()
+    try:
+        for helper in helpers:
+            helper.start()
+        copy_pieces()
+    finally:
+        # Also when a signal handler raised here: no helper may go on
+        # writing into buffers after we have left.
+        pieces.clear()
+        _join_all(helpers)
     if failures:
         raise failures[0]
     return copies
+
+
+def _join_all(threads):
+    """Join every thread, even when a signal handler raises meanwhile; then
+    raise the first such exception."""
+    raised = None
+    for thread in threads:
+        while thread.ident is not None and thread.is_alive():
+            try:
+                thread.join()
+            except BaseException as exc:
+                raised = raised or exc
+    if raised is not None:
+        raise raised
 
 
 # Lent buffers are copied in pieces of this size, by up to this many threads.
@@ -1700,14 +1717,21 @@ class _Run:
         if kind == b"R" and body[:1] == b"l":
             try:
                 lent = _copy_lent(child.pid, body)
-            except Exception as exc:
-                if getattr(exc, "errno", None) == errno.ESRCH:
+            except OSError:
+                if child.poll() is not None:
                     return False  # it died: the run notices on its pipes
-                # Not allowed here (a hardened kernel, a seccomp filter):
-                # the buffers come through the pipe, now and from now on.
+                # Not allowed here (a hardened kernel, a seccomp filter,
+                # whatever errno it answers): the buffers come through the
+                # pipe, now and from now on.
                 _lending[0] = False
                 child.reply(_worker_module().SEND_INLINE)
                 return False
+            except BaseException:
+                # Anything else (a signal handler raising, Ctrl-C) is the
+                # caller's: it propagates.  The child awaits a reply that
+                # will not come, so it is never used again.
+                child.kill()
+                raise
             child.reply(_worker_module().FETCHED)
         _decode_outcome(self.outcomes, index, kind, body, lent)
         if self.next_queued(child):

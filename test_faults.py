@@ -283,6 +283,34 @@ class FaultTests:
         self.assertIs(table["me"], table)
         self.assertStillServes()
 
+    @unittest.skipUnless(sys.platform.startswith("linux"), "lending is Linux's")
+    def test_a_signal_handler_raising_while_large_results_are_copied_propagates(self):
+        class Alarm(Exception):
+            pass
+
+        def handler(signum, frame):
+            # Raise only while the parent copies lent buffers out of a child.
+            while frame is not None:
+                if frame.f_code is concurrency._copy_lent.__code__:
+                    raise Alarm()
+                frame = frame.f_back
+
+        previous = signal.signal(signal.SIGALRM, handler)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        self.addCleanup(signal.setitimer, signal.ITIMER_REAL, 0)
+        big = [lambda: b"a" * (96 * MB), lambda: bytearray(b"b" * (96 * MB))]
+        signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+        with self.assertRaises(Alarm):
+            for _ in range(20):
+                self.d.run(big, timeout=LONG_TIMEOUT)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        self.assertTrue(concurrency._lending[0], "lending was switched off")
+        self.assertEqual([thread.name for thread in threading.enumerate()
+                          if thread.name == "concurrency-copy"], [])
+        first, second = self.d.run(big, timeout=LONG_TIMEOUT)
+        self.assertTrue(first == b"a" * (96 * MB) and second == b"b" * (96 * MB))
+        self.assertStillServes()
+
     def test_busy_loop_times_out(self):
         def spin():
             while True:
