@@ -2009,12 +2009,12 @@ class _Worker(_Child):
         for part in parts:
             view = memoryview(part)
             while view:
-                view = view[os.write(self.task_fd, view):]
+                view = view[_write(self.task_fd, view):]
         self.context = context
 
     def reply(self, code):
         try:
-            _worker_module().write_frame(self.task_fd, code)
+            _write(self.task_fd, _FRAME_HEADER.pack(code, 0))
         except OSError:
             pass  # it died: the run notices that on its pipes
 
@@ -2237,7 +2237,7 @@ class _ForkChild(_Child):
 
     def reply(self, code):
         try:
-            os.write(self.task_fd, _INDEX.pack(_REPLY_INDEX[code]))
+            _write(self.task_fd, _INDEX.pack(_REPLY_INDEX[code]))
         except OSError:
             pass  # it died: the run notices that on its pipes
 
@@ -2292,7 +2292,7 @@ class _ForkRun(_Run):
     def top_up(self, child):
         indices = self.take_batch(self.size, lambda index: _INDEX.size)
         try:
-            os.write(child.task_fd, b"".join(_INDEX.pack(index) for index in indices))
+            _write(child.task_fd, b"".join(_INDEX.pack(index) for index in indices))
         except OSError:  # it died: its pipes tell the run so
             self.pending.extendleft(reversed(indices))
             return
@@ -2316,7 +2316,7 @@ class _ForkRun(_Run):
             child = self.free.pop()
             indices = self.take_batch(self.size, lambda index: _INDEX.size)
             try:
-                os.write(child.task_fd, b"".join(_INDEX.pack(index) for index in indices))
+                _write(child.task_fd, b"".join(_INDEX.pack(index) for index in indices))
             except OSError:  # it died while idle (killed from outside)
                 self.pending.extendleft(reversed(indices))
                 self._forget(child)
@@ -2468,6 +2468,26 @@ def _devnull_fd():
         except OSError:
             _devnull.append(None)
     return _devnull[0]
+
+
+def _write(fd, data):
+    """os.write() to a child's pipe.  Where the application set SIGPIPE back
+    to its default (CLI tools do, for `| head`), writing to a child that has
+    just exited would end the whole process: the signal is held back for
+    the write, which fails with BrokenPipeError instead."""
+    if not _HAVE_SIGPIPE or signal.getsignal(signal.SIGPIPE) != signal.SIG_DFL:
+        return os.write(fd, data)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGPIPE,))
+    try:
+        return os.write(fd, data)
+    finally:
+        if signal.SIGPIPE not in held:
+            while signal.sigtimedwait((signal.SIGPIPE,), 0) is not None:
+                pass  # the one our write raised, taken before unblocking
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+_HAVE_SIGPIPE = hasattr(signal, "SIGPIPE") and hasattr(signal, "sigtimedwait")
 
 
 def _cpu_seconds(pid):

@@ -890,6 +890,30 @@ class ScriptFaultTest(ScriptTestCase):
         self.assertEqual(task, parent)
         self.assertNotIn("sitecustomize ran", done.stdout)
 
+    def test_sigpipe_at_its_default_never_kills_the_caller(self):
+        # As CLI tools set it (for `| head`): a write to a child that just
+        # exited -- crashed, or left idle -- must not end the caller.
+        done = self.run_script("""\
+            import json, os, signal, time
+            import concurrency
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            crashed = []
+            for name in ("fork", "process"):
+                for _ in range(3):
+                    out = concurrency.driver(name).run(
+                        [(lambda i=i: os._exit(3) if i % 7 == 3 else i) for i in range(300)],
+                        return_exceptions=True)
+                    crashed.append(sum(isinstance(value, concurrency.WorkerCrashed)
+                                       for value in out))
+            quick = concurrency.ProcessDriver(idle_timeout=0.02)
+            for k in range(30):  # runs as idle workers leave
+                assert quick.run([lambda: 1, lambda: 2]) == [1, 2]
+                time.sleep(0.018 + (k % 5) * 0.001)
+            print(json.dumps(crashed))
+            """)
+        self.assertSucceeded(done)
+        self.assertEqual(json.loads(done.stdout.splitlines()[-1]), [43] * 6)
+
     def test_huge_payloads_intact_within_three_times_their_size(self):
         for driver in ("process", "fork"):
             for case in ("capture", "result", "objects"):
