@@ -1304,11 +1304,11 @@ def _copy_lent(pid, body):
                     return
                 target, address, length = target + n, address + n, length - n
 
-    helpers = [threading.Thread(target=copy_pieces, name="concurrency-copy")
-               for _ in range(min(len(pieces), _COPY_THREADS) - 1)]
+    helpers = []
     try:
-        for helper in helpers:
-            helper.start()
+        for _ in range(min(len(pieces), _COPY_THREADS) - 1):
+            helpers.append(threading.Thread(target=copy_pieces, name="concurrency-copy"))
+            helpers[-1].start()
         copy_pieces()
     finally:
         # Also when a signal handler raised here: no helper may go on
@@ -1325,10 +1325,19 @@ def _join_all(threads):
     raise the first such exception."""
     raised = None
     for thread in threads:
-        while thread.ident is not None and thread.is_alive():
+        give_up = time.monotonic() + _REAP_TIMEOUT
+        while True:
             try:
                 thread.join()
+                break
             except BaseException as exc:
+                if isinstance(exc, RuntimeError) and "before it is started" in str(exc):
+                    # Interrupted in start(): it may not have said it runs
+                    # yet, or never started at all.
+                    if time.monotonic() > give_up:
+                        break
+                    time.sleep(0.001)
+                    continue
                 raised = raised or exc
     if raised is not None:
         raise raised
