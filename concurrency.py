@@ -1974,12 +1974,11 @@ class _Worker(_Child):
     """A warm ``worker.py serve`` child and its two pipes."""
 
     def __init__(self, idle_timeout):
-        task_r, task_w = _parent_pipe(keep="w")
-        result_r, result_w = _parent_pipe(keep="r")
-        _widen_pipe(task_w)
-        _widen_pipe(result_r)
+        task_r, task_w, result_r, result_w = _pipe_pair()
         import subprocess  # here: a script using only the fork driver starts faster
         try:
+            _widen_pipe(task_w)
+            _widen_pipe(result_r)
             self.process = subprocess.Popen(
                 _worker_command("serve", str(task_r), str(result_w), repr(idle_timeout),
                                 str(_worker_module().LEND_MIN if _lending[0] else 0)),
@@ -2090,12 +2089,23 @@ class _WorkerPool:
         for _ in range(max(spawn, 0)):
             try:
                 workers.append(_Worker(self.idle_timeout))
-            except BaseException:
+            except BaseException as exc:
                 with self._changed:
                     self._live -= spawn - (len(workers) - len(take))
+                if workers and isinstance(exc, OSError):
+                    # No descriptors or processes left for more: a run
+                    # goes on with the workers it has.
+                    return workers
                 self.release(workers)
                 raise
         return workers
+
+    def forget(self, worker):
+        """A dead worker of a run that gets no replacement."""
+        worker.retire()
+        with self._changed:
+            self._live -= 1
+            self._changed.notify_all()
 
     def replace(self, workers, worker):
         """Swap a dead worker of a run for a fresh one, in place."""
@@ -2211,7 +2221,14 @@ class _ProcessRun(_Run):
         return len(self.workers) < self.size
 
     def grow(self):
-        more = self.pool.acquire(self.size - len(self.workers), deadline=0)
+        try:
+            more = self.pool.acquire(self.size - len(self.workers), deadline=0)
+        except OSError:
+            if not self.workers:
+                raise
+            more = []
+        if len(more) < self.size - len(self.workers):
+            self.size = len(self.workers) + len(more)  # what could be had
         self.workers.extend(more)
         self.free.extend(more)
 
@@ -2225,7 +2242,14 @@ class _ProcessRun(_Run):
         else:
             self.outcomes.fail(index, WorkerCrashed(self.outcomes.key(index), worker.exitcode))
         if self.pending:
-            self.free.append(self.pool.replace(self.workers, worker))
+            try:
+                self.free.append(self.pool.replace(self.workers, worker))
+            except OSError:
+                if len(self.workers) == 1:
+                    raise  # no worker at all can be had
+                self.workers.remove(worker)
+                self.pool.forget(worker)
+                self.size = len(self.workers)
 
     def on_killed(self, worker):
         self.queued.pop(worker, None)
@@ -2321,7 +2345,15 @@ class _ForkRun(_Run):
             if not self.free:
                 if len(self.live) >= self.limit:
                     return
-                self.free.append(self._fork())
+                try:
+                    self.free.append(self._fork())
+                except OSError:
+                    if not self.live:
+                        raise  # no child at all can be had
+                    # No descriptors or processes left for more: the run
+                    # goes on with the children it has.
+                    self.limit = self.size = len(self.live)
+                    return
             child = self.free.pop()
             indices = self.take_batch(self.size, lambda index: _INDEX.size)
             try:
@@ -2334,14 +2366,20 @@ class _ForkRun(_Run):
             self.watch(child, indices[0])
 
     def _fork(self):
-        task_r, task_w = _parent_pipe(keep="w")
-        result_r, result_w = _parent_pipe(keep="r")
-        _widen_pipe(result_r)
-        lifeline = _lifeline_read_fd()
-        devnull = _devnull_fd()
-        self.worker.flush_std_streams()  # or the child would print it again
-        with _fds_lock:  # no pipe is half-registered while we fork
-            pid = os.fork()
+        task_r, task_w, result_r, result_w = _pipe_pair()
+        try:
+            _widen_pipe(result_r)
+            lifeline = _lifeline_read_fd()
+            devnull = _devnull_fd()
+            self.worker.flush_std_streams()  # or the child would print it again
+            with _fds_lock:  # no pipe is half-registered while we fork
+                pid = os.fork()
+        except BaseException:
+            for fd in (task_w, result_r):
+                _close_parent_fd(fd)
+            for fd in (task_r, result_w):
+                os.close(fd)
+            raise
         if pid == 0:  # child: never returns into the caller's code
             code = 0
             try:
@@ -2640,6 +2678,20 @@ def _above_std(fd):
         return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
     finally:
         os.close(fd)
+
+
+def _pipe_pair():
+    """Two pipes for a child: (task read, task write, result read, result
+    write), ours the task write and result read ends; none left open when
+    the second can't be made (no descriptors left)."""
+    task_r, task_w = _parent_pipe(keep="w")
+    try:
+        result_r, result_w = _parent_pipe(keep="r")
+    except BaseException:
+        _close_parent_fd(task_w)
+        os.close(task_r)
+        raise
+    return task_r, task_w, result_r, result_w
 
 
 def _close_parent_fd(fd):

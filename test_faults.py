@@ -917,6 +917,42 @@ class ScriptFaultTest(ScriptTestCase):
         self.assertSucceeded(done)
         self.assertEqual(json.loads(done.stdout.splitlines()[-1]), [43] * 6)
 
+    def test_out_of_descriptors_a_run_finishes_on_the_children_it_has_and_leaks_none(self):
+        for driver in ("process", "fork"):
+            with self.subTest(driver=driver):
+                done = self.run_script("""\
+                    import json, os, resource, sys, time
+                    import concurrency
+                    name = sys.argv[1]
+                    d = concurrency.driver("fork") if name == "fork" else \\
+                        concurrency.ProcessDriver(max_workers=4)
+                    d.run([lambda: 0])  # what the library opens once, opened
+                    concurrency._shutdown()
+                    def fds():
+                        return len(os.listdir("/proc/self/fd"))
+                    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+                    report = []
+                    for margin in (4, 8):  # room for no child, then for one or two
+                        before = fds()
+                        resource.setrlimit(resource.RLIMIT_NOFILE, (before + margin, hard))
+                        try:
+                            out = d.run([lambda i=i: (time.sleep(0.2), i)[1] for i in range(6)])
+                        except OSError as exc:
+                            out = "OSError %d" % exc.errno
+                        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                        concurrency._shutdown()
+                        report.append([out, fds() - before])
+                    print(json.dumps(report))
+                    """, argv_extra=[driver])
+                self.assertSucceeded(done)
+                no_room, some_room = json.loads(done.stdout.splitlines()[-1])
+                # With no room for one child: the error, and nothing leaked.
+                self.assertEqual(no_room[1], 0)
+                if no_room[0] != list(range(6)):
+                    self.assertEqual(no_room[0], "OSError 24")
+                # With room for a child or two: every result, nothing leaked.
+                self.assertEqual(some_room, [list(range(6)), 0])
+
     def test_huge_payloads_intact_within_three_times_their_size(self):
         for driver in ("process", "fork"):
             for case in ("capture", "result", "objects"):
