@@ -701,9 +701,11 @@ class ProcessDriver(_ChildDriver):
         # The warm ones there are, or one per core; more once tasks prove
         # slow (see _Run).
         size = min(len(batch.calls), self.max_workers)
-        workers = self._pool.acquire(size, deadline, start=min(size, _CORES))
+        workers = self._pool.acquire(size, deadline, start=min(size, _CORES), stop=stop)
         try:
             payloads = _dumps_tasks(batch.keys, batch.calls)
+            if stop is not None and stop.is_set():
+                raise _Stopped()  # cancelled meanwhile: send nothing
             yield from _ProcessRun(self._pool, workers, size, payloads, outcomes, timeout,
                                    deadline, stop).completions()
         finally:
@@ -2067,13 +2069,16 @@ class _WorkerPool:
         # A driver that is dropped must not leave its warm workers running.
         weakref.finalize(self, _retire_workers, self._idle)
 
-    def acquire(self, wanted, deadline, start=None):
+    def acquire(self, wanted, deadline, start=None, stop=None):
         """Check out up to ``wanted`` workers: idle ones, and new ones until
         there are ``start`` (default: ``wanted``).  Waits for one if none is
-        free, until ``deadline``; not at all if ``deadline`` has passed."""
+        free, until ``deadline``; not at all if ``deadline`` has passed.
+        Raises _Stopped once ``stop`` is set (a cancelled run_async)."""
         start = wanted if start is None else start
         with self._changed:
             while True:
+                if stop is not None and stop.is_set():
+                    raise _Stopped()
                 self._drop_stale()
                 take = self._idle[-wanted:] if wanted else []
                 del self._idle[len(self._idle) - len(take):]
@@ -2083,6 +2088,8 @@ class _WorkerPool:
                 wait = None if deadline is None else deadline - time.monotonic()
                 if wait is not None and wait <= 0:
                     return []
+                if stop is not None:  # looked at again every so often
+                    wait = _POLL_INTERVAL if wait is None else min(wait, _POLL_INTERVAL)
                 self._changed.wait(wait)
             self._live += max(spawn, 0)
         workers = list(take)
