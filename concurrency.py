@@ -444,7 +444,9 @@ class _Registry:
         self._factories = dict(factories)
         self._instances = {}
         self._default = None
-        self._lock = threading.Lock()
+        # Reentrant, as the other locks here: a signal handler may call
+        # driver() or run() while the main thread holds it.
+        self._lock = threading.RLock()
 
     def names(self):
         return sorted(self._factories)
@@ -2482,7 +2484,7 @@ class _ForkRun(_Run):
 
 
 _exiting = []  # fork children told to exit, not reaped yet
-_exiting_lock = threading.Lock()
+_exiting_lock = threading.RLock()
 
 
 def _reap_exited(block=False):
@@ -2662,7 +2664,9 @@ _live_workers = weakref.WeakSet()
 # fork child whose task pipe is held open by another process would never see
 # its end, nor its parent die.  Registered under _fds_lock, which forks take.
 _parent_fds = set()
-_fds_lock = threading.Lock()
+# Reentrant: a signal handler running run() lands between our bytecodes,
+# maybe while this thread holds it around os.fork().
+_fds_lock = threading.RLock()
 
 
 def _parent_pipe(keep):
@@ -2730,7 +2734,7 @@ def _forget_workers_in_child():
         except OSError:
             pass
     _parent_fds.clear()
-    _fds_lock = threading.Lock()  # whoever held it is not in this process
+    _fds_lock = threading.RLock()  # whoever held it is not in this process
     for worker in list(_live_workers):
         worker.task_fd = worker.fd = worker.pidfd = None
     _live_workers.clear()
@@ -2740,7 +2744,7 @@ def _forget_workers_in_child():
     global _exiting_lock
     _not_ours.extend(_exiting)
     del _exiting[:]
-    _exiting_lock = threading.Lock()
+    _exiting_lock = threading.RLock()
     # Its lifeline's write end was ours (closed above); the child makes its
     # own when it forks children.
     del _lifeline[:]

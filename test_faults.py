@@ -953,6 +953,28 @@ class ScriptFaultTest(ScriptTestCase):
                 # With room for a child or two: every result, nothing leaked.
                 self.assertEqual(some_room, [list(range(6)), 0])
 
+    def test_run_from_a_signal_handler_while_a_fork_run_forks(self):
+        # The handler lands while the main thread is inside os.fork() (raised
+        # from an at-fork hook): whatever the run holds there, it must not
+        # deadlock a run the handler starts.
+        done = self.run_script("""\
+            import json, os, signal
+            import concurrency
+            armed, nested = [True], []
+            def handler(signum, frame):
+                nested.append(concurrency.driver("fork").run([lambda: 41])[0])
+            signal.signal(signal.SIGUSR1, handler)
+            def after_fork_in_parent():
+                if armed:
+                    armed.clear()
+                    signal.raise_signal(signal.SIGUSR1)
+            os.register_at_fork(after_in_parent=after_fork_in_parent)
+            outer = concurrency.driver("fork").run([lambda: 1, lambda: 2])
+            print(json.dumps([outer, nested]))
+            """, timeout=60)
+        self.assertSucceeded(done)
+        self.assertEqual(json.loads(done.stdout.splitlines()[-1]), [[1, 2], [41]])
+
     def test_huge_payloads_intact_within_three_times_their_size(self):
         for driver in ("process", "fork"):
             for case in ("capture", "result", "objects"):
