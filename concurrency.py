@@ -690,7 +690,7 @@ class ProcessDriver(_ChildDriver):
             raise ConcurrencyError("the process driver needs sys.executable to start "
                                    "workers, and this interpreter has none; use the "
                                    "fork or sync driver")
-        if not os.path.isfile(_WORKER_PATH):
+        if _worker_source() is None:
             raise ConcurrencyError("worker.py must sit next to concurrency.py; not found "
                                    "at %s" % _WORKER_PATH)
         self._pool = _WorkerPool(self.max_workers, idle_timeout)
@@ -1500,8 +1500,58 @@ _BOOTSTRAP = ("import sys; sys.path[:1] = [] if sys.path[:1] == [''] else sys.pa
 
 
 def _worker_command(mode, *args):
-    return ([sys.executable] + _interpreter_flags() + ["-c", _BOOTSTRAP, _WORKER_PATH, mode]
+    path, _fds = _worker_file()
+    return ([sys.executable] + _interpreter_flags() + ["-c", _BOOTSTRAP, path, mode]
             + list(args))
+
+
+def _worker_fds():
+    """Descriptors a worker's command needs passed (see _worker_file)."""
+    return _worker_file()[1]
+
+
+_worker_files = []
+
+
+def _worker_source():
+    """worker.py's source, where it is no file of its own (concurrency.py
+    imported from a zip: a zipapp, a zipped vendor folder); None when it is
+    a file, or missing."""
+    if os.path.isfile(_WORKER_PATH):
+        return None
+    get_data = getattr(globals().get("__loader__"), "get_data", None)
+    try:
+        return get_data(_WORKER_PATH) if get_data is not None else None
+    except OSError:
+        return None
+
+
+def _worker_file():
+    """(path, descriptors to pass) a child can run worker.py from: the file
+    beside us, or, inside a zip, its source in an anonymous file the child
+    inherits (Linux; elsewhere a file of ours removed at exit)."""
+    if not _worker_files:
+        source = None if os.path.isfile(_WORKER_PATH) else _worker_source()
+        if source is None:
+            _worker_files.append((_WORKER_PATH, ()))
+        elif hasattr(os, "memfd_create"):
+            fd = _above_std(os.memfd_create("worker.py", os.MFD_CLOEXEC))
+            os.write(fd, source)
+            _worker_files.append(("/proc/self/fd/%d" % fd, (fd,)))
+        else:
+            import tempfile
+            folder = tempfile.mkdtemp(prefix="concurrency-")
+            path = os.path.join(folder, "worker.py")
+            with open(path, "wb") as file:
+                file.write(source)
+            atexit.register(_remove_tree, folder)
+            _worker_files.append((path, ()))
+    return _worker_files[0]
+
+
+def _remove_tree(folder):
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 _flags = []
@@ -1547,16 +1597,24 @@ def _worker_module():
     a user's own worker.py must not be picked up."""
     if not _worker_modules:
         running = sys.modules.get(_WORKER_NAME)
-        if running is not None and getattr(running, "__file__", None) == _WORKER_PATH:
+        running_file = getattr(running, "__file__", None)
+        if running is not None and (running_file == _WORKER_PATH or (
+                # Inside a zip: the worker ran from the source we passed it.
+                str(running_file).startswith("/proc/self/fd/") and _worker_source())):
             # In a worker (a task using the library): the worker.py that runs,
             # whose functions pickles here and in our workers name.
             _worker_modules.append(running)
             return running
-        from importlib.machinery import SourceFileLoader
-        loader = SourceFileLoader(_WORKER_NAME, _WORKER_PATH)
         module = types.ModuleType(_WORKER_NAME)
-        module.__file__, module.__loader__ = _WORKER_PATH, loader
-        loader.exec_module(module)
+        source = _worker_source()
+        if source is not None:  # inside a zip
+            module.__file__ = _WORKER_PATH
+            exec(compile(source, _WORKER_PATH, "exec"), vars(module))
+        else:
+            from importlib.machinery import SourceFileLoader
+            loader = SourceFileLoader(_WORKER_NAME, _WORKER_PATH)
+            module.__file__, module.__loader__ = _WORKER_PATH, loader
+            loader.exec_module(module)
         # Registered, as in workers, so that pickle finds its functions.
         sys.modules.setdefault(_WORKER_NAME, module)
         _worker_modules.append(module)
@@ -1986,7 +2044,8 @@ class _Worker(_Child):
             self.process = subprocess.Popen(
                 _worker_command("serve", str(task_r), str(result_w), repr(idle_timeout),
                                 str(_worker_module().LEND_MIN if _lending[0] else 0)),
-                stdin=subprocess.DEVNULL, pass_fds=(task_r, result_w), close_fds=True,
+                stdin=subprocess.DEVNULL, pass_fds=(task_r, result_w) + _worker_fds(),
+                close_fds=True,
                 env=_worker_environ(),
                 # A session (and process group) of its own: a kill takes the
                 # processes its task started too, and a terminal's Ctrl-C
@@ -2611,7 +2670,8 @@ def _spawn_detached(payload):
             view = view[os.write(fd, view):]
         process = subprocess.Popen(
             _worker_command("defer", source), env=_worker_environ(),
-            stdin=subprocess.DEVNULL, pass_fds=(fd,) if path is None else (),
+            stdin=subprocess.DEVNULL,
+            pass_fds=((fd,) if path is None else ()) + _worker_fds(),
             close_fds=True, start_new_session=True)
     except BaseException:
         if path is not None:

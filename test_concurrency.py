@@ -944,6 +944,33 @@ class ScriptTest(ScriptTestCase):
         report = self.check_main_script("installed", "process")
         self.assertNotIn(REPO, report["module"])
 
+    def test_vendored_inside_a_zipapp(self):
+        argv, env, cwd = self.script("")
+        app = self.subdir("app")
+        for module in ("concurrency.py", "worker.py"):
+            shutil.copy(os.path.join(REPO, module), app)
+        write_file(os.path.join(app, "__main__.py"), textwrap.dedent("""\
+            import json, os
+            import concurrency
+            def nested():
+                return concurrency.driver("process").run([lambda: 3])[0]
+            out = {name: concurrency.driver(name).run([lambda: 1, lambda: 2, nested])
+                   for name in ("process", "fork")}
+            concurrency.driver("process").defer([lambda: open("deferred", "w").close()])
+            print(json.dumps(out))
+            """))
+        import zipapp
+        zipapp.create_archive(app, os.path.join(cwd, "app.pyz"))
+        env.pop("PYTHONPATH", None)
+        done = subprocess.run([sys.executable, "app.pyz"], env=env, cwd=cwd,
+                              capture_output=True, text=True, timeout=LONG_TIMEOUT)
+        self.assertSucceeded(done)
+        self.assertEqual(json.loads(done.stdout.splitlines()[-1]),
+                         {"process": [1, 2, 3], "fork": [1, 2, 3]})
+        wait_until(lambda: os.path.exists(os.path.join(cwd, "deferred")), LONG_TIMEOUT,
+                   "the deferred task")
+        self.assert_marked_processes_gone()
+
     def test_user_modules_travel_by_reference(self):
         argv, env, cwd = self.script("""\
             import concurrency
