@@ -690,7 +690,7 @@ class ProcessDriver(_ChildDriver):
             raise ConcurrencyError("the process driver needs sys.executable to start "
                                    "workers, and this interpreter has none; use the "
                                    "fork or sync driver")
-        if _worker_source() is None:
+        if not os.path.isfile(_WORKER_PATH) and _worker_source() is None:
             raise ConcurrencyError("worker.py must sit next to concurrency.py; not found "
                                    "at %s" % _WORKER_PATH)
         self._pool = _WorkerPool(self.max_workers, idle_timeout)
