@@ -498,39 +498,6 @@ class ChildDriverTests(DriverTests):
         [pid] = self.sleeper_pids(1)
         self.assertFalse(pid_alive(pid))
 
-    def test_cancelling_run_async_while_it_waits_for_a_worker(self):
-        # Every worker busy with another run: the wait itself is cancellable,
-        # and the cancelled tasks never start, not even once a worker frees.
-        if self.driver != "process":
-            self.skipTest("only the process driver has a pool to wait for")
-        one = concurrency.ProcessDriver(max_workers=1)
-        release, marker = self.path("release"), self.path("ran")
-
-        def busy():
-            wait_until(lambda: os.path.exists(release), LONG_TIMEOUT, "the release")
-            return "busy done"
-
-        results = []
-        other = threading.Thread(target=lambda: results.append(one.run([busy])))
-        other.start()
-        self.addCleanup(other.join, LONG_TIMEOUT)
-        self.addCleanup(write_file, release, "")
-        wait_until(lambda: one._pool._live == 1 and not one._pool._idle, SHORT_TIMEOUT,
-                   "the busy run to take the worker")
-
-        async def main():
-            started = time.monotonic()
-            with self.assertRaises(asyncio.TimeoutError):
-                await asyncio.wait_for(one.run_async([lambda: write_file(marker, "")]), 0.5)
-            return time.monotonic() - started
-
-        self.assertLess(asyncio.run(main()), 2.0)
-        write_file(release, "")
-        other.join(LONG_TIMEOUT)
-        self.assertEqual(results, [["busy done"]])
-        self.assertEqual(one.run([lambda: 7]), [7])
-        self.assertFalse(os.path.exists(marker), "a cancelled task ran")
-
     def test_breaking_out_of_as_completed_stops_the_rest(self):
         tasks = self.start_sleepers(2) + [lambda: "quick"]
         for key, value in self.d.as_completed(tasks):
@@ -678,6 +645,37 @@ class SyncDriverTest(DriverTests, CleanTestCase):
 
 class ProcessDriverTest(ChildDriverTests, CleanTestCase):
     driver = "process"
+
+    def test_cancelling_run_async_while_it_waits_for_a_worker(self):
+        # Every worker busy with another run: the wait itself is cancellable,
+        # and the cancelled tasks never start, not even once a worker frees.
+        one = concurrency.ProcessDriver(max_workers=1)
+        release, marker = self.path("release"), self.path("ran")
+
+        def busy():
+            wait_until(lambda: os.path.exists(release), LONG_TIMEOUT, "the release")
+            return "busy done"
+
+        results = []
+        other = threading.Thread(target=lambda: results.append(one.run([busy])))
+        other.start()
+        self.addCleanup(other.join, LONG_TIMEOUT)
+        self.addCleanup(write_file, release, "")
+        wait_until(lambda: one._pool._live == 1 and not one._pool._idle, SHORT_TIMEOUT,
+                   "the busy run to take the worker")
+
+        async def main():
+            started = time.monotonic()
+            with self.assertRaises(asyncio.TimeoutError):
+                await asyncio.wait_for(one.run_async([lambda: write_file(marker, "")]), 0.5)
+            return time.monotonic() - started
+
+        self.assertLess(asyncio.run(main()), 2.0)
+        write_file(release, "")
+        other.join(LONG_TIMEOUT)
+        self.assertEqual(results, [["busy done"]])
+        self.assertEqual(one.run([lambda: 7]), [7])
+        self.assertFalse(os.path.exists(marker), "a cancelled task ran")
 
     def test_warm_workers_are_reused_across_runs(self):
         first = set(self.d.run([os.getpid, os.getpid]))
