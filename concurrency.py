@@ -140,7 +140,11 @@ _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
 _WORKER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 _POSIX = os.name == "posix"
 _HAVE_FORK = hasattr(os, "fork")
-_HAVE_PIDFD = hasattr(os, "pidfd_open") and sys.platform.startswith("linux")
+# CONCURRENCY_PORTABLE=1 turns the Linux-only fast paths (pidfd, lending with
+# process_vm_readv) off, as on other POSIX systems: their fallbacks get
+# tested here too.
+_PORTABLE = os.environ.get("CONCURRENCY_PORTABLE") == "1"
+_HAVE_PIDFD = hasattr(os, "pidfd_open") and sys.platform.startswith("linux") and not _PORTABLE
 
 CONFIG_FILE = "concurrency.ini"
 CONFIG_ENV = "CONCURRENCY_CONFIG"
@@ -153,7 +157,7 @@ _LARGE_FRAME = 1 << 20
 
 # Children lend large result buffers for us to copy out of their memory (see
 # worker.py) where process_vm_readv(2) exists; off for good once it fails.
-_lending = [sys.platform.startswith("linux")]
+_lending = [sys.platform.startswith("linux") and not _PORTABLE]
 
 
 # -- Errors -------------------------------------------------------------------

@@ -283,7 +283,7 @@ class FaultTests:
         self.assertIs(table["me"], table)
         self.assertStillServes()
 
-    @unittest.skipUnless(sys.platform.startswith("linux"), "lending is Linux's")
+    @unittest.skipUnless(concurrency._lending[0], "lending is Linux's, and on")
     def test_a_signal_handler_raising_while_large_results_are_copied_propagates(self):
         class Alarm(Exception):
             pass
