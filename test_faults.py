@@ -288,10 +288,13 @@ class FaultTests:
         class Alarm(Exception):
             pass
 
+        raised = []
+
         def handler(signum, frame):
-            # Raise only while the parent copies lent buffers out of a child.
-            while frame is not None:
+            # Raise once, while the parent copies lent buffers out of a child.
+            while frame is not None and not raised:
                 if frame.f_code is concurrency._copy_lent.__code__:
+                    raised.append(True)
                     raise Alarm()
                 frame = frame.f_back
 
