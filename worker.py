@@ -967,15 +967,14 @@ def class_attribute(cls, name):
 
 def _dict_view_reducer(kind, ordered):
     # Only what the view shows travels, never the rest of its dict.
-    if kind == "keys":
-        def reduce(view):
-            return make_dict_view, (kind, [(key, None) for key in view], ordered)
-    elif kind == "values":
-        def reduce(view):
-            return make_dict_view, (kind, list(enumerate(view)), ordered)
-    else:
-        def reduce(view):
-            return make_dict_view, (kind, list(view), ordered)
+    def reduce(view):
+        if kind == "keys":
+            items = [(key, None) for key in view]
+        elif kind == "values":
+            items = list(enumerate(view))
+        else:
+            items = list(view)
+        return make_dict_view, (kind, items, ordered)
     return reduce
 
 
@@ -996,6 +995,16 @@ def _reduce_dataclass_sentinel(sentinel):
 
 _singledispatch = []
 _reducer_table = {}
+# Types of modules imported only when in use: (module, type name, reducer).
+_REDUCERS_OF_MODULES = [
+    ("functools", "_lru_cache_wrapper", _reduce_lru_cache),
+    ("threading", "Condition", _reduce_condition),
+    ("threading", "RLock", _reduce_rlock),  # a class where it is pure Python
+    ("typing", "TypeVar", _reduce_typevar),
+    ("weakref", "WeakSet", _reduce_weakset),
+    ("dataclasses", "_FIELD_BASE", _reduce_dataclass_sentinel),
+    ("dataclasses", "_MISSING_TYPE", _reduce_dataclass_sentinel),
+]
 
 
 def _singledispatch_code():
@@ -1041,24 +1050,10 @@ def _reducers():
         for kind in ("keys", "values", "items"):
             table[type(getattr(collections.OrderedDict(), kind)())] = \
                 _dict_view_reducer(kind, True)
-    functools = sys.modules.get("functools")
-    if functools is not None:
-        table[functools._lru_cache_wrapper] = _reduce_lru_cache
-    threading = sys.modules.get("threading")
-    if threading is not None:
-        table[threading.Condition] = _reduce_condition
-        if isinstance(threading.RLock, type):
-            table[threading.RLock] = _reduce_rlock
-    typing = sys.modules.get("typing")
-    if typing is not None:
-        table[typing.TypeVar] = _reduce_typevar
-    weakref = sys.modules.get("weakref")
-    if weakref is not None:
-        table[weakref.WeakSet] = _reduce_weakset
-    dataclasses = sys.modules.get("dataclasses")
-    if dataclasses is not None:
-        table[dataclasses._FIELD_BASE] = _reduce_dataclass_sentinel
-        table[dataclasses._MISSING_TYPE] = _reduce_dataclass_sentinel
+    for module_name, type_name, reducer in _REDUCERS_OF_MODULES:
+        found = getattr(sys.modules.get(module_name), type_name, None)
+        if isinstance(found, type):
+            table[found] = reducer
     _reducer_table.clear()
     _reducer_table.update(table)
     _reducer_table[None] = modules
