@@ -2081,10 +2081,16 @@ class _Worker(_Child):
             parts += [_FRAME_HEADER.pack(kind, len(body)), body]
         if sum(len(part) for part in parts) <= 2 * _BATCH_BYTES:
             parts = [b"".join(parts)]
-        for part in parts:
-            view = memoryview(part)
-            while view:
-                view = view[_write(self.task_fd, view):]
+        try:
+            for part in parts:
+                view = memoryview(part)
+                while view:
+                    view = view[_write(self.task_fd, view):]
+        except BaseException:
+            # Interrupted (Ctrl-C, a signal handler raising) or failed mid-frame:
+            # it holds half a task and would wait for the rest forever.
+            self.kill()
+            raise
         self.context = context
 
     def reply(self, code):

@@ -956,6 +956,33 @@ class ScriptFaultTest(ScriptTestCase):
                 # With room for a child or two: every result, nothing leaked.
                 self.assertEqual(some_room, [list(range(6)), 0])
 
+    def test_interrupted_while_sending_a_large_task_the_worker_is_not_reused(self):
+        done = self.run_script("""\
+            import json, signal, sys
+            import concurrency
+            d = concurrency.ProcessDriver(max_workers=1)
+            d.run([lambda: 0])  # a warm worker
+            blob = b"x" * (256 << 20)
+            fired = []
+            def handler(signum, frame):
+                while frame is not None and not fired:  # once, mid-send
+                    if frame.f_code.co_name == "send_tasks":
+                        fired.append(True)
+                        raise KeyboardInterrupt
+                    frame = frame.f_back
+            signal.signal(signal.SIGALRM, handler)
+            signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+            try:
+                d.run([lambda: len(blob)])
+                interrupted = False
+            except KeyboardInterrupt:
+                interrupted = True
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            print(json.dumps([interrupted, d.run([lambda: 5], timeout=30)]))
+            """, timeout=120)
+        self.assertSucceeded(done)
+        self.assertEqual(json.loads(done.stdout.splitlines()[-1]), [True, [5]])
+
     def test_run_from_a_signal_handler_while_a_fork_run_forks(self):
         # The handler lands while the main thread is inside os.fork() (raised
         # from an at-fork hook): whatever the run holds there, it must not
