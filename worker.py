@@ -994,7 +994,7 @@ def _reduce_dataclass_sentinel(sentinel):
 
 
 _singledispatch = []
-_reducer_table = {}
+_reducer_table = [{}]  # swapped whole: threads pickling meanwhile see one or the other
 # Types of modules imported only when in use: (module, type name, reducer).
 _REDUCERS_OF_MODULES = [
     ("functools", "_lru_cache_wrapper", _reduce_lru_cache),
@@ -1018,8 +1018,8 @@ def _reducers():
     """Reducers by type, for the modules imported so far (a type of a module
     nobody imported has no instances to reduce)."""
     modules = len(sys.modules)
-    if _reducer_table.get(None) == modules:
-        return _reducer_table
+    if _reducer_table[0].get(None) == modules:
+        return _reducer_table[0]
     import _thread
     import io
     table = {
@@ -1054,10 +1054,9 @@ def _reducers():
         found = getattr(sys.modules.get(module_name), type_name, None)
         if isinstance(found, type):
             table[found] = reducer
-    _reducer_table.clear()
-    _reducer_table.update(table)
-    _reducer_table[None] = modules
-    return _reducer_table
+    table[None] = modules
+    _reducer_table[0] = table
+    return table
 
 
 def loads_task(body):
