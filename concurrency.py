@@ -2463,6 +2463,7 @@ class _ForkRun(_Run):
             try:
                 # (_forget_workers_in_child closed every parent end we hold.)
                 _in_fork_child(devnull)
+                self.worker.FORKED_BY_TASK[0] = False  # it runs tasks: no stray
                 self.worker.die_with_parent(lifeline)
                 self.worker.become_subreaper()
                 self._serve(task_r, result_w, in_context=self.starting)

@@ -359,12 +359,15 @@ class FaultTests:
 
     def test_a_forked_process_that_returns_never_speaks_for_the_run(self):
         def fork_and_return(n):
-            os.fork()  # the child returns too, as if it were the task
+            if os.fork() == 0:
+                return "stray"  # returns into our code, as if it were the task
+            time.sleep(0.5)  # the task goes on: the stray outlives its return
             return n
 
         def fork_and_raise(n):
             if os.fork() == 0:
                 raise ValueError("raised in the forked process")
+            time.sleep(0.5)
             return n
 
         tasks = [lambda: fork_and_return(0), lambda: fork_and_raise(1)]

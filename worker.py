@@ -313,26 +313,39 @@ def run_task(fn, lend_min=0):
     Processes the task started and left running are ended first: a task owns
     its children, and none may outlive it.
     """
-    pid = os.getpid()
     try:
         value = call(fn)
     except BaseException as exc:
-        _leave_if_stray(pid, exc)
+        _leave_if_stray(exc)
         # Skip this frame: the user's traceback starts in their own code.
         return b"E", [encode_error(exc, TASK_FAILED, skip_frames=1)], None
     finally:
-        _leave_if_stray(pid)
+        _leave_if_stray()
         flush_std_streams()
         end_task_children()
     return encode_result(value, lend_min)
 
 
-def _leave_if_stray(pid, exc=None):
+# True in any process forked from this one (an at-fork hook sets it; the
+# fork driver clears it in the children it forks to run tasks): a process
+# the task forked, not the one that runs tasks.  No system call per task.
+FORKED_BY_TASK = [False]
+
+
+def _forked():
+    FORKED_BY_TASK[0] = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
+def _leave_if_stray(exc=None):
     """A process the task forked that returned (or raised) into our code
     instead of calling os._exit(): it must never speak on the run's pipes
     nor take tasks meant for its parent.  It ends here, as a script's
     process ends at its last line."""
-    if os.getpid() == pid:
+    if not FORKED_BY_TASK[0]:
         return
     code = 0
     if exc is not None and not (isinstance(exc, SystemExit) and not exc.code):
