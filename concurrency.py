@@ -847,7 +847,7 @@ class _Stop:
     the run's select()."""
 
     def __init__(self):
-        self._read, self._write = map(_above_std, os.pipe())
+        self._read, self._write = _pipe()
         self._set = False
 
     def fileno(self):
@@ -1064,29 +1064,29 @@ class _TaskSerializer:
         """The payload of task ``fn``: b"p" and a pickle, or b"d" and dill's."""
         worker = self.worker
         try:
-            return self._dumps(fn)
-        except worker.Unshippable as exc:
-            raise self._error(key, fn, exc) from exc
+            try:
+                return self._dumps(fn)
+            except (worker.Unshippable, RecursionError):
+                raise
+            except Exception:  # what the C pickler refuses: dill may do
+                self.buffer = io.BytesIO()  # the pickler may be left mid-way
+                self.pickler = worker.ValuePickler(self.buffer)
+            buffer = io.BytesIO()
+            buffer.write(b"d")
+            try:
+                worker.dill_value_pickler_class()(buffer).dump(fn)
+            except ImportError as exc:
+                raise SerializationError(
+                    key, "task", "needs dill to be serialized, and dill is not installed: "
+                    "pip install dill") from exc
+            return buffer.getvalue()
         except RecursionError as exc:
             raise SerializationError(key, "task", "cannot be serialized: it is nested too "
                                      "deeply (%s)" % exc) from exc
-        except Exception:  # what the C pickler refuses: dill may do
-            self.buffer = io.BytesIO()  # the pickler may be left mid-way
-            self.pickler = worker.ValuePickler(self.buffer)
-        buffer = io.BytesIO()
-        buffer.write(b"d")
-        try:
-            worker.dill_value_pickler_class()(buffer).dump(fn)
-        except ImportError as exc:
-            raise SerializationError(
-                key, "task", "needs dill to be serialized, and dill is not installed: "
-                "pip install dill") from exc
-        except RecursionError as exc:
-            raise SerializationError(key, "task", "cannot be serialized: it is nested too "
-                                     "deeply (%s)" % exc) from exc
+        except SerializationError:
+            raise
         except Exception as exc:
             raise self._error(key, fn, exc) from exc
-        return buffer.getvalue()
 
     def _dumps(self, fn):
         buffer, pickler = self.buffer, self.pickler
@@ -1155,14 +1155,7 @@ def _culprit(fn, worker, depth=4):
 
     def fails(value):
         try:
-            worker.ValuePickler(io.BytesIO()).dump(value)
-            return False
-        except worker.Unshippable:
-            return True
-        except Exception:
-            pass
-        try:
-            worker.dill_value_pickler_class()(io.BytesIO()).dump(value)
+            worker.dumps_value(value)  # what a task's parts go through
             return False
         except Exception:
             return True
@@ -2743,8 +2736,24 @@ _fds_lock = threading.RLock()
 def _parent_pipe(keep):
     """os.pipe(), with our end (``keep``: "r" or "w") registered as such."""
     with _fds_lock:
-        read_fd, write_fd = map(_above_std, os.pipe())
+        read_fd, write_fd = _pipe()
         _parent_fds.add(read_fd if keep == "r" else write_fd)
+    return read_fd, write_fd
+
+
+def _pipe():
+    """os.pipe(), both ends above the std descriptors (see _above_std)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        read_fd = _above_std(read_fd)
+    except BaseException:
+        os.close(write_fd)
+        raise
+    try:
+        write_fd = _above_std(write_fd)
+    except BaseException:
+        os.close(read_fd)
+        raise
     return read_fd, write_fd
 
 
@@ -2847,12 +2856,12 @@ _CONFIG_TEMPLATE = """\
 ; The CONCURRENCY_DRIVER environment variable overrides it.
 default = process
 
-; Most child processes alive at once per driver; a positive whole number.
+; Most child processes alive at once per driver; a whole number, 1 to 4096.
 ; Default: min(32, CPU cores + 4).
 ; max_workers = 8
 
 ; Seconds a run may take before its unfinished tasks are killed and fail with
-; concurrency.TaskTimeout; a positive number, or none for no limit.
+; concurrency.TaskTimeout; a number, 0.001 at least, or none for no limit.
 timeout = none
 """
 

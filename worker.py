@@ -556,10 +556,12 @@ def _submodules(code, values):
     for value in values:
         if type(value) is types.ModuleType and getattr(value, "__package__", None):
             if names is None:
-                names = set(code.co_names)
-                for const in code.co_consts:
-                    if isinstance(const, types.CodeType):
-                        names.update(const.co_names)
+                names, todo = set(), [code]
+                while todo:  # the attribute names of code nested at any depth too
+                    nested = todo.pop()
+                    names.update(nested.co_names)
+                    todo.extend(const for const in nested.co_consts
+                                if isinstance(const, types.CodeType))
             prefix = value.__name__ + "."
             for name in list(sys.modules):
                 if isinstance(name, str) and name.startswith(prefix) \
@@ -597,7 +599,7 @@ class _ByValue:
         if isinstance(obj, (classmethod, staticmethod)) and "__reduce__" not in vars(kind):
             return _reduce_wrapped_method(obj)
         if isinstance(obj, property) and "__reduce__" not in vars(kind):
-            return kind, (obj.fget, obj.fset, obj.fdel, obj.__doc__)
+            return _reduce_property(obj)
         return NotImplemented
 
     def base_globals(self, fn):
@@ -951,7 +953,7 @@ def _reduce_method(method):
 
 
 def _reduce_property(prop):
-    return property, (prop.fget, prop.fset, prop.fdel, prop.__doc__)
+    return type(prop), (prop.fget, prop.fset, prop.fdel, prop.__doc__)
 
 
 def _reduce_wrapped_method(method):
@@ -964,13 +966,9 @@ def _reduce_mappingproxy(proxy):
 
 
 def _reduce_descriptor(descriptor):
-    # From the class's __dict__: getattr(type, "__abstractmethods__") raises.
-    return class_attribute, (descriptor.__objclass__, descriptor.__name__)
-
-
-def _reduce_classmethod_descriptor(descriptor):
-    # As found in the class's __dict__ (dict.__dict__["fromkeys"]); pickle's
-    # own reduction of it (3.9) gives the bound builtin instead.
+    # As found in the class's __dict__: getattr(type, "__abstractmethods__")
+    # raises, and getattr(dict, "fromkeys") is the bound builtin instead of
+    # the classmethod descriptor.
     return class_attribute, (descriptor.__objclass__, descriptor.__name__)
 
 
@@ -1043,7 +1041,7 @@ def _reducers():
         types.MappingProxyType: _reduce_mappingproxy,
         types.GetSetDescriptorType: _reduce_descriptor,
         types.MemberDescriptorType: _reduce_descriptor,
-        types.ClassMethodDescriptorType: _reduce_classmethod_descriptor,
+        types.ClassMethodDescriptorType: _reduce_descriptor,
         property: _reduce_property,
         classmethod: _reduce_wrapped_method,
         staticmethod: _reduce_wrapped_method,
@@ -1464,21 +1462,6 @@ def _kill_group(pid, signum):
         os.killpg(pid, signum)
     except OSError:
         pass
-
-
-def _wait(pid, timeout):
-    """waitpid() with a timeout in seconds (None: no limit); None on timeout."""
-    if timeout is None:
-        return os.waitpid(pid, 0)[1]
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        time.sleep(min(left, 0.05))
 
 
 def _signal_name(number):
