@@ -1379,6 +1379,8 @@ def _decode_outcome(outcomes, index, kind, body, lent=None):
         try:
             value = _loads_value(body, lent)
         except Exception as exc:
+            if _succeeds(_loads_value, body, lent):
+                raise  # a signal handler's exception: the caller's, not the result's
             error = SerializationError(key, "result", "the result could not be unpickled "
                                        "in the parent: %s: %s" % (type(exc).__name__, exc))
             error.__cause__ = exc
@@ -1414,7 +1416,8 @@ def _rebuild_exception(key, info):
             if isinstance(exc, BaseException):
                 return exc
         except Exception:
-            pass
+            if _succeeds(_loads_value, info["exc"]):
+                raise  # a signal handler's exception: the caller's
     if info["parts"] is not None:
         # Unpickling an exception calls cls(*args), which fails for an
         # __init__ taking other arguments: rebuild it without calling it.
@@ -1426,8 +1429,21 @@ def _rebuild_exception(key, info):
                 exc.__dict__.update(state)
             return exc
         except Exception:
-            pass
+            if _succeeds(_loads_value, info["parts"]):
+                raise  # a signal handler's exception: the caller's
     return RemoteError(key, info["type"], info["message"], info["traceback"])
+
+
+def _succeeds(function, *args):
+    """Whether ``function(*args)`` succeeds on a second try.  Unpickling that
+    failed once, and works now, was cut short by a signal handler that
+    raised (an alarm, a framework's soft time limit): that exception is the
+    caller's to get, never to be mistaken for a value that can't travel."""
+    try:
+        function(*args)
+    except Exception:
+        return False
+    return True
 
 
 def _add_note(exc, note):
@@ -1642,6 +1658,21 @@ class _Child:
         self.exitcode = None
         self.served = False  # it has sent a frame: it is up and running
         self.last_outcome = 0.0  # when its last task's outcome arrived
+        self.task_started = 0.0  # when its current task began, as we know it
+        self.claim_fd = None  # our read end of the pipe it takes claims from
+        self.took_back = False  # claims were taken back since it was last idle
+        self.busy = False  # it has tasks whose outcome has not arrived
+
+    def take_back(self):
+        """Take back the claims it has not taken yet (see _Run.take_back):
+        the numbers they carry, in the order they were sent."""
+        if self.claim_fd is None:
+            return []
+        try:
+            data = os.read(self.claim_fd, 1 << 16)  # more than a pipe holds
+        except BlockingIOError:
+            return []
+        return [number for (number,) in _INDEX.iter_unpack(data)]
 
     def read_frames(self):
         """Read what the pipe holds now; return the complete frames."""
@@ -1740,10 +1771,10 @@ class _Child:
         raise NotImplementedError
 
     def close(self):
-        for fd in (self.fd, self.pidfd):
+        for fd in (self.fd, self.pidfd, self.claim_fd):
             if fd is not None:
                 _close_parent_fd(fd)
-        self.fd = self.pidfd = None
+        self.fd = self.pidfd = self.claim_fd = None
 
 
 # At most this many tasks, and bytes of them, are sent to a child at once
@@ -1754,6 +1785,9 @@ _BATCH_BYTES = 256 * 1024
 # fit in its pipe with what it has not read yet: pipes hold 64 KiB at least.
 _TOP_UP_AT = 8
 _TOP_UP_BYTES = 64 * 1024
+# Tasks queued behind one running this long go to a free child instead
+# (see _Run.take_back).
+_TAKE_BACK_AFTER = 0.005
 
 
 class _Run:
@@ -1769,9 +1803,8 @@ class _Run:
         self.deadline = deadline
         self.progress = time.monotonic()  # when a task last ended
         self.cpu_sample = None  # (when, {pid: CPU seconds}) of the last look
-        self.selector = selectors.DefaultSelector()
-        if stop is not None:
-            self.selector.register(stop.fileno(), selectors.EVENT_READ, None)
+        self.stop = stop
+        self.selector = None  # made as the run starts: see completions()
 
     def start_tasks(self):
         """Start pending tasks on free capacity."""
@@ -1804,7 +1837,7 @@ class _Run:
         _decode_outcome(self.outcomes, index, kind, body, lent)
         if self.next_queued(child):
             return True
-        now = self.progress
+        now = child.task_started = self.progress
         if (self.pending and len(self.queued[child]) <= _TOP_UP_AT
                 and now - child.last_outcome < _GROW_AFTER):
             self.top_up(child)
@@ -1846,6 +1879,58 @@ class _Run:
 
     def on_finished(self, child):
         """The child's task has its outcome."""
+
+    # -- Tasks queued behind a slow one ---------------------------------------
+    #
+    # A child is sent several tasks at once, so that it never waits for us
+    # between them; each takes its task's claim from a pipe only as it
+    # starts it (see worker.py).  Once one of its tasks has run for
+    # _TAKE_BACK_AFTER while another child is free, or could be had, and
+    # no task is left to send, we read the claims it has not taken: those
+    # tasks go back to pending and run elsewhere, never twice.
+
+    def has_room(self):
+        """True while a task sent now could start at once, on a free child
+        or on one the run may still add."""
+        return False
+
+    def claimed_indices(self, child, numbers):
+        """Indices of the tasks whose claims were taken back from ``child``."""
+        return numbers
+
+    def take_back(self):
+        """Move tasks queued behind one that runs long to pending, when they
+        could start at once elsewhere.  Returns the seconds until the next
+        look is due, or None."""
+        if self.pending or not self.has_room():
+            return None
+        due = None
+        now = time.monotonic()
+        for child, queued in list(self.queued.items()):
+            # Not from a child still starting up: another would not start
+            # its tasks sooner.
+            if not queued or child not in self.running or not child.served:
+                continue
+            wait = child.task_started + _TAKE_BACK_AFTER - now
+            if wait > 0:
+                due = wait if due is None else min(due, wait)
+                continue
+            taken = set(self.claimed_indices(child, child.take_back()))
+            if not taken:
+                continue
+            child.took_back = True
+            current = self.running[child]
+            if current in taken:
+                # It had not started even the task we took for its current
+                # one (it was just between two): it is idle.
+                self.pending.append(current)
+                self.unwatch(child)
+                self.on_finished(child)
+            self.pending.extend(index for index in queued if index in taken)
+            kept = [index for index in queued if index not in taken]
+            queued.clear()
+            queued.extend(kept)
+        return due
 
     # -- More children once tasks prove slow ----------------------------------
     #
@@ -1913,12 +1998,15 @@ class _Run:
 
     def watch(self, child, index):
         self.running[child] = index
+        child.busy = True
+        child.task_started = time.monotonic()
         self.selector.register(child.fd, selectors.EVENT_READ, child)
         if child.pidfd is not None:
             self.selector.register(child.pidfd, selectors.EVENT_READ, child)
 
     def unwatch(self, child):
         del self.running[child]
+        child.busy = False
         for fd in (child.fd, child.pidfd):
             if fd is not None:
                 try:
@@ -1929,19 +2017,31 @@ class _Run:
     def completions(self):
         """Yield each task's index as its outcome arrives."""
         try:
+            self.selector = selectors.DefaultSelector()
+            if self.stop is not None:
+                self.selector.register(self.stop.fileno(), selectors.EVENT_READ, None)
             yield from self._loop()
         except BaseException:
             # Ctrl-C, a stop, the caller leaving as_completed() early, or an
-            # internal error: no child of this run may outlive it.
-            for child in list(self.running):
-                child.kill()
-                child.wait()
-                self.unwatch(child)
-                self.on_killed(child)
+            # internal error: no child of this run may outlive it, whatever
+            # signal comes next.
+            _uninterrupted(self._kill_running)
             raise
         finally:
+            _uninterrupted(self._close)
+
+    def _kill_running(self):
+        for child in list(self.running):
+            child.kill()
+            child.wait()
+            self.unwatch(child)
+            self.on_killed(child)
+
+    def _close(self):
+        if self.selector is not None:
             self.selector.close()
-            self.finish()
+            self.selector = None
+        self.finish()
 
     def finish(self):
         """The run is over: let go of its children."""
@@ -1951,6 +2051,7 @@ class _Run:
         while True:
             while completed:
                 yield completed.popleft()
+            due = self.take_back()
             self.start_tasks()
             if not self.running:
                 if self.pending:  # no capacity could be had before the deadline
@@ -1967,6 +2068,8 @@ class _Run:
             wake = self.wake_after()
             if wake is not None:
                 wait = wake if wait is None else min(wait, wake)
+            if due is not None:
+                wait = due if wait is None else min(wait, due)
             events = self.selector.select(wait)
             ended = set()
             for key, _mask in events:
@@ -2035,13 +2138,17 @@ class _Worker(_Child):
     def __init__(self, idle_timeout):
         task_r, task_w, result_r, result_w = _pipe_pair()
         import subprocess  # here: a script using only the fork driver starts faster
+        claim_r = claim_w = None
         try:
+            claim_r, claim_w = _claim_pipe()
             _widen_pipe(task_w)
             _widen_pipe(result_r)
             self.process = subprocess.Popen(
                 _worker_command("serve", str(task_r), str(result_w), repr(idle_timeout),
-                                str(_worker_module().LEND_MIN if _lending[0] else 0)),
-                stdin=subprocess.DEVNULL, pass_fds=(task_r, result_w) + _worker_fds(),
+                                str(_worker_module().LEND_MIN if _lending[0] else 0),
+                                str(claim_r)),
+                stdin=subprocess.DEVNULL,
+                pass_fds=(task_r, result_w, claim_r) + _worker_fds(),
                 close_fds=True,
                 env=_worker_environ(),
                 # A session (and process group) of its own: a kill takes the
@@ -2049,14 +2156,18 @@ class _Worker(_Child):
                 # goes to us alone -- we decide what it means for a run.
                 start_new_session=True)
         except BaseException:
-            for fd in (task_w, result_r):
-                _close_parent_fd(fd)
+            for fd in (task_w, result_r, claim_r, claim_w):
+                if fd is not None:
+                    _close_parent_fd(fd)
             raise
         finally:
             os.close(task_r)
             os.close(result_w)
         super().__init__(self.process.pid, result_r)
         self.task_fd = task_w
+        self.claim_fd = claim_r
+        self.claim_write_fd = claim_w
+        self.claims_sent = 0  # task frames sent, each with the claim of its number
         self.context = None  # the context frame this worker has
         self.left_idle = False  # it said it leaves, unused for idle_timeout
         self.broken = False  # killed or dead: not to be reused
@@ -2065,7 +2176,11 @@ class _Worker(_Child):
 
     def send_tasks(self, context, payloads):
         """Send task frames, and the context first if it has another: in one
-        write when small, as each write may cost a wake-up."""
+        write when small, as each write may cost a wake-up.  Returns the
+        numbers of their claims.  The claims go first: a worker that takes
+        one reads on until its frame, so a large frame never waits for a
+        claim behind it."""
+        numbers = range(self.claims_sent, self.claims_sent + len(payloads))
         frames = [(b"T", payload) for payload in payloads]
         if self.context != context:
             frames.insert(0, (b"C", context))
@@ -2075,6 +2190,10 @@ class _Worker(_Child):
         if sum(len(part) for part in parts) <= 2 * _BATCH_BYTES:
             parts = [b"".join(parts)]
         try:
+            # At most _BATCH_TASKS claims: one write of less than PIPE_BUF,
+            # never split, into a pipe that holds thousands.
+            _write(self.claim_write_fd, b"".join(_INDEX.pack(number) for number in numbers))
+            self.claims_sent += len(payloads)
             for part in parts:
                 view = memoryview(part)
                 while view:
@@ -2085,6 +2204,7 @@ class _Worker(_Child):
             self.kill()
             raise
         self.context = context
+        return numbers
 
     def reply(self, code):
         try:
@@ -2113,9 +2233,10 @@ class _Worker(_Child):
     def retire(self):
         """Close our ends: the worker sees end-of-file and exits."""
         self.broken = True
-        if self.task_fd is not None:
-            _close_parent_fd(self.task_fd)
-            self.task_fd = None
+        for fd in (self.task_fd, self.claim_write_fd):
+            if fd is not None:
+                _close_parent_fd(fd)
+        self.task_fd = self.claim_write_fd = None
         self.close()
         _live_workers.discard(self)
 
@@ -2188,6 +2309,11 @@ class _WorkerPool:
     def release(self, workers):
         with self._changed:
             for worker in workers:
+                if worker.busy:
+                    # Its run was cut short before it could end the task
+                    # (a signal handler raising at that moment): the outcome
+                    # it will send belongs to no run.
+                    worker.kill()
                 if worker.broken or worker.task_fd is None:
                     worker.retire()
                     self._live -= 1
@@ -2252,6 +2378,7 @@ class _ProcessRun(_Run):
         self.payloads = payloads
         self.context = pickle.dumps(_current_context(), pickle.HIGHEST_PROTOCOL)
         self.retried = set()
+        self.claims = {}  # worker -> {claim number: index} of the tasks sent to it
 
     def start_tasks(self):
         while self.pending and self.free:
@@ -2259,30 +2386,47 @@ class _ProcessRun(_Run):
             indices = self.take_batch(self.size, lambda i: len(self.payloads[i]))
             self.queued[worker] = collections.deque(indices[1:])
             try:
-                worker.send_tasks(self.context, [self.payloads[i] for i in indices])
+                numbers = worker.send_tasks(self.context, [self.payloads[i] for i in indices])
             except OSError:  # the worker is gone (it may have just left idle)
                 worker.wait()
                 worker.read_frames()
                 self.on_died(worker, indices[0])
                 continue
+            # Idle, it takes the first claim at once, and skips the frames
+            # of any taken back from it before.
+            worker.took_back = False
+            self.claims[worker] = dict(zip(numbers, indices))
             self.watch(worker, indices[0])
+
+    def has_room(self):
+        return bool(self.free) or len(self.workers) < self.size
+
+    def claimed_indices(self, worker, numbers):
+        claims = self.claims[worker]
+        return [claims.pop(number) for number in numbers]
 
     def on_frame(self, worker, index, kind, body):
         if kind == b"Q":
             worker.left_idle = True
             return False
+        if kind == b"U":  # started up: what it was sent waits for it alone
+            worker.served = True
+            return False
         return super().on_frame(worker, index, kind, body)
 
     def top_up(self, worker):
+        if worker.took_back:
+            return  # the frames of what it gave back may still fill its pipe
         room = _TOP_UP_BYTES - sum(len(self.payloads[i]) for i in self.queued[worker])
         if not self.pending or len(self.payloads[self.pending[0]]) > room:
             return
         indices = self.take_batch(self.size, lambda i: len(self.payloads[i]), room)
         try:
-            worker.send_tasks(self.context, [self.payloads[i] for i in indices])
+            numbers = worker.send_tasks(self.context, [self.payloads[i] for i in indices])
         except OSError:  # it died: its pipes tell the run so
             self.pending.extendleft(reversed(indices))
             return
+        self.claims[worker].update(zip(numbers, indices))
         self.queued[worker].extend(indices)
 
     def on_finished(self, worker):
@@ -2389,6 +2533,11 @@ class _ForkRun(_Run):
         self.worker = _worker_module()
         self.worker.preload_libc()
         self.lend_min = self.worker.LEND_MIN if _lending[0] else 0
+        # finish() ends the children; should a signal handler raise just
+        # as it was due, the next run or the exit ends them.  (Not a
+        # weakref.finalize: a handler raising in there would be lost.)
+        _end_dropped_fork_runs()
+        _fork_runs.append((weakref.ref(self), self.live, self.running))
 
     def may_grow(self):
         return self.limit < self.size
@@ -2404,6 +2553,19 @@ class _ForkRun(_Run):
 
     def grow(self):
         self.limit = self.size
+
+    def has_room(self):
+        return bool(self.free) or len(self.live) < self.size
+
+    def claimed_indices(self, child, numbers):
+        # A reply to a lent result shares the pipe: put back what we took.
+        replies = [number for number in numbers if number >= len(self.calls)]
+        if replies:
+            try:
+                _write(child.task_fd, b"".join(_INDEX.pack(number) for number in replies))
+            except OSError:
+                pass  # it died: the run notices that on its pipes
+        return [number for number in numbers if number < len(self.calls)]
 
     def start_tasks(self):
         try:
@@ -2437,14 +2599,28 @@ class _ForkRun(_Run):
             self.watch(child, indices[0])
 
     def _fork(self):
+        _flush_std_streams()  # or the child would print it again
+        # No signal handler may raise from here until the child is ours to
+        # end: not between two pipes, not inside os.fork()'s at-fork hooks
+        # (logging's, whose locks would stay held), not before the child is
+        # in self.live.  Its exception, a Ctrl-C, is raised as we leave, and
+        # the run then ends the child like any other.
+        with _SignalsHeld() as held:
+            return self._fork_held(held)
+
+    def _fork_held(self, held):
         task_r, task_w, result_r, result_w = _pipe_pair()
         try:
+            # The task pipe carries the claims (see _Run.take_back): its
+            # read end stays ours too.
+            os.set_blocking(task_r, False)
             _widen_pipe(result_r)
             lifeline = _lifeline_read_fd()
             devnull = _devnull_fd()
-            self.worker.flush_std_streams()  # or the child would print it again
             with _fds_lock:  # no pipe is half-registered while we fork
                 pid = os.fork()
+                if pid:
+                    _parent_fds.add(task_r)
         except BaseException:
             for fd in (task_w, result_r):
                 _close_parent_fd(fd)
@@ -2459,15 +2635,16 @@ class _ForkRun(_Run):
                 self.worker.FORKED_BY_TASK[0] = False  # it runs tasks: no stray
                 self.worker.die_with_parent(lifeline)
                 self.worker.become_subreaper()
+                held.restore()
                 self._serve(task_r, result_w, in_context=self.starting)
             except BaseException:
                 code = 70
             finally:
                 os._exit(code)
         _own_group(pid)
-        os.close(task_r)
         os.close(result_w)
         child = _ForkChild(pid, result_r, task_w)
+        child.claim_fd = task_r
         child.served = True  # it runs the code we run: no start-up to wait for
         self.live.append(child)
         self.progress = time.monotonic()  # the clock starts once it runs
@@ -2477,21 +2654,22 @@ class _ForkRun(_Run):
         """The child's loop: run the task of each index read, until the end.
         ``in_context``: this process still has the cwd, environment and
         sys.path of the call, as it was forked as the run started."""
-        read = collections.deque()  # indices read, not acted on yet
         replies = {number: code for code, number in _REPLY_INDEX.items()}
-        partial = b""
+        waiting = select.poll()
+        waiting.register(task_fd, select.POLLIN)
 
         def read_index():
-            nonlocal partial
-            while not read:
-                chunk = os.read(task_fd, _INDEX.size * _BATCH_TASKS)  # a batch at once
-                if not chunk:
+            # One index at a time: the ones left in the pipe can still be
+            # taken back by the parent, to run on another child.
+            while True:
+                try:
+                    data = os.read(task_fd, _INDEX.size)
+                except BlockingIOError:
+                    waiting.poll()
+                    continue
+                if not data:
                     os._exit(0)  # the run is over
-                data = partial + chunk
-                whole = len(data) - len(data) % _INDEX.size
-                read.extend(number for (number,) in _INDEX.iter_unpack(data[:whole]))
-                partial = data[whole:]
-            return read.popleft()
+                return _INDEX.unpack(data)[0]
 
         early = collections.deque()  # task indices read while awaiting a reply
 
@@ -2534,20 +2712,109 @@ class _ForkRun(_Run):
         self.queued.pop(child, None)
 
     def finish(self):
-        # Idle children exit when their task pipe closes.  Don't wait for
-        # that: they are reaped by the next run or at exit (_reap_exited),
-        # with no descriptor of ours left open meanwhile.
-        for child in self.live:
-            child.retire()
-            child.close()
-        with _exiting_lock:
-            _exiting.extend(self.live)
-        del self.live[:]
+        _end_fork_children(self.live, self.running)
         _reap_exited()
+
+
+_fork_runs = []  # (weak reference to a _ForkRun, its live children, its running ones)
+
+
+def _end_dropped_fork_runs():
+    for entry in list(_fork_runs):
+        run, live, running = entry
+        if run() is None:
+            try:
+                _fork_runs.remove(entry)
+            except ValueError:
+                continue  # another thread's run took it
+            _end_fork_children(live, running)
+
+
+def _end_fork_children(live, running):
+    """Let a run's children go.  Idle ones exit when their task pipe closes:
+    they are reaped by the next run or at exit (_reap_exited), with no
+    descriptor of ours left open meanwhile.  Ones still running a task (a
+    run abandoned by a signal handler raising as it ended) are killed."""
+    for child in live:
+        if child in running:
+            child.kill()
+        child.retire()
+        child.close()
+    with _exiting_lock:
+        _exiting.extend(live)
+    del live[:]
 
 
 _exiting = []  # fork children told to exit, not reaped yet
 _exiting_lock = threading.RLock()
+
+
+# Signals whose handlers may raise at any moment (Ctrl-C, alarms, a
+# framework's soft time limit), as opposed to the faults of the code running.
+_ASYNC_SIGNALS = set(signal.valid_signals()) - {
+    getattr(signal, name) for name in ("SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE",
+                                       "SIGILL", "SIGTRAP", "SIGABRT", "SIGSYS")
+    if hasattr(signal, name)}
+# The C function: signal.pthread_sigmask() turns every mask it returns into
+# a set of enums, at 30 times the cost.
+_sigmask = getattr(getattr(signal, "_signal", signal), "pthread_sigmask", None)
+
+
+class _SignalsHeld:
+    """``with _SignalsHeld():`` blocks the asynchronous signals in this
+    thread, for what a handler raising must not cut short half done; the
+    ones that came meanwhile are delivered on leaving, and their handlers
+    run (and may raise) then."""
+
+    def __enter__(self):
+        if _sigmask is None:
+            self.mask = None
+            return self
+        # The mask as it is, first: the call that blocks runs the handlers
+        # of signals that came just before it, and one may raise; the mask
+        # is put back then too.  (In a program with other threads, a signal
+        # they take still runs its handler here: that much can't be held.)
+        self.mask = _sigmask(signal.SIG_BLOCK, ())
+        try:
+            _sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+        except BaseException:
+            self.restore()
+            raise
+        return self
+
+    def restore(self):
+        if self.mask is not None:
+            _sigmask(signal.SIG_SETMASK, self.mask)
+
+    def __exit__(self, *exc_info):
+        self.restore()
+
+
+def _flush_std_streams():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass  # None (pythonw), closed, or a reader that went away
+
+
+def _uninterrupted(cleanup):
+    """Run ``cleanup()`` to its end with the asynchronous signals held.  A
+    handler raising as they are being held (a Ctrl-C that came just then)
+    has its exception raised after the cleanup, not instead of it."""
+    started = False
+    interrupted = None
+    while not started:
+        try:
+            with _SignalsHeld():
+                started = True
+                cleanup()
+        except BaseException as exc:
+            if started:
+                raise
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def _reap_exited(block=False):
@@ -2785,6 +3052,17 @@ def _pipe_pair():
     return task_r, task_w, result_r, result_w
 
 
+def _claim_pipe():
+    """The pipe a child takes its tasks' claims from: both ends ours, the
+    read end non-blocking, so that we can take back what it has not read
+    (see _Run.take_back)."""
+    read_fd, write_fd = _parent_pipe(keep="w")
+    with _fds_lock:
+        _parent_fds.add(read_fd)
+    os.set_blocking(read_fd, False)
+    return read_fd, write_fd
+
+
 def _close_parent_fd(fd):
     _parent_fds.discard(fd)
     try:
@@ -2817,10 +3095,12 @@ def _forget_workers_in_child():
     _fds_lock = threading.RLock()  # whoever held it is not in this process
     for worker in list(_live_workers):
         worker.task_fd = worker.fd = worker.pidfd = None
+        worker.claim_fd = worker.claim_write_fd = None
     _live_workers.clear()
     for pool in list(_pools):
         pool.forget_after_fork()
     del _detached[:]
+    del _fork_runs[:]  # the parent's runs, not this process's
     global _exiting_lock
     _not_ours.extend(_exiting)
     del _exiting[:]
@@ -2833,6 +3113,7 @@ def _forget_workers_in_child():
 def _shutdown():
     for pool in list(_pools):
         pool.shutdown()
+    _end_dropped_fork_runs()
     _reap_exited(block=True)
 
 

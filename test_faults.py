@@ -156,6 +156,40 @@ class FaultTests:
             self.assertIsInstance(value, concurrency.TaskTimeout)
             self.assertEqual(value.unfinished, list(range(1, 12)))
 
+    def test_quick_tasks_queued_behind_a_slow_one_run_on_a_free_child(self):
+        # Several tasks travel to a child at once; the ones behind a task
+        # that never ends move to the children that are free.
+        tasks = [lambda: time.sleep(600)] + [lambda i=i: i for i in range(1, 100)]
+        started = time.monotonic()
+        result = self.d.run(tasks, timeout=2.0, return_exceptions=True)
+        self.assertLess(time.monotonic() - started, 2.0 + SHORT_TIMEOUT)
+        self.assertIsInstance(result[0], concurrency.TaskTimeout)
+        self.assertEqual(result[0].unfinished, [0])
+        self.assertEqual(result[1:], list(range(1, 100)))
+        self.assertStillServes()
+
+    def test_tasks_that_move_between_children_run_exactly_once(self):
+        # Every seventh task is slow enough for the ones queued behind it to
+        # move elsewhere, over and over, racing the child that would take
+        # them: each task still runs once, its outcome in its own slot.
+        log = self.path("ran")
+
+        def task(i):
+            with open(log, "a") as file:
+                file.write("%d\n" % i)
+            if i % 7 == 0:
+                time.sleep(0.02)
+            return i * i
+
+        for round_ in range(3):
+            with self.subTest(round=round_):
+                write_file(log, "")
+                result = self.d.run([lambda i=i: task(i) for i in range(300)])
+                self.assertEqual(result, [i * i for i in range(300)])
+                ran = sorted(int(line) for line in read_file(log).split())
+                self.assertEqual(ran, list(range(300)))
+        self.assertStillServes()
+
     # -- exceptions ---------------------------------------------------------
 
     def test_base_exceptions_are_task_failures_of_the_same_class(self):
@@ -593,16 +627,22 @@ class WorkerPlumbingTest(CleanTestCase):
         # itself: its "leaving" frame meets a closed pipe.
         task_r, task_w = os.pipe()
         result_r, result_w = os.pipe()
+        claim_r, claim_w = os.pipe()
+        os.set_blocking(claim_r, False)
         worker = subprocess.Popen(
-            concurrency._worker_command("serve", str(task_r), str(result_w), "0.05", "0"),
-            pass_fds=(task_r, result_w), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            concurrency._worker_command("serve", str(task_r), str(result_w), "0.05", "0",
+                                        str(claim_r)),
+            pass_fds=(task_r, result_w, claim_r), stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE)
         os.close(task_r)
         os.close(result_w)
+        os.close(claim_r)
         os.close(result_r)  # before it has said anything
         try:
             _out, err = worker.communicate(timeout=LONG_TIMEOUT)
         finally:
             os.close(task_w)
+            os.close(claim_w)
         self.assertEqual(err, b"")
         self.assertEqual(worker.returncode, 0)
 
@@ -958,6 +998,64 @@ class ScriptFaultTest(ScriptTestCase):
                     self.assertEqual(no_room[0], "OSError 24")
                 # With room for a child or two: every result, nothing leaked.
                 self.assertEqual(some_room, [list(range(6)), 0])
+
+    def test_interrupts_at_random_moments_of_fork_runs_lose_nothing_and_leave_nothing(self):
+        # A Ctrl-C (here: an alarm whose handler raises KeyboardInterrupt)
+        # at any moment of a fork run -- between two pipes, inside
+        # os.fork()'s at-fork hooks (logging's), as the run ends -- reaches
+        # the caller, and leaves no child, no descriptor, no lock held.
+        done = self.run_script("""\
+            import gc, json, logging, os, random, signal, threading, time
+            import concurrency
+            logging.basicConfig()  # its handlers' locks are taken around every fork
+            def interrupt(signum, frame):
+                raise KeyboardInterrupt
+            signal.signal(signal.SIGALRM, interrupt)
+            d = concurrency.ForkDriver(max_workers=4)
+            d.run([lambda: 0] * 4)
+            def fds():
+                return len(os.listdir("/proc/self/fd"))
+            before = fds()
+            started = time.monotonic()
+            for _ in range(20):
+                d.run([lambda: 0] * 4)
+            span = (time.monotonic() - started) / 20
+            caught = lost = 0
+            for _ in range(300):
+                try:
+                    signal.setitimer(signal.ITIMER_REAL, random.uniform(0, span))
+                    d.run([lambda: 0] * 4)
+                    if signal.setitimer(signal.ITIMER_REAL, 0)[0] == 0:
+                        lost += 1  # it fired, and nothing was raised
+                except KeyboardInterrupt:
+                    caught += 1
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            d.run([lambda: 0] * 4)
+            concurrency._reap_exited(block=True)
+            gc.collect()
+            children = []
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open("/proc/%s/stat" % pid) as file:
+                        fields = file.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == os.getpid():
+                    children.append(pid)
+            later = []  # a fork from another thread: no lock left held
+            thread = threading.Thread(target=lambda: later.append(d.run([lambda: 2])),
+                                      daemon=True)
+            thread.start()
+            thread.join(30)
+            print(json.dumps({"caught": caught, "lost": lost, "fd_growth": fds() - before,
+                              "children": children, "later": later}))
+            """)
+        self.assertSucceeded(done)
+        self.assertNotIn("Exception ignored", done.stderr)
+        report = json.loads(done.stdout.splitlines()[-1])
+        self.assertGreater(report["caught"], 0)
+        self.assertEqual((report["lost"], report["fd_growth"], report["children"], report["later"]),
+                         (0, 0, [], [[2]]), report)
 
     def test_interrupted_while_sending_a_large_task_the_worker_is_not_reused(self):
         done = self.run_script("""\

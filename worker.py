@@ -10,10 +10,11 @@ in ``fork`` children, and ValuePickler (see "Pickling by value") for tasks.
 
 Modes:
 
-``serve TASK_FD RESULT_FD IDLE_TIMEOUT [LEND_MIN]``
+``serve TASK_FD RESULT_FD IDLE_TIMEOUT LEND_MIN CLAIM_FD``
     A warm worker of the ``process`` driver.  Frames arrive on TASK_FD and
     leave on RESULT_FD; stdout and stderr stay the parent's, so a task's
-    ``print()`` shows up there and can never corrupt a result.  A thread
+    ``print()`` shows up there and can never corrupt a result.  A task runs
+    only once its claim is taken from CLAIM_FD (see below).  A thread
     watches TASK_FD hang up: the parent is gone (exited or was killed), and
     the worker exits at once, even mid-task, so no worker outlives its
     parent.  Unused for IDLE_TIMEOUT seconds, it exits too.  Buffers of at
@@ -35,9 +36,17 @@ Frames are one kind byte, an 8-byte big-endian length, then the body:
     worker -> parent   b"R" result: encode_result()
                        b"E" error: encode_error()
                        b"Q" leaving after IDLE_TIMEOUT unused (empty body)
+                       b"U" up: ready to take claims (empty body, sent once)
 
 Several b"T" frames may wait in the pipe; they are run in order, and each
-gets its b"R" or b"E".
+gets its b"R" or b"E".  Each b"T" frame comes with a claim: its number
+among the b"T" frames this worker was sent (from 0), 8 bytes big-endian, on
+CLAIM_FD, a non-blocking pipe the parent can read too.  The worker takes
+one claim before each task and runs the task of that number, skipping the
+frames of lower numbers: the parent took their claims back, to run them
+on another worker while this one was busy.  Whoever reads a claim owns
+the task (a pipe read of 8 bytes is atomic), so a task never runs twice
+nor waits behind a slow one while another worker is idle.
 
 Large results are lent, not sent: a result's big buffers (bytes, bytearray,
 arrays that pickle with protocol 5) stay where the task left them, the b"R"
@@ -58,6 +67,7 @@ import time
 import types
 
 FRAME_HEADER = struct.Struct(">cQ")
+CLAIM = struct.Struct(">Q")  # a task's claim on CLAIM_FD, see serve
 
 # Outcome bodies start with one of these to say how the rest was pickled:
 # the C pickle is much faster than dill, so dill only serves what pickle can't.
@@ -1085,10 +1095,13 @@ def loads_task(body):
 class _Channel:
     """Frame reader and writer on the two pipes given by the parent."""
 
-    def __init__(self, task_fd, result_fd):
+    def __init__(self, task_fd, result_fd, claim_fd):
         self.task_fd = task_fd
         self.result_fd = result_fd
+        self.claim_fd = claim_fd
         self.early = []  # frames read while waiting for a reply, in order
+        self.received = 0  # b"T" frames read: the next one's claim number
+        self.context = None  # the last b"C" frame's, unpickled
 
     def read_exactly(self, size):
         buffer = bytearray(size)
@@ -1105,6 +1118,32 @@ class _Channel:
         if self.early:
             return self.early.pop(0)
         return self._read_frame()
+
+    def claim(self):
+        """The number of the next task to run, or None when the parent took
+        it back first (claim() may be tried again)."""
+        try:
+            claim = os.read(self.claim_fd, CLAIM.size)
+        except BlockingIOError:
+            return None
+        if not claim:
+            os._exit(0)  # the parent retired us
+        return CLAIM.unpack(claim)[0]
+
+    def task(self, number):
+        """The body of task ``number``, the context frames before it applied
+        to self.context; frames of tasks taken back are skipped."""
+        while True:
+            frame = self.read_frame()
+            if frame is None:
+                os._exit(0)
+            kind, body = frame
+            if kind == b"C":
+                self.context = pickle.loads(body)
+            elif kind == b"T":
+                self.received += 1
+                if self.received - 1 == number:
+                    return body
 
     def await_reply(self):
         """The parent's reply to a lent result; the tasks it sent before
@@ -1183,42 +1222,41 @@ def _fresh_task_state(std_streams):
     sys.stdin, sys.stdout, sys.stderr = std_streams
 
 
-def serve(task_fd, result_fd, idle_timeout, lend_min=0):
+def serve(task_fd, result_fd, idle_timeout, lend_min, claim_fd):
     import select
-    channel = _Channel(task_fd, result_fd)
+    channel = _Channel(task_fd, result_fd, claim_fd)
     _watch_parent(task_fd)
     waiting = select.poll()  # not select(): our fd number may exceed FD_SETSIZE
-    waiting.register(task_fd, select.POLLIN)
-    context = None
+    waiting.register(claim_fd, select.POLLIN)
+    wait_ms = idle_timeout * 1000 if idle_timeout > 0 else None
     std_streams = (sys.stdin, sys.stdout, sys.stderr)
+    channel.write_frame(b"U")
     while True:
-        if idle_timeout > 0 and not channel.early and not waiting.poll(idle_timeout * 1000):
-            # Unused for IDLE_TIMEOUT: give the memory back.  Say so first: a
-            # task the parent sent meanwhile was never read, and runs elsewhere.
-            channel.write_frame(b"Q")
-            os._exit(0)
-        frame = channel.read_frame()
-        if frame is None:
-            os._exit(0)
-        kind, body = frame
-        if kind == b"C":
-            context = pickle.loads(body)
-        elif kind == b"T":
-            _fresh_task_state(std_streams)
-            if context is not None:
-                _apply_context(context)
-            try:
-                fn = loads_task(body)
-            except BaseException as exc:
-                outcome = (b"E", [encode_error(exc, TASK_UNLOADABLE)], None)
-            else:
-                outcome = run_task(fn, lend_min)
-                del fn
-            _restore_std_fds()
-            sys.stdin, sys.stdout, sys.stderr = std_streams
-            deliver(outcome, channel.write_frame, channel.await_reply)
-            del outcome
-        del frame, body
+        number = channel.claim()
+        if number is None:
+            if not waiting.poll(wait_ms):
+                # Unused for IDLE_TIMEOUT: give the memory back.  Say so
+                # first: a task the parent sent meanwhile was never
+                # claimed, and runs elsewhere.
+                channel.write_frame(b"Q")
+                os._exit(0)
+            continue
+        body = channel.task(number)
+        _fresh_task_state(std_streams)
+        if channel.context is not None:
+            _apply_context(channel.context)
+        try:
+            fn = loads_task(body)
+        except BaseException as exc:
+            outcome = (b"E", [encode_error(exc, TASK_UNLOADABLE)], None)
+        else:
+            outcome = run_task(fn, lend_min)
+            del fn
+        del body
+        _restore_std_fds()
+        sys.stdin, sys.stdout, sys.stderr = std_streams
+        deliver(outcome, channel.write_frame, channel.await_reply)
+        del outcome
 
 
 def _watch_parent(task_fd):
@@ -1534,12 +1572,12 @@ def main(argv):
     sys.modules["__main__"] = types.ModuleType("__main__")
     if mode == "serve":
         task_fd, result_fd, idle_timeout = int(argv[2]), int(argv[3]), float(argv[4])
-        lend_min = int(argv[5]) if len(argv) > 5 else 0
-        _protect_channel(task_fd, result_fd)
+        lend_min, claim_fd = int(argv[5]), int(argv[6])
+        _protect_channel(task_fd, result_fd, claim_fd)
         become_subreaper()
         _save_std_fds()
         try:
-            serve(task_fd, result_fd, idle_timeout, lend_min)
+            serve(task_fd, result_fd, idle_timeout, lend_min, claim_fd)
         except OSError:
             # Our pipes failed: the parent closed them (it retired us as we
             # left, or it is gone).  It notices on its own; the user's
