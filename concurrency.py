@@ -2970,6 +2970,7 @@ def _fork_detached(jobs, timeout, limit):
             os.setsid()
             if os.fork() == 0:
                 _in_fork_child(devnull)
+                _let_go_of_descriptors()
                 # The supervisor waits for its children: SIGCHLD ignored by
                 # the application would take their status away.
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -2981,6 +2982,34 @@ def _fork_detached(jobs, timeout, limit):
         finally:
             os._exit(code)
     os.waitpid(pid, 0)  # the middle process exits at once
+
+
+def _let_go_of_descriptors():
+    """In a detached fork child: hold none of the caller's descriptors but
+    0, 1 and 2.  A deferred task started by a server's handler must not keep
+    the client's socket open (the client would wait for the end of its
+    response as long as the task runs), nor the listening socket, a lock
+    file, a pipe.  Each is replaced by the write end of a pipe nobody
+    reads, not closed: its number stays taken, so a stale socket or file
+    object of the caller's can't close or write a file the task opens
+    later, and any use of it fails (EPIPE, EBADF, ENOTSOCK), never silently."""
+    read_fd, dead = os.pipe()
+    os.close(read_fd)
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        try:
+            fds = [int(name) for name in os.listdir("/dev/fd")]
+        except OSError:
+            fds = range(3, min(os.sysconf("SC_OPEN_MAX"), 1 << 16))
+    for fd in fds:
+        if fd > 2 and fd != dead:
+            try:
+                os.fstat(fd)  # open: not the listing's own, gone by now
+                os.dup2(dead, fd, inheritable=False)
+            except OSError:
+                pass
+    os.close(dead)
 
 
 # -- Process hygiene ----------------------------------------------------------

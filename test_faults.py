@@ -1154,6 +1154,60 @@ class ScriptFaultTest(ScriptTestCase):
                 self.assertTrue(os.path.exists(os.path.join(cwd, "crash-started")))
                 self.assertTrue(os.path.exists(os.path.join(cwd, "at-exit")))
 
+    def test_a_deferred_fork_task_holds_none_of_the_caller_s_sockets(self):
+        # A server's handler defers work and closes the client's connection:
+        # the client sees the end at once, not when the task ends, and the
+        # port can be bound again.  The task still prints; a socket it
+        # captured fails on use instead of reaching the client.
+        done = self.run_script("""\
+            import errno, json, os, socket, time
+            import concurrency
+            client, server_side = socket.socketpair()
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            def task():
+                try:
+                    server_side.send(b"from the deferred task")
+                    outcome = "sent"
+                except OSError as exc:
+                    outcome = errno.errorcode.get(exc.errno, str(exc.errno))
+                with open("outcome", "w") as file:
+                    file.write(outcome)
+                print("the deferred task printed", flush=True)
+                deadline = time.monotonic() + 60
+                while not os.path.exists("release") and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            concurrency.driver("fork").defer([task])
+            deadline = time.monotonic() + 30
+            while not os.path.exists("outcome") and time.monotonic() < deadline:
+                time.sleep(0.01)
+            server_side.close()
+            listener.close()
+            client.settimeout(10)
+            try:
+                received = client.recv(100).decode()
+            except socket.timeout:
+                received = "timed out"
+            again = socket.socket()
+            try:
+                again.bind(("127.0.0.1", port))
+                rebound = True
+            except OSError:
+                rebound = False
+            with open("outcome") as file:
+                outcome = file.read()
+            open("release", "w").close()
+            print(json.dumps({"received": received, "rebound": rebound, "outcome": outcome}))
+            """)
+        self.assertSucceeded(done)
+        self.assert_marked_processes_gone()
+        self.assertIn("the deferred task printed", done.stdout)
+        report = json.loads(done.stdout.splitlines()[-1])
+        self.assertEqual((report["received"], report["rebound"]), ("", True), report)
+        self.assertNotEqual(report["outcome"], "sent")
+
 
 if __name__ == "__main__":
     unittest.main()
