@@ -669,9 +669,8 @@ class _ChildDriver(Driver):
         return _run_to_end(self, batch, timeout, return_exceptions, progress)
 
     def _deadline(self, timeout):
-        timeout = _check_timeout(timeout)
-        if timeout is None:
-            timeout = self.timeout
+        # None: the driver's timeout; math.inf: no limit, whatever that is.
+        timeout = self.timeout if timeout is None else _check_timeout(timeout)
         return timeout, (None if timeout is None else time.monotonic() + timeout)
 
 
@@ -778,8 +777,31 @@ class _Batch:
             self.keys = list(range(len(self.calls)))
         for key, fn in zip(self.keys, self.calls):
             if not callable(fn):
-                raise TypeError("task %r is not callable: got %s; pass a function or a "
-                                "lambda that takes no arguments" % (key, _describe(fn)))
+                self._refuse_value(key, fn)
+            missing = _missing_parameters(fn)
+            if missing:
+                name = getattr(getattr(fn, "func", fn), "__name__", "f")
+                raise TypeError(
+                    "task %r, %s, needs arguments it will not get: %s.  A task is called "
+                    "with none: bind them with a lambda (lambda: %s(...)) or "
+                    "functools.partial(%s, ...)" % (
+                        key, _describe(fn), ", ".join(missing), name, name))
+
+    def _refuse_value(self, key, value):
+        """A task that is a value, not a callable: most often the result of
+        calling the function instead of passing it."""
+        coroutines = [fn for fn in self.calls if isinstance(fn, collections.abc.Coroutine)]
+        for coroutine in coroutines:
+            coroutine.close()  # never awaited, and no warning saying so
+        if isinstance(value, collections.abc.Coroutine):
+            name = getattr(value, "__qualname__", "f")
+            raise TypeError("task %r is a coroutine object, not a coroutine function: did "
+                            "you call it? pass the function itself (%s, not %s()) or a "
+                            "lambda (lambda: %s(...))" % (key, name, name, name))
+        raise TypeError("task %r is not callable: got %s.  Did you call it? Pass the "
+                        "function itself, or a lambda that calls it -- lambda: "
+                        "report(\"users\") -- so that it runs in the child"
+                        % (key, _describe(value)))
 
     def shape(self, values):
         if self.mapping:
@@ -994,6 +1016,37 @@ class _Progress:
         self.stream.flush()
 
 
+def _missing_parameters(fn):
+    """Names of the parameters ``fn`` requires, where its signature can be
+    read (a plain function or method: from its code, in well under a
+    microsecond); an empty list when it can be called with none, or when
+    its signature can't be read (a builtin): then the call tells."""
+    function, bound = fn, 0
+    if type(fn) is types.MethodType:
+        function, bound = fn.__func__, 1
+    if type(function) is types.FunctionType:
+        code = function.__code__
+        positional = code.co_argcount
+        defaults = function.__defaults__
+        if positional - (len(defaults) if defaults else 0) <= bound \
+                and not code.co_kwonlyargcount:
+            return []  # nearly every task: a lambda, a function of no arguments
+        if not hasattr(function, "__signature__"):
+            names = code.co_varnames
+            keyword_defaults = function.__kwdefaults__ or {}
+            return list(names[bound:max(bound, positional - len(defaults or ()))]) + [
+                name for name in names[positional:positional + code.co_kwonlyargcount]
+                if name not in keyword_defaults]
+    import inspect
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    return [name for name, parameter in signature.parameters.items()
+            if parameter.default is parameter.empty
+            and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)]
+
+
 def _describe(value):
     text = repr(value)
     if len(text) > 60:
@@ -1010,7 +1063,14 @@ def _check_timeout(timeout):
     if math.isnan(timeout) or timeout <= 0:
         raise ValueError("timeout must be a positive number of seconds or None, not %r"
                          % (timeout,))
-    return None if math.isinf(timeout) else timeout
+    return None if timeout >= _FOREVER else timeout
+
+
+# Timeouts this long (math.inf included) are no limit at all; waits are cut
+# into spans of _LONGEST_WAIT, which every clock and poll() takes (epoll's
+# limit is about 24.8 days).
+_FOREVER = 100 * 365 * 86400.0
+_LONGEST_WAIT = 86400.0
 
 
 def _call(fn):
@@ -2070,6 +2130,8 @@ class _Run:
                 wait = wake if wait is None else min(wait, wake)
             if due is not None:
                 wait = due if wait is None else min(wait, due)
+            if wait is not None:
+                wait = min(wait, _LONGEST_WAIT)
             events = self.selector.select(wait)
             ended = set()
             for key, _mask in events:
@@ -2273,6 +2335,8 @@ class _WorkerPool:
                 wait = None if deadline is None else deadline - time.monotonic()
                 if wait is not None and wait <= 0:
                     return []
+                if wait is not None:
+                    wait = min(wait, _LONGEST_WAIT)
                 if stop is not None:  # looked at again every so often
                     wait = _POLL_INTERVAL if wait is None else min(wait, _POLL_INTERVAL)
                 self._changed.wait(wait)
@@ -3255,13 +3319,13 @@ def _read_config():
                 continue
             try:
                 number = float(value)
-                if not _TIMEOUT_MIN <= number < math.inf:
+                if not _TIMEOUT_MIN <= number:
                     raise ValueError
             except ValueError:
                 raise ConfigError("%s: timeout = %s is not allowed; use a positive number of "
-                                  "seconds (%g at least), or none for no limit"
+                                  "seconds (%g at least), or none (or inf) for no limit"
                                   % (path, value, _TIMEOUT_MIN)) from None
-            config["timeout"] = number
+            config["timeout"] = _check_timeout(number)
         else:
             raise ConfigError("%s: unknown key %r in [%s]; allowed keys: default, "
                               "max_workers, timeout" % (path, name, _CONFIG_SECTION))

@@ -7,6 +7,8 @@ Every wait is bounded, and every test checks that it left no process behind.
 
 import asyncio
 import contextlib
+import functools
+import gc
 import json
 import os
 import shutil
@@ -18,6 +20,7 @@ import threading
 import time
 import unittest
 import uuid
+import warnings
 
 import concurrency
 
@@ -217,6 +220,56 @@ class DriverTests:
             self.d.run({"users": lambda: write_file(marker, "x"), "orders": "SELECT"})
         self.assertFalse(os.path.exists(marker))
 
+    def test_a_called_function_is_caught_with_a_hint(self):
+        calls = []
+
+        def report(table):
+            calls.append(table)
+
+        async def fetch(table):
+            calls.append(table)
+
+        with self.assertRaisesRegex(TypeError, r"task 0 is not callable: got None.*"
+                                               r"Did you call it\? Pass the function itself"):
+            self.d.run([report("users"), report("orders")])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with self.assertRaisesRegex(TypeError, r"task 'a' is a coroutine object.*did you "
+                                                   r"call it\? pass the function itself "
+                                                   r"\(.*fetch, not .*fetch\(\)\)"):
+                self.d.run({"a": fetch("users"), "b": fetch("orders")})
+            gc.collect()
+        self.assertEqual([str(w.message) for w in caught if "never awaited" in str(w.message)],
+                         [])
+        self.assertEqual(calls, ["users", "orders"])  # the calls above; never in a child
+
+    def test_a_function_that_needs_arguments_is_refused_before_anything_runs(self):
+        marker = self.path("ran")
+
+        def count(table, *, limit, verbose=False):
+            return table
+
+        class Table:
+            def rows(self, where):
+                return where
+
+        cases = {
+            "count": (count, "table, limit"),
+            "method": (Table().rows, "where"),
+            "partial": (functools.partial(count, "users"), "limit"),
+        }
+        for key, (task, missing) in cases.items():
+            with self.subTest(key=key):
+                with self.assertRaisesRegex(TypeError, r"task %r, .* needs arguments it will "
+                                                       r"not get: %s\.  A task is called with "
+                                                       r"none" % (key, missing)):
+                    self.d.run({"first": lambda: write_file(marker, "x"), key: task})
+        self.assertFalse(os.path.exists(marker))
+        # Bound, or with defaults, or with a signature that can't be read: they run.
+        self.assertEqual(self.d.run([functools.partial(count, "users", limit=1),
+                                     lambda table="t": table, dict]),
+                         ["users", "t", {}])
+
     def test_tasks_must_be_callables_not_none_or_str(self):
         for bad in (None, "lambda: 1", b"x", 5):
             with self.subTest(bad=bad):
@@ -232,6 +285,16 @@ class DriverTests:
             with self.subTest(bad=bad):
                 with self.assertRaisesRegex(TypeError, "timeout must be a number"):
                     self.d.run([lambda: 1], timeout=bad)
+
+    def test_any_long_timeout_is_accepted_and_inf_is_no_limit(self):
+        for timeout in (2200000, 1e300, float("inf")):
+            with self.subTest(timeout=timeout):
+                self.assertEqual(self.d.run([lambda: 1, lambda: 2], timeout=timeout), [1, 2])
+        if self.driver == "sync":
+            return  # no timeouts
+        short = type(self.d)(timeout=0.5)
+        self.assertEqual(short.run([lambda: time.sleep(0.8) or "slow"], timeout=float("inf")),
+                         ["slow"])
 
     def test_coroutine_result_is_awaited(self):
         self.assertEqual(self.d.run([lambda: async_double(21)]), [42])
@@ -2430,6 +2493,12 @@ class RegistryTest(CleanTestCase):
         self.assertEqual(concurrency.default_driver(), "sync")
         process = concurrency.driver("process")
         self.assertEqual((process.max_workers, process.timeout), (3, 2.5))
+        for value in ("inf", "2200000", "none"):
+            write_file("concurrency.ini", "[concurrency]\ntimeout = %s\n" % value)
+            expected = 2200000 if value == "2200000" else None
+            fresh = concurrency.ProcessDriver()
+            self.assertEqual(fresh.timeout, expected)
+            self.assertEqual(fresh.run([lambda: 1]), [1])
 
     def test_config_path_from_environment(self):
         path = self.path("elsewhere.ini")
