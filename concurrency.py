@@ -3334,38 +3334,43 @@ def _read_config():
 
 
 def _publish_config(force=False):
-    if os.path.islink(CONFIG_FILE):
+    # Where the library will read it: CONCURRENCY_CONFIG, else ./concurrency.ini.
+    path = os.environ.get(CONFIG_ENV) or CONFIG_FILE
+    shown = os.path.abspath(path)
+    if os.path.islink(path):
         # Followed, it would write wherever the link points (a dangling one
-        # too), while we say we wrote ./concurrency.ini.
-        sys.stderr.write("%s in %s is a symbolic link; remove it first, nothing was written\n"
-                         % (CONFIG_FILE, os.getcwd()))
+        # too), while we say we wrote this file.
+        sys.stderr.write("%s is a symbolic link; remove it first, nothing was written\n"
+                         % shown)
         return 1
-    if os.path.lexists(CONFIG_FILE) and not force:
-        sys.stderr.write("%s already exists in %s; use --force to overwrite it\n"
-                         % (CONFIG_FILE, os.getcwd()))
+    if os.path.lexists(path) and not force:
+        sys.stderr.write("%s already exists; use --force to overwrite it\n" % shown)
         return 1
     flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
     flags |= os.O_TRUNC if force else os.O_EXCL
     try:
-        fd = os.open(CONFIG_FILE, flags, 0o644)
+        fd = os.open(path, flags, 0o644)
     except OSError as exc:
-        sys.stderr.write("%s: cannot be written in %s: %s; nothing was written\n"
-                         % (CONFIG_FILE, os.getcwd(), exc.strerror))
+        sys.stderr.write("%s cannot be written: %s; nothing was written\n"
+                         % (shown, exc.strerror))
         return 1
     with open(fd, "w", encoding="utf-8") as file:
         file.write(_CONFIG_TEMPLATE)
-    print("wrote %s" % os.path.abspath(CONFIG_FILE))
+    print("wrote %s" % shown)
     return 0
 
 
 # -- Command line: python -m concurrency --------------------------------------
 
 _USAGE = """\
-usage: python -m concurrency config:publish [--force]
+usage: python -m concurrency config:publish [concurrency] [--force]
        python -m concurrency demo
+       python -m concurrency --version | --help
 
   config:publish  write concurrency.ini (default driver, max_workers, timeout)
-                  in the current directory; --force overwrites an existing one
+                  where the library reads it: the file CONCURRENCY_CONFIG
+                  names, else the current directory; --force overwrites an
+                  existing one
   demo            count two tables of a small SQLite database with every driver
 """
 
@@ -3416,12 +3421,25 @@ def _demo():
 
 
 def _main(argv):
-    if argv[:1] == ["config:publish"] and set(argv[1:]) <= {"--force"}:
-        return _publish_config(force="--force" in argv[1:])
-    if argv == ["demo"]:
+    command, options = (argv[0], argv[1:]) if argv else (None, [])
+    if command in ("-h", "--help", "help"):
+        sys.stdout.write(_USAGE)
+        return 0
+    if command in ("-V", "--version"):
+        print("concurrency %s" % __version__)
+        return 0
+    if command == "config:publish":
+        # "concurrency": the name the seed's `config:publish concurrency` gives.
+        unknown = [option for option in options if option not in ("concurrency", "--force")]
+        if not unknown:
+            return _publish_config(force="--force" in options)
+        sys.stderr.write("config:publish: unknown argument %r\n" % unknown[0])
+    elif command == "demo" and not options:
         return _demo()
+    elif command is not None:
+        sys.stderr.write("unknown command %r\n" % " ".join(argv))
     sys.stderr.write(_USAGE)
-    return 0 if argv in (["-h"], ["--help"]) else 2
+    return 2
 
 
 _registry = _Registry({"process": ProcessDriver, "fork": ForkDriver, "sync": SyncDriver})

@@ -2589,12 +2589,45 @@ class RegistryTest(CleanTestCase):
         self.assertEqual(forced.returncode, 0, forced.stderr)
         self.assertIn("default = process", read_file("concurrency.ini"))
 
+    def cli(self, *args, env=None):
+        return subprocess.run([sys.executable, "-m", "concurrency"] + list(args), cwd=self.tmp,
+                              env=dict(os.environ, PYTHONPATH=REPO, **(env or {})),
+                              capture_output=True, text=True, timeout=LONG_TIMEOUT)
+
     def test_unknown_command_prints_usage(self):
-        done = subprocess.run([sys.executable, "-m", "concurrency", "publish"], cwd=self.tmp,
-                              env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
-                              text=True, timeout=LONG_TIMEOUT)
+        done = self.cli("publish")
         self.assertEqual(done.returncode, 2)
+        self.assertTrue(done.stderr.startswith("unknown command 'publish'\n"), done.stderr)
         self.assertIn("usage: python -m concurrency", done.stderr)
+        done = self.cli("config:publish", "--forse")
+        self.assertEqual(done.returncode, 2)
+        self.assertIn("unknown argument '--forse'", done.stderr)
+        self.assertFalse(os.path.exists("concurrency.ini"))
+
+    def test_help_and_version_go_to_stdout(self):
+        for option in ("--help", "-h", "help"):
+            with self.subTest(option=option):
+                done = self.cli(option)
+                self.assertEqual((done.returncode, done.stderr), (0, ""))
+                self.assertIn("usage: python -m concurrency", done.stdout)
+        done = self.cli("--version")
+        self.assertEqual((done.returncode, done.stdout), (0, "concurrency %s\n"
+                                                          % concurrency.__version__))
+
+    def test_config_publish_with_the_seed_s_name_and_where_the_library_reads(self):
+        done = self.cli("config:publish", "concurrency")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("default = process", read_file("concurrency.ini"))
+        elsewhere = self.path("conf", "app.ini")
+        os.makedirs(os.path.dirname(elsewhere))
+        os.remove("concurrency.ini")
+        done = self.cli("config:publish", env={"CONCURRENCY_CONFIG": elsewhere})
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout, "wrote %s\n" % elsewhere)
+        self.assertFalse(os.path.exists("concurrency.ini"))
+        self.assertIn("default = process", read_file(elsewhere))
+        self.setenv("CONCURRENCY_CONFIG", elsewhere)
+        self.assertEqual(concurrency._read_config().get("default"), "process")
 
 
 class ImportTest(unittest.TestCase):
