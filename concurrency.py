@@ -524,10 +524,28 @@ class Driver:
     override ``_completions`` to report each task as it ends.
     """
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        run = cls.__dict__.get("run")
+        if run is not None and not _takes_progress(run):
+            cls.run = _with_progress(run)
+
     def run(self, tasks, *, timeout: float | None = None, return_exceptions: bool = False):
+        """Run ``tasks`` -- a mapping of keys to callables, an iterable of
+        callables or one callable -- and return their results: a dict with
+        the same keys, else a list in task order.
+
+        A custom driver implements this.  ``timeout`` (seconds or None) is
+        for the whole run; with ``return_exceptions=True`` each failed task's
+        exception is its result, else the first one in task order is raised
+        once every task has ended.  ``progress=True`` is added for you."""
         raise NotImplementedError
 
     def defer(self, tasks, *, always: bool = False) -> None:
+        """Start ``tasks`` in the background when the current deferring()
+        scope ends (at once outside of one), their results unused; a failure
+        is reported on stderr.  A custom driver may implement this; this one
+        runs them with ``run`` on a thread the interpreter waits for at exit."""
         batch = _Batch(tasks)
 
         def start():
@@ -602,6 +620,30 @@ class Driver:
             else:
                 outcomes.succeed(index, value)
             yield index
+
+
+def _takes_progress(run):
+    import inspect
+    try:
+        parameters = inspect.signature(run).parameters.values()
+    except (TypeError, ValueError):
+        return True  # can't tell: leave it as it is
+    return any(parameter.name == "progress" or parameter.kind is parameter.VAR_KEYWORD
+               for parameter in parameters)
+
+
+def _with_progress(run):
+    """A custom driver's ``run`` that also takes ``progress=True``: the
+    progress line then counts the tasks as ``run`` returns them."""
+    @functools.wraps(run)
+    def run_with_progress(self, tasks, *, progress=False, **options):
+        if not progress:
+            return run(self, tasks, **options)
+        batch = _Batch(tasks)
+        timeout = options.get("timeout")
+        _check_timeout(timeout)
+        return _run_to_end(self, batch, timeout, options.get("return_exceptions", False), True)
+    return run_with_progress
 
 
 class SyncDriver(Driver):
@@ -842,7 +884,7 @@ def _run_to_end(driver, batch, timeout, return_exceptions, progress):
     outcomes = _Outcomes(batch)
     completions = driver._completions(batch, outcomes, timeout, None)
     if progress:
-        completions = _Progress(len(batch.calls)).track(completions)
+        completions = _Progress(len(batch.calls)).track(completions, outcomes)
     for _index in completions:
         pass
     return outcomes.finish(return_exceptions)
@@ -986,14 +1028,16 @@ class _Progress:
             self.enabled = False
         self.total = total
         self.done = 0
+        self.failed = 0
         self.started = time.monotonic()
         self.shown = 0.0
 
-    def track(self, completions):
+    def track(self, completions, outcomes):
         self.show()
         try:
             for index in completions:
                 self.done += 1
+                self.failed += outcomes.failed[index]
                 self.show()
                 yield index
         finally:
@@ -1009,8 +1053,9 @@ class _Progress:
         self.shown = now
         elapsed = now - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        self.stream.write("\rconcurrency: %d/%d done, %.1f s, %.1f tasks/s "
-                          % (self.done, self.total, elapsed, rate))
+        failed = ", %d failed" % self.failed if self.failed else ""
+        self.stream.write("\rconcurrency: %d/%d done%s, %.1f s, %.1f tasks/s "
+                          % (self.done, self.total, failed, elapsed, rate))
         if final:
             self.stream.write("\n")
         self.stream.flush()

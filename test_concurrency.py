@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import io
 import json
 import os
 import shutil
@@ -2452,6 +2453,26 @@ class RegistryTest(CleanTestCase):
         self.assertEqual(concurrency.run([lambda: 5], progress=True), [5])
         with self.assertRaisesRegex(ValueError, "custom"):
             concurrency.run([lambda: raise_value_error("custom")], progress=True)
+        # On the driver itself too, though its run() has no such parameter.
+        minimal = concurrency.driver("minimal")
+        self.assertEqual(minimal.run({"a": lambda: 6}, progress=True), {"a": 6})
+        self.assertEqual(minimal.run({"a": lambda: 7}, progress=False), {"a": 7})
+        with self.assertRaisesRegex(ValueError, "custom"):
+            minimal.run([lambda: raise_value_error("custom")], progress=True)
+
+    def test_the_progress_line_counts_failures(self):
+        class Terminal(io.StringIO):
+            def isatty(self):
+                return True
+
+        stream = Terminal()
+        with contextlib.redirect_stderr(stream):
+            result = concurrency.driver("sync").run(
+                [lambda: 1, lambda: raise_value_error("x"), lambda: 3,
+                 lambda: raise_value_error("y")], progress=True, return_exceptions=True)
+        self.assertIsInstance(result[1], ValueError)
+        last = stream.getvalue().rstrip("\n").split("\r")[-1]
+        self.assertRegex(last, r"^concurrency: 4/4 done, 2 failed, [0-9.]+ s, ")
 
     def test_custom_driver_gets_a_working_defer(self):
         class Threads(concurrency.Driver):
