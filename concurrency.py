@@ -783,7 +783,8 @@ class ForkDriver(_ChildDriver):
     def __init__(self, max_workers=None, timeout=None):
         if not _HAVE_FORK:
             raise ConcurrencyError("the fork driver needs os.fork(), which this platform "
-                                   "(%s) does not have; use the process driver" % sys.platform)
+                                   "(%s) does not have; use the %s driver"
+                                   % (sys.platform, "process" if _POSIX else "sync"))
         super().__init__(max_workers, timeout)
 
     def _completions(self, batch, outcomes, timeout, stop):

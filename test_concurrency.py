@@ -12,6 +12,7 @@ import gc
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -865,8 +866,23 @@ class ForkDriverTest(ChildDriverTests, CleanTestCase):
     def test_unavailable_without_os_fork(self):
         self.addCleanup(setattr, concurrency, "_HAVE_FORK", concurrency._HAVE_FORK)
         concurrency._HAVE_FORK = False
-        with self.assertRaisesRegex(concurrency.ConcurrencyError, "needs os.fork"):
+        with self.assertRaisesRegex(concurrency.ConcurrencyError,
+                                    "needs os.fork.*use the process driver"):
             concurrency.ForkDriver()
+
+    def test_off_posix_errors_point_to_the_sync_driver(self):
+        # As on Windows: neither child driver works there, and neither error
+        # may send the user to the other.
+        for name in ("_HAVE_FORK", "_POSIX"):
+            self.addCleanup(setattr, concurrency, name, getattr(concurrency, name))
+            setattr(concurrency, name, False)
+        for driver in (concurrency.ForkDriver, concurrency.ProcessDriver):
+            with self.subTest(driver=driver.__name__):
+                with self.assertRaisesRegex(concurrency.ConcurrencyError,
+                                            "use the sync driver") as caught:
+                    driver()
+                self.assertNotIn("process driver;", str(caught.exception))
+        self.assertEqual(concurrency.SyncDriver().run([lambda: 1]), [1])
 
 
 # -- Scripts run as __main__, as users run them -------------------------------
@@ -2649,6 +2665,72 @@ class RegistryTest(CleanTestCase):
         self.assertIn("default = process", read_file(elsewhere))
         self.setenv("CONCURRENCY_CONFIG", elsewhere)
         self.assertEqual(concurrency._read_config().get("default"), "process")
+
+
+class ReadmeTest(ScriptTestCase):
+    """README.rst renders cleanly (as a package index renders it) and its
+    examples run as written."""
+
+    @staticmethod
+    def render_problems(text):
+        """What docutils warns about in ``text``, as it would on a package
+        index: an error there rejects the long description."""
+        import docutils.core
+        import docutils.utils
+        stream = io.StringIO()
+        try:
+            docutils.core.publish_doctree(text, settings_overrides={
+                "warning_stream": stream, "report_level": 2, "halt_level": 5})
+        except docutils.utils.SystemMessage as exc:  # pragma: no cover
+            return str(exc)
+        return stream.getvalue()
+
+    def setUp(self):
+        super().setUp()
+        try:
+            import docutils  # noqa: F401
+        except ImportError:
+            self.skipTest("docutils is not installed (pip install .[test])")
+
+    def test_readme_renders_without_a_warning(self):
+        with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as file:
+            self.assertEqual(self.render_problems(file.read()), "")
+
+    def test_the_render_check_catches_what_an_index_rejects(self):
+        self.assertIn("Title underline too short",
+                      self.render_problems("A title\n=====\n\nText.\n"))
+
+    def test_readme_examples_run_as_written(self):
+        # Each block that imports concurrency starts a script; the blocks
+        # after it that don't continue it, as a reader runs them.
+        with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as file:
+            text = file.read()
+        scripts = []
+        for block in re.findall(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", text):
+            code = textwrap.dedent(block)
+            if "import concurrency" in code:
+                scripts.append(code)
+            elif scripts:
+                scripts[-1] += "\n" + code
+        self.assertGreaterEqual(len(scripts), 5)
+        for number, source in enumerate(scripts):
+            with self.subTest(script=number, first_line=source.splitlines()[0]):
+                done = self.run_script(source)
+                self.assertSucceeded(done)
+                self.assert_marked_processes_gone(within=LONG_TIMEOUT)
+        self.assertIn("120 345", self.run_script(scripts[0]).stdout)
+
+
+class PackagingTest(unittest.TestCase):
+
+    def test_pyproject_declares_the_setuptools_backend(self):
+        # Without it pip on Python 3.9/3.10 falls back to a legacy
+        # "setup.py install" and says so.
+        with open(os.path.join(REPO, "pyproject.toml"), encoding="utf-8") as file:
+            text = file.read()
+        self.assertRegex(text, r'(?m)^\[build-system\]$')
+        self.assertRegex(text, r'(?m)^build-backend = "setuptools\.build_meta"$')
+        self.assertRegex(text, r'(?m)^requires = \["setuptools>=61"\]$')
 
 
 class ImportTest(unittest.TestCase):
