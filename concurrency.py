@@ -1620,8 +1620,10 @@ _BOOTSTRAP = ("import sys; sys.path[:1] = [] if sys.path[:1] == [''] else sys.pa
 
 def _worker_command(mode, *args):
     path, _fds = _worker_file()
-    return ([sys.executable] + _interpreter_flags() + ["-c", _BOOTSTRAP, path, mode]
-            + list(args))
+    # The code opens with what the process is, for ps and top, which show
+    # the first words of a command line: a string that is a no-op statement.
+    code = "'concurrency worker.py %s, of process %d'; %s" % (mode, os.getpid(), _BOOTSTRAP)
+    return [sys.executable] + _interpreter_flags() + ["-c", code, path, mode] + list(args)
 
 
 def _worker_fds():
@@ -2745,6 +2747,7 @@ class _ForkRun(_Run):
                 self.worker.FORKED_BY_TASK[0] = False  # it runs tasks: no stray
                 self.worker.die_with_parent(lifeline)
                 self.worker.become_subreaper()
+                self.worker.show_as_worker()
                 held.restore()
                 self._serve(task_r, result_w, in_context=self.starting)
             except BaseException:

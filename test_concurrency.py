@@ -712,6 +712,18 @@ class SyncDriverTest(DriverTests, CleanTestCase):
 class ProcessDriverTest(ChildDriverTests, CleanTestCase):
     driver = "process"
 
+    @unittest.skipUnless(HAVE_PROC and sys.platform.startswith("linux"), "needs Linux /proc")
+    def test_workers_are_recognisable_in_ps_and_top(self):
+        [pid] = self.d.run([os.getpid])
+        with open("/proc/%d/cmdline" % pid, "rb") as file:
+            argv = file.read().decode().split("\0")
+        self.assertEqual(argv[0], sys.executable)
+        code = argv[argv.index("-c") + 1]
+        self.assertTrue(code.startswith("'concurrency worker.py serve, of process %d'; "
+                                        % os.getpid()), code)
+        with open("/proc/%d/comm" % pid) as file:
+            self.assertEqual(file.read().strip(), "concurrency")
+
     def test_cancelling_run_async_while_it_waits_for_a_worker(self):
         # Every worker busy with another run: the wait itself is cancellable,
         # and the cancelled tasks never start, not even once a worker frees.
@@ -849,6 +861,11 @@ class ProcessDriverTest(ChildDriverTests, CleanTestCase):
 @unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
 class ForkDriverTest(ChildDriverTests, CleanTestCase):
     driver = "fork"
+
+    @unittest.skipUnless(HAVE_PROC and sys.platform.startswith("linux"), "needs Linux /proc")
+    def test_children_are_recognisable_in_top(self):
+        [comm] = self.d.run([lambda: open("/proc/self/comm").read().strip()])
+        self.assertEqual(comm, "concurrency")
 
     def test_process_run_inside_a_fork_task_starts_its_own_workers(self):
         process = concurrency.driver("process")
