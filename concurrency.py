@@ -857,6 +857,7 @@ class _Outcomes:
 
     def __init__(self, batch):
         self.batch = batch
+        self.count = len(batch.calls)
         self.values = [None] * len(batch.calls)
         self.failed = [False] * len(batch.calls)
         self.completed = collections.deque()  # indices not yet reported
@@ -1575,6 +1576,52 @@ def _current_context():
 _imported_from_cwd = {}  # (sys.path, cwd, module count) -> the directories
 
 
+# -- Logging from tasks ---------------------------------------------------------
+#
+# On the process driver a task logs in another interpreter, where nothing
+# is configured.  Runs send the levels of this process's loggers with the
+# context; the worker lets through what they would and sends each record
+# back (see worker._forward_logging), to be handled here by the logger of
+# its name.  (fork children inherit the logging set-up itself.)
+
+_LEVELS_MARK = object()  # in logging.root._cache while _levels[0] is current
+
+
+def _logging_levels():
+    """{logger name: level} of the loggers with a level of their own, "" for
+    the root, None for logging.disable(); None when logging is not in use.
+    Recomputed only after a level changed: setLevel(), disable() and the
+    config functions all clear the loggers' caches, ours included."""
+    logging = sys.modules.get("logging")
+    if logging is None:
+        return None
+    root = logging.root
+    cache = getattr(root, "_cache", None)
+    if cache is not None and cache.get(_LEVELS_MARK) and _levels:
+        return _levels[0]
+    levels = {"": root.level, None: root.manager.disable}
+    for name, logger in list(root.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.level:
+            levels[name] = logger.level
+    _levels[:] = [levels]
+    if cache is not None:
+        cache[_LEVELS_MARK] = True
+    return levels
+
+
+_levels = []
+
+
+def _log_task_record(state, key):
+    """Handle a record a task logged in a worker as if logged here."""
+    import logging
+    record = logging.makeLogRecord(state)
+    record.concurrency_key = key
+    logger = logging.getLogger(record.name) if record.name != "root" else logging.root
+    if logger.isEnabledFor(record.levelno):
+        logger.handle(record)
+
+
 def _sys_path(cwd):
     """sys.path as the child must see it.  With "" on it (a Python shell,
     python -c), a module imported before an os.chdir() came from the
@@ -1920,6 +1967,11 @@ class _Run:
 
     def on_frame(self, child, index, kind, body):
         """Handle a frame; return True when the child has no task left."""
+        if kind == b"L":  # a record a task logged
+            number, state = pickle.loads(body)
+            index = self.task_numbered(child, number)
+            _log_task_record(state, None if index is None else self.outcomes.key(index))
+            return False
         self.progress = time.monotonic()
         child.served = True
         lent = None
@@ -1956,6 +2008,11 @@ class _Run:
         """Send more tasks to a child that has few left, and ends them fast:
         they are in its pipe before it runs out, so it never waits for us,
         and we never wake it up."""
+
+    def task_numbered(self, child, number):
+        """The index of the task the child numbers ``number``, or None when
+        it is no task of this run's."""
+        return number if 0 <= number < self.outcomes.count else None
 
     def take_batch(self, children, size_of, room=_BATCH_BYTES):
         """Pending indices for one child: one, or several when many wait, so
@@ -2488,7 +2545,8 @@ class _ProcessRun(_Run):
         self.size = size  # most workers it may use
         self.free = list(workers)
         self.payloads = payloads
-        self.context = pickle.dumps(_current_context(), pickle.HIGHEST_PROTOCOL)
+        self.context = pickle.dumps(_current_context() + (_logging_levels(),),
+                                    pickle.HIGHEST_PROTOCOL)
         self.retried = set()
         self.claims = {}  # worker -> {claim number: index} of the tasks sent to it
 
@@ -2516,6 +2574,9 @@ class _ProcessRun(_Run):
     def claimed_indices(self, worker, numbers):
         claims = self.claims[worker]
         return [claims.pop(number) for number in numbers]
+
+    def task_numbered(self, worker, number):
+        return self.claims.get(worker, {}).get(number)
 
     def on_frame(self, worker, index, kind, body):
         if kind == b"Q":
@@ -2793,11 +2854,18 @@ class _ForkRun(_Run):
                     return replies[index]
                 early.append(index)
 
-        def write(kind, parts):
-            self.worker.write_frame(result_fd, kind, parts)
+        writing = threading.Lock()  # log records may come from any thread
 
+        def write(kind, parts):
+            with writing:
+                self.worker.write_frame(result_fd, kind, parts)
+
+        running = [None]
+        if "logging" in sys.modules:  # else nothing is configured to inherit
+            self.worker.forward_records(write, lambda: running[0])
         while True:
             index = early.popleft() if early else read_index()
+            running[0] = index
             # Each task starts from the caller's cwd, environment and sys.path
             # as at the call, whatever the last one changed.  (Not checked
             # needlessly: the first touch of each page costs a fresh fork.)

@@ -864,7 +864,7 @@ class ForkDriverTest(ChildDriverTests, CleanTestCase):
 
     @unittest.skipUnless(HAVE_PROC and sys.platform.startswith("linux"), "needs Linux /proc")
     def test_children_are_recognisable_in_top(self):
-        [comm] = self.d.run([lambda: open("/proc/self/comm").read().strip()])
+        [comm] = self.d.run([lambda: read_file("/proc/self/comm").strip()])
         self.assertEqual(comm, "concurrency")
 
     def test_process_run_inside_a_fork_task_starts_its_own_workers(self):
@@ -2001,6 +2001,76 @@ except Exception as exc:
     out["local_exception"] = [type(exc).__name__, str(exc)]
 print(json.dumps(out))
 """
+
+
+class TaskLoggingTest(ScriptTestCase):
+    """A task's logging goes through the caller's logging set-up, on every
+    driver alike."""
+
+    SCRIPT = """\
+        import json, logging, sys
+        import concurrency
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                            format="%(levelname)s|%(name)s|%(message)s")
+        logging.getLogger("quiet").setLevel(logging.ERROR)
+        audit = logging.getLogger("audit")
+        audit.propagate = False
+        collected = []
+        class Collect(logging.Handler):
+            def emit(self, record):
+                collected.append([record.getMessage(), getattr(record, "concurrency_key", "-")])
+        audit.addHandler(Collect())
+        log = logging.getLogger("app.tasks")
+        def task(n):
+            log.info("task %d starts", n)
+            log.debug("hidden %d", n)
+            logging.getLogger("quiet").warning("not shown")
+            logging.getLogger("quiet").error("quiet error %d", n)
+            audit.warning("audited %d", n)
+            try:
+                {}["missing"]
+            except KeyError:
+                log.exception("task %d failed", n)
+            return n
+        result = concurrency.driver(sys.argv[1]).run({"first": lambda: task(1)})
+        print("RESULT", json.dumps([result, collected]))
+        """
+
+    def test_task_logging_goes_through_the_caller_s_set_up_on_every_driver(self):
+        outputs = {}
+        for driver in ("sync", "fork", "process"):
+            with self.subTest(driver=driver):
+                done = self.run_script(self.SCRIPT, argv_extra=[driver])
+                self.assertSucceeded(done)
+                lines = done.stdout.splitlines()
+                result, collected = json.loads(lines[-1].split(" ", 1)[1])
+                self.assertEqual(result, {"first": 1})
+                self.assertEqual([message for message, _key in collected], ["audited 1"])
+                # The task's key, for formatters, where it ran in a child.
+                self.assertEqual(collected[0][1], "-" if driver == "sync" else "first")
+                outputs[driver] = [re.sub(r"project-[0-9a-f]+", "project", line)
+                                   for line in lines[:-1]]
+        expected = ["INFO|app.tasks|task 1 starts", "ERROR|quiet|quiet error 1",
+                    "ERROR|app.tasks|task 1 failed", "Traceback (most recent call last):"]
+        self.assertEqual(outputs["sync"][:4], expected)
+        self.assertEqual(outputs["sync"][-1], "KeyError: 'missing'")
+        self.assertEqual(outputs["process"], outputs["sync"])
+        self.assertEqual(outputs["fork"], outputs["sync"])
+
+    def test_a_task_logs_as_before_when_the_caller_does_not_use_logging(self):
+        done = self.run_script("""\
+            import sys
+            import concurrency
+            def task():
+                import logging
+                logging.getLogger("x").warning("bare warning")
+                logging.getLogger("x").info("no info")
+                return "logging" in sys.modules
+            print(concurrency.run([task]), "logging" in sys.modules)
+            """)
+        self.assertSucceeded(done)
+        self.assertEqual(done.stdout.strip(), "[True] False")
+        self.assertEqual(done.stderr.strip(), "bare warning")
 
 
 class FidelityTest(ScriptTestCase):

@@ -30,13 +30,15 @@ Modes:
 Frames are one kind byte, an 8-byte big-endian length, then the body:
 
     parent -> worker   b"C" context: pickled (cwd, environ, sys.path, argv,
-                       recursion limit)
+                       recursion limit, logging levels or None)
                        b"T" task: a serialized callable, see loads_task()
                        b"F" / b"S" reply to a lent result (empty body)
     worker -> parent   b"R" result: encode_result()
                        b"E" error: encode_error()
                        b"Q" leaving after IDLE_TIMEOUT unused (empty body)
                        b"U" up: ready to take claims (empty body, sent once)
+                       b"L" a record a task logged: pickled (claim number,
+                       record attributes), see _forward_logging()
 
 Several b"T" frames may wait in the pipe; they are run in order, and each
 gets its b"R" or b"E".  Each b"T" frame comes with a claim: its number
@@ -1102,6 +1104,8 @@ class _Channel:
         self.early = []  # frames read while waiting for a reply, in order
         self.received = 0  # b"T" frames read: the next one's claim number
         self.context = None  # the last b"C" frame's, unpickled
+        self.writing = threading.Lock()
+        self.running = None  # the claim number of the task running
 
     def read_exactly(self, size):
         buffer = bytearray(size)
@@ -1167,7 +1171,9 @@ class _Channel:
         return kind, body
 
     def write_frame(self, kind, parts=()):
-        write_frame(self.result_fd, kind, parts)
+        # Log records may be sent from any thread a task starts.
+        with self.writing:
+            write_frame(self.result_fd, kind, parts)
 
 
 def write_frame(fd, kind, parts=()):
@@ -1187,10 +1193,12 @@ def write_frame(fd, kind, parts=()):
 _applied_environ = {}  # id(context environ) -> os.environ's raw data after applying it
 
 
-def _apply_context(context):
+def _apply_context(context, channel=None):
     """Give the next task the caller's cwd, environment, sys.path, sys.argv
-    and recursion limit."""
-    cwd, environ, path, argv, recursion_limit = context
+    and recursion limit, and, sent on ``channel``, its logging levels."""
+    cwd, environ, path, argv, recursion_limit = context[:5]
+    if len(context) > 5 and context[5] is not None and channel is not None:
+        _forward_logging(context[5], channel)
     if cwd is not None:
         try:
             os.chdir(cwd)
@@ -1212,6 +1220,68 @@ def _apply_context(context):
         sys.argv[:] = argv
     if sys.getrecursionlimit() != recursion_limit:
         sys.setrecursionlimit(recursion_limit)
+
+
+# -- Logging: a task's records go to the parent's logging --------------------
+#
+# A task logs in a child: in a worker nothing is configured, and in a fork
+# child what is configured writes from another process (an in-memory
+# handler, a test's assertLogs, never see it).  So a child hands every
+# record its loggers let through to the parent instead of to handlers: a
+# b"L" frame on the result pipe -- the number of the task running, and the
+# record's attributes, its message and exception text already formatted --
+# and the parent hands it to its own logger of that name, levels, filters,
+# handlers and formats included, as if the task had logged there.  A worker
+# gets the parent's levels with each run's context (see concurrency's
+# _logging_levels); a fork child has them already.
+
+_forwarding = []  # the levels applied, once records are forwarded
+
+
+def forward_records(write, running):
+    """Send this process's log records with ``write(kind, parts)`` (thread
+    safe); ``running()`` is the number of the task running."""
+    import logging
+    formatter = logging.Formatter()
+
+    def handle(logger, record):
+        try:
+            state = dict(record.__dict__)
+            state["msg"] = record.getMessage()
+            state["args"] = None
+            if record.exc_info:
+                state["exc_text"] = formatter.formatException(record.exc_info)
+            state["exc_info"] = None
+            try:
+                body = pickle.dumps((running(), state), pickle.HIGHEST_PROTOCOL)
+            except Exception:  # an extra attribute that can't travel: as text
+                state = {key: value if isinstance(value, (str, int, float, type(None)))
+                         else repr(value) for key, value in state.items()}
+                body = pickle.dumps((running(), state), pickle.HIGHEST_PROTOCOL)
+            write(b"L", [body])
+        except Exception:
+            logging.Handler.handleError(None, record)
+
+    logging.Logger.handle = handle  # in this child only
+    _forwarding[:] = [None]
+
+
+def _forward_logging(levels, channel):
+    """In a worker: forward records, with the parent's levels."""
+    import logging
+    if not _forwarding:
+        forward_records(channel.write_frame, lambda: channel.running)
+    if _forwarding[0] == levels:
+        return
+    before = _forwarding[0] or {}
+    for name in before:
+        if name not in levels and name != "":
+            logging.getLogger(name).setLevel(logging.NOTSET)
+    for name, level in levels.items():
+        if isinstance(name, str):
+            (logging.root if name == "" else logging.getLogger(name)).setLevel(level)
+    logging.disable(levels.get(None, logging.NOTSET))
+    _forwarding[0] = levels
 
 
 def _fresh_task_state(std_streams):
@@ -1242,9 +1312,10 @@ def serve(task_fd, result_fd, idle_timeout, lend_min, claim_fd):
                 os._exit(0)
             continue
         body = channel.task(number)
+        channel.running = number
         _fresh_task_state(std_streams)
         if channel.context is not None:
-            _apply_context(channel.context)
+            _apply_context(channel.context, channel)
         try:
             fn = loads_task(body)
         except BaseException as exc:
