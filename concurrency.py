@@ -5,6 +5,45 @@
         lambda: count("orders"),
     ])
 
+Using it
+    run(tasks, timeout=None, return_exceptions=False, progress=False)
+        Runs a mapping of key -> callable (returns a dict, same keys), an
+        iterable of callables (returns a list, same order) or one callable
+        (a one-item list), up to the driver's max_workers at once, and
+        returns when all have ended.  run_async() is the same for asyncio;
+        as_completed() and as_completed_async() yield (key, result) as tasks
+        end.  Callables take no arguments: bind loop variables
+        (lambda t=t: count(t), functools.partial(count, t)).
+    defer(tasks, always=False), deferring()
+        Fire and forget after the current unit of work (a deferring()
+        scope), in detached processes that outlive the interpreter; a
+        failure is reported on stderr.
+    Drivers
+        "process" (default): warm worker interpreters; tasks travel pickled,
+        what can't be imported there by value.  "fork": os.fork() per run;
+        tasks are inherited.  Both need a POSIX system.  "sync": one after
+        another in this process, for tests.  driver(name) picks one,
+        set_default_driver(name) changes the default, extend(name, factory)
+        registers a custom Driver subclass.
+    Configuration
+        concurrency.ini in the current directory (or the file named by
+        CONCURRENCY_CONFIG): default driver, max_workers, timeout;
+        CONCURRENCY_DRIVER overrides the default.  Write one with
+        ``python -m concurrency config:publish``.
+    Errors
+        A task's exception is re-raised as its own class, with the child's
+        traceback as its cause.  The library's own all derive from
+        ConcurrencyError: TaskTimeout, WorkerCrashed (the process died),
+        SerializationError (a task or result can't travel), RemoteError (an
+        exception that can't be rebuilt), ConfigError.  Bad input raises
+        TypeError or ValueError before anything starts.
+    Logging
+        A task's log records go through this process's loggers, levels and
+        handlers, on every driver.
+
+Internals
+---------
+
 Data flow of the default ``process`` driver:
 
     run(tasks) --> _Batch ----------> payload per task: b"p" + C pickle (what
@@ -273,16 +312,29 @@ def run(tasks, *, timeout: float | None = None, return_exceptions: bool = False,
             order), or one callable (returns a one-item list).  Each is called
             with no arguments; a coroutine it returns is awaited.
         timeout: seconds for the whole run; None means the driver's default
-            (no limit unless concurrency.ini sets one).
+            (no limit unless concurrency.ini sets one), math.inf no limit.
         return_exceptions: put each failed task's exception in its slot
             instead of raising the first one.
-        progress: show done/total, elapsed time and rate on stderr while it
-            runs, if stderr is a terminal.
+        progress: show done/total (and failures), elapsed time and rate on
+            stderr while it runs, if stderr is a terminal.
+
+    Up to the driver's max_workers tasks run at once; the rest start as
+    those end.
 
     Raises:
-        TypeError, ValueError: bad input, before anything starts.
+        TypeError, ValueError: bad input, before anything starts (a task
+            that is not callable or needs arguments, a bad timeout).
+        SerializationError: a task can't be sent to a child (process
+            driver), before anything starts; or a result can't come back
+            (that task only).
         The first failed task's exception, in task order, once every task
-        has finished.
+        has ended: its own class, with the child's traceback as its cause
+        (RemoteError when it can't be rebuilt); WorkerCrashed when its
+        process died (os._exit, a signal); TaskTimeout when ``timeout``
+        expired first.
+        ConcurrencyError: a driver that can't run here (process or fork off
+            POSIX), ConfigError for a bad concurrency.ini.
+        KeyboardInterrupt: Ctrl-C; the run's processes are killed first.
     """
     chosen = _registry.driver()
     if progress:
@@ -324,7 +376,14 @@ def defer(tasks, *, always: bool = False) -> None:
 
     Inside a ``deferring()`` scope the tasks start when the scope ends (and
     are dropped if it raises, unless ``always=True``); outside of one they
-    start at once.  Nobody waits for them: a failure is written to stderr.
+    start at once.  ``defer`` itself returns at once.
+
+    On the process and fork drivers the tasks run detached, in a session of
+    their own: they outlive this interpreter, and may print to its stdout
+    and stderr after it has exited.  The fork driver's keep none of this
+    process's descriptors but stdin, stdout and stderr.  Nobody waits for
+    them: a failure, a crash or a timeout is written to stderr.  On sync
+    they run in this process when the scope ends, and exceptions propagate.
     """
     _registry.driver().defer(tasks, always=always)
 

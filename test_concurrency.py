@@ -2808,6 +2808,35 @@ class ReadmeTest(ScriptTestCase):
         self.assertIn("120 345", self.run_script(scripts[0]).stdout)
 
 
+class DocstringTest(unittest.TestCase):
+    """help() tells a user what they need, before a maintainer's internals."""
+
+    def test_module_help_opens_with_use_then_internals(self):
+        doc = concurrency.__doc__
+        internals = doc.index("Internals")
+        for topic in ("run(tasks", "defer(tasks", "Drivers", "Configuration", "Errors",
+                      "TaskTimeout", "WorkerCrashed", "SerializationError"):
+            with self.subTest(topic=topic):
+                self.assertLess(doc.index(topic), internals)
+        self.assertGreater(doc.index("Data flow"), internals)
+
+    def test_run_lists_every_error_it_can_raise(self):
+        for name in ("TypeError", "ValueError", "SerializationError", "WorkerCrashed",
+                     "TaskTimeout", "RemoteError", "KeyboardInterrupt"):
+            with self.subTest(error=name):
+                self.assertIn(name, concurrency.run.__doc__)
+
+    def test_defer_says_its_tasks_are_detached_and_outlive_the_interpreter(self):
+        doc = " ".join(concurrency.defer.__doc__.split())
+        self.assertIn("detached", doc)
+        self.assertIn("outlive this interpreter", doc)
+        self.assertIn("after it has exited", doc)
+
+    def test_driver_methods_are_documented_for_custom_drivers(self):
+        self.assertIn("A custom driver implements this", concurrency.Driver.run.__doc__)
+        self.assertIn("A custom driver may implement this", concurrency.Driver.defer.__doc__)
+
+
 class PackagingTest(unittest.TestCase):
 
     def test_pyproject_declares_the_setuptools_backend(self):
