@@ -2244,6 +2244,7 @@ class _Run:
             self.selector = selectors.DefaultSelector()
             if self.stop is not None:
                 self.selector.register(self.stop.fileno(), selectors.EVENT_READ, None)
+            self.begin()
             yield from self._loop()
         except BaseException:
             # Ctrl-C, a stop, the caller leaving as_completed() early, or an
@@ -2266,6 +2267,9 @@ class _Run:
             self.selector.close()
             self.selector = None
         self.finish()
+
+    def begin(self):
+        """The run starts."""
 
     def finish(self):
         """The run is over: let go of its children."""
@@ -2549,6 +2553,8 @@ class _WorkerPool:
                     worker.idle_since = time.monotonic()
                     self._idle.append(worker)
             self._changed.notify_all()
+        if self._idle and _reaper.thread is None:
+            _reaper.start()  # to reap them once idle for idle_timeout
 
     def _drop_stale(self):
         # Workers that exited (idle timeout, killed from outside) or are
@@ -2769,7 +2775,9 @@ class _ForkRun(_Run):
         # as it was due, the next run or the exit ends them.  (Not a
         # weakref.finalize: a handler raising in there would be lost.)
         _end_dropped_fork_runs()
-        _fork_runs.append((weakref.ref(self), self.live, self.running))
+        # Whether it keeps the reaper paused for its forks: see begin().
+        self.paused = {"reaper": False}
+        _fork_runs.append((weakref.ref(self), self.live, self.running, self.paused))
 
     def may_grow(self):
         return self.limit < self.size
@@ -2798,6 +2806,13 @@ class _ForkRun(_Run):
             except OSError:
                 pass  # it died: the run notices that on its pipes
         return [number for number in numbers if number < len(self.calls)]
+
+    def begin(self):
+        # The reaper thread stopped once for all its forks, not at each (see
+        # _Reaper); finish() lets it go on.  Both steps or neither.
+        with _SignalsHeld():
+            _reaper.pause()
+            self.paused["reaper"] = True
 
     def start_tasks(self):
         try:
@@ -2952,7 +2967,7 @@ class _ForkRun(_Run):
         self.queued.pop(child, None)
 
     def finish(self):
-        _end_fork_children(self.live, self.running)
+        _end_fork_children(self.live, self.running, self.paused)
         _reap_exited()
 
 
@@ -2961,16 +2976,16 @@ _fork_runs = []  # (weak reference to a _ForkRun, its live children, its running
 
 def _end_dropped_fork_runs():
     for entry in list(_fork_runs):
-        run, live, running = entry
+        run, live, running, paused = entry
         if run() is None:
             try:
                 _fork_runs.remove(entry)
             except ValueError:
                 continue  # another thread's run took it
-            _end_fork_children(live, running)
+            _end_fork_children(live, running, paused)
 
 
-def _end_fork_children(live, running):
+def _end_fork_children(live, running, paused):
     """Let a run's children go.  Idle ones exit when their task pipe closes:
     they are reaped by the next run or at exit (_reap_exited), with no
     descriptor of ours left open meanwhile.  Ones still running a task (a
@@ -2979,14 +2994,171 @@ def _end_fork_children(live, running):
         if child in running:
             child.kill()
         child.retire()
-        child.close()
+        # Its result pipe stays open until it is reaped: its end of file
+        # says it has exited (see _Reaper).
+        for fd in (child.pidfd, child.claim_fd):
+            if fd is not None:
+                _close_parent_fd(fd)
+        child.pidfd = child.claim_fd = None
     with _exiting_lock:
         _exiting.extend(live)
     del live[:]
+    if paused["reaper"]:
+        paused["reaper"] = False
+        _reaper.unpause()
+    _reaper.start()
 
 
 _exiting = []  # fork children told to exit, not reaped yet
 _exiting_lock = threading.RLock()
+
+
+class _Reaper:
+    """Reaps, within a moment, the children that end while nobody waits for
+    them -- fork children let go by their run, workers idle for
+    idle_timeout -- so that none stays <defunct>.  Not a SIGCHLD handler,
+    which is the application's: a thread, that runs only while there is
+    something to reap.  It waits for the end of file on a fork child's
+    result pipe (portable, no pidfd needed) and for the moment an idle
+    worker is due to retire.
+
+    Python 3.12+ warns about os.fork() in a process with threads, and a
+    fork child would get none of it: the thread is stopped before every
+    os.fork() of this process (at-fork hook) and started again after."""
+
+    def __init__(self):
+        self.thread = None
+        self.wake_fds = None  # (read, write), ours, made on first use
+        self.stopping = False
+        self.paused = 0  # runs forking now: they start it again when done
+        self.resume = False  # stopped for an os.fork(): start it again after
+        self.dead = []  # ended threads (see _bury)
+        self.closed = False  # the interpreter is exiting: _shutdown reaps
+
+    def start(self):
+        """Have the thread look again (new children to reap), starting it
+        if it is not running."""
+        with _exiting_lock:  # the thread decides to end under it too
+            if self.paused or self.closed:
+                return
+            if self.thread is not None and self.thread.is_alive():
+                self._wake()
+                return
+            if self.wake_fds is None:
+                self.wake_fds = _parent_pipe(keep="r")
+                _parent_fds.add(self.wake_fds[1])
+                os.set_blocking(self.wake_fds[0], False)
+            self.stopping = False
+            self._bury(self.thread)
+            self.thread = threading.Thread(target=self._loop, name="concurrency-reaper",
+                                           daemon=True)
+            # Signals held: a handler raising mid-start would leave a thread
+            # half registered; and the thread takes the mask, so that no
+            # signal is ever delivered to it.
+            with _SignalsHeld():
+                self.thread.start()
+
+    def stop(self):
+        """Stop the thread and wait for it to end; True if it was running."""
+        thread = self.thread
+        if thread is None or thread is threading.current_thread():
+            return False
+        self.thread = None
+        if not thread.is_alive():
+            return False
+        self.stopping = True
+        self._wake()
+        thread.join(_REAP_TIMEOUT)
+        self._bury(thread)
+        return True
+
+    def _bury(self, thread):
+        # A Thread object that dies runs a weakref callback of threading's;
+        # a signal handler raising in there would be lost.  Dead ones are
+        # let go by the next thread, where no handler runs.
+        if thread is not None:
+            self.dead.append(thread)
+
+    def pause(self):
+        """A fork run starts: no thread while it forks (see above)."""
+        with _exiting_lock:
+            self.paused += 1
+        self.stop()
+
+    def unpause(self):
+        with _exiting_lock:
+            self.paused -= 1
+
+    def _wake(self):
+        try:
+            os.write(self.wake_fds[1], b"x")
+        except (OSError, TypeError):
+            pass  # full (it will look anyway), or closed in a fork child
+
+    def _loop(self):
+        del self.dead[:]
+        while not self.stopping:
+            with _exiting_lock:
+                watched = {child.fd: child for child in _exiting if child.fd is not None}
+                due = _idle_workers_due()
+                if not watched and due is None:
+                    # Nothing left to reap: started again when there is.
+                    if self.thread is threading.current_thread():
+                        self._bury(self.thread)
+                        self.thread = None
+                    return
+            waiting = select.poll()
+            waiting.register(self.wake_fds[0], select.POLLIN)
+            for fd in watched:
+                waiting.register(fd, select.POLLIN)
+            timeout = None if due is None else max(0.0, min(due, _LONGEST_WAIT)) * 1000 + 1
+            try:
+                events = waiting.poll(timeout)
+                while os.read(self.wake_fds[0], 64):
+                    pass
+            except BlockingIOError:
+                pass
+            except OSError:
+                return  # our descriptors were closed: the interpreter is ending
+            for fd, _event in events:
+                child = watched.get(fd)
+                with _exiting_lock:  # not reaped and closed by a run meanwhile
+                    if child is None or child.fd is None:
+                        continue
+                    child.read_frames()  # what it had left to say: no one listens
+                if child.eof:
+                    child.wait_ended(_REAP_TIMEOUT)
+            _reap_exited()
+            for pool in list(_pools):
+                with pool._changed:
+                    pool._drop_stale()
+
+
+_reaper = _Reaper()
+
+
+def _idle_workers_due():
+    """Seconds until the first idle worker is due to retire (see
+    _WorkerPool._drop_stale), or None when there is none."""
+    due = None
+    now = time.monotonic()
+    for pool in list(_pools):
+        for worker in list(pool._idle):
+            at = worker.idle_since + pool.idle_timeout * 0.9 + 0.001 - now
+            due = at if due is None else min(due, at)
+    return due
+
+
+def _pause_reaper():
+    """Before an os.fork() (see _Reaper)."""
+    if _reaper.stop():
+        _reaper.resume = True
+
+
+def _resume_reaper():
+    if _reaper.resume:
+        _reaper.resume = False
+        _reaper.start()
 
 
 # Signals whose handlers may raise at any moment (Ctrl-C, alarms, a
@@ -3369,6 +3541,10 @@ def _forget_workers_in_child():
     for pool in list(_pools):
         pool.forget_after_fork()
     del _detached[:]
+    # The reaper thread is not in this process, nor its pipe (closed above).
+    _reaper.thread = _reaper.wake_fds = None
+    _reaper.resume = False
+    _reaper.paused = 0
     del _fork_runs[:]  # the parent's runs, not this process's
     global _exiting_lock
     _not_ours.extend(_exiting)
@@ -3380,6 +3556,7 @@ def _forget_workers_in_child():
 
 
 def _shutdown():
+    _reaper.stop()
     for pool in list(_pools):
         pool.shutdown()
     _end_dropped_fork_runs()
@@ -3387,8 +3564,16 @@ def _shutdown():
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_workers_in_child)
-atexit.register(_shutdown)
+    os.register_at_fork(before=_pause_reaper, after_in_parent=_resume_reaper,
+                        after_in_child=_forget_workers_in_child)
+
+
+def _at_exit():
+    _reaper.closed = True  # no thread can be started now (3.12+): we reap
+    _shutdown()
+
+
+atexit.register(_at_exit)
 
 
 # -- Config -------------------------------------------------------------------

@@ -712,6 +712,16 @@ class SyncDriverTest(DriverTests, CleanTestCase):
 class ProcessDriverTest(ChildDriverTests, CleanTestCase):
     driver = "process"
 
+    @unittest.skipUnless(HAVE_PROC, "needs /proc")
+    def test_workers_that_leave_idle_are_reaped_within_a_moment(self):
+        quick = concurrency.ProcessDriver(idle_timeout=0.3)
+        pids = set(quick.run([os.getpid, os.getpid]))
+        self.assertTrue(pids <= {pid for pid, _state in own_children()})
+        # No later run: they leave, and are reaped, by themselves.
+        wait_until(lambda: not pids & {pid for pid, _state in own_children()}, SHORT_TIMEOUT,
+                   "the idle workers to be reaped")
+        self.assertEqual(quick.run([lambda: "again"]), ["again"])
+
     @unittest.skipUnless(HAVE_PROC and sys.platform.startswith("linux"), "needs Linux /proc")
     def test_workers_are_recognisable_in_ps_and_top(self):
         [pid] = self.d.run([os.getpid])
@@ -859,8 +869,39 @@ class ProcessDriverTest(ChildDriverTests, CleanTestCase):
 
 
 @unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
+def own_children():
+    """(pid, state) of this process's children, zombies included (Linux)."""
+    children = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open("/proc/%s/stat" % pid) as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            children.append((int(pid), fields[0]))
+    return children
+
+
 class ForkDriverTest(ChildDriverTests, CleanTestCase):
     driver = "fork"
+
+    @unittest.skipUnless(HAVE_PROC, "needs /proc")
+    def test_finished_children_are_reaped_within_a_moment(self):
+        before = {pid for pid, _state in own_children()}
+        pids = set(self.d.run([os.getpid, os.getpid, lambda: time.sleep(0.05) or os.getpid()]))
+        # No later run, no signal handler: they are reaped all the same.
+        wait_until(lambda: not pids & {pid for pid, _state in own_children()}, SHORT_TIMEOUT,
+                   "the run's children to be reaped")
+        self.assertEqual({pid for pid, _state in own_children()} - before, set())
+        # And forks (ours and the caller's) never see a thread of ours.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            self.assertEqual(self.d.run([lambda: 1]), [1])
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
 
     @unittest.skipUnless(HAVE_PROC and sys.platform.startswith("linux"), "needs Linux /proc")
     def test_children_are_recognisable_in_top(self):
@@ -2767,7 +2808,9 @@ class ReadmeTest(ScriptTestCase):
         stream = io.StringIO()
         try:
             docutils.core.publish_doctree(text, settings_overrides={
-                "warning_stream": stream, "report_level": 2, "halt_level": 5})
+                "warning_stream": stream, "report_level": 2, "halt_level": 5,
+                # Structure only: whether Pygments is installed is no matter.
+                "syntax_highlight": "none"})
         except docutils.utils.SystemMessage as exc:  # pragma: no cover
             return str(exc)
         return stream.getvalue()

@@ -1015,6 +1015,7 @@ class ScriptFaultTest(ScriptTestCase):
             d.run([lambda: 0] * 4)
             def fds():
                 return len(os.listdir("/proc/self/fd"))
+            concurrency._reap_exited(block=True)  # the result pipes it keeps till then
             before = fds()
             started = time.monotonic()
             for _ in range(20):
@@ -1033,6 +1034,7 @@ class ScriptFaultTest(ScriptTestCase):
             d.run([lambda: 0] * 4)
             concurrency._reap_exited(block=True)
             gc.collect()
+            grown = fds() - before
             children = []
             for pid in filter(str.isdigit, os.listdir("/proc")):
                 try:
@@ -1047,7 +1049,7 @@ class ScriptFaultTest(ScriptTestCase):
                                       daemon=True)
             thread.start()
             thread.join(30)
-            print(json.dumps({"caught": caught, "lost": lost, "fd_growth": fds() - before,
+            print(json.dumps({"caught": caught, "lost": lost, "fd_growth": grown,
                               "children": children, "later": later}))
             """)
         self.assertSucceeded(done)
