@@ -682,13 +682,14 @@ class Driver:
 
 
 def _takes_progress(run):
-    import inspect
-    try:
-        parameters = inspect.signature(run).parameters.values()
-    except (TypeError, ValueError):
+    code = getattr(run, "__code__", None)
+    if code is None:
         return True  # can't tell: leave it as it is
-    return any(parameter.name == "progress" or parameter.kind is parameter.VAR_KEYWORD
-               for parameter in parameters)
+    names = code.co_varnames[:code.co_argcount + code.co_kwonlyargcount]
+    return "progress" in names or bool(code.co_flags & _CO_VARKEYWORDS)
+
+
+_CO_VARKEYWORDS = 0x08  # inspect.CO_VARKEYWORDS, without importing inspect
 
 
 def _with_progress(run):

@@ -868,7 +868,6 @@ class ProcessDriverTest(ChildDriverTests, CleanTestCase):
         self.assertLessEqual(self.d._pool._live, self.d.max_workers)
 
 
-@unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
 def own_children():
     """(pid, state) of this process's children, zombies included (Linux)."""
     children = []
@@ -883,6 +882,7 @@ def own_children():
     return children
 
 
+@unittest.skipUnless(hasattr(os, "fork"), "needs os.fork")
 class ForkDriverTest(ChildDriverTests, CleanTestCase):
     driver = "fork"
 

@@ -1035,15 +1035,8 @@ class ScriptFaultTest(ScriptTestCase):
             concurrency._reap_exited(block=True)
             gc.collect()
             grown = fds() - before
-            children = []
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    with open("/proc/%s/stat" % pid) as file:
-                        fields = file.read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == os.getpid():
-                    children.append(pid)
+            from test_concurrency import own_children
+            children = own_children()
             later = []  # a fork from another thread: no lock left held
             thread = threading.Thread(target=lambda: later.append(d.run([lambda: 2])),
                                       daemon=True)
