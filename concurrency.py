@@ -808,6 +808,7 @@ class ProcessDriver(_ChildDriver):
         # The warm ones there are, or one per core; more once tasks prove
         # slow (see _Run).
         size = min(len(batch.calls), self.max_workers)
+        _reap_exited()  # fork children of an earlier run
         workers = self._pool.acquire(size, deadline, start=min(size, _CORES), stop=stop)
         try:
             payloads = _dumps_tasks(batch.keys, batch.calls)
@@ -1910,7 +1911,7 @@ class _Child:
                     self._large = (kind, body, filled)
                 continue
             try:
-                chunk = os.read(self.fd, 1 << 18)
+                chunk = os.read(self.fd, _READ_SIZE)
             except BlockingIOError:
                 break
             if not chunk:
@@ -1991,6 +1992,8 @@ class _Child:
                 _close_parent_fd(fd)
         self.fd = self.pidfd = self.claim_fd = None
 
+
+_READ_SIZE = 1 << 18  # what a child's result pipe is read by
 
 # At most this many tasks, and bytes of them, are sent to a child at once
 # (see _Run.take_batch).
@@ -2931,12 +2934,16 @@ class _ForkRun(_Run):
 
         writing = threading.Lock()  # log records may come from any thread
 
-        def write(kind, parts):
+        def write_locked(kind, parts):
             with writing:
                 self.worker.write_frame(result_fd, kind, parts)
 
+        def write(kind, parts):
+            self.worker.write_frame(result_fd, kind, parts)
+
         running = [None]
         if "logging" in sys.modules:  # else nothing is configured to inherit
+            write = write_locked
             self.worker.forward_records(write, lambda: running[0])
         while True:
             index = early.popleft() if early else read_index()
@@ -3007,7 +3014,9 @@ def _end_fork_children(live, running, paused):
     if paused["reaper"]:
         paused["reaper"] = False
         _reaper.unpause()
-    _reaper.start()
+    # No thread is started for them alone: at 0.5 ms a run it would cost a
+    # warm fork run an eighth of its time.  The next run reaps them, or the
+    # reaper if it runs for warm workers, or the exit.
 
 
 _exiting = []  # fork children told to exit, not reaped yet
@@ -3015,13 +3024,13 @@ _exiting_lock = threading.RLock()
 
 
 class _Reaper:
-    """Reaps, within a moment, the children that end while nobody waits for
-    them -- fork children let go by their run, workers idle for
-    idle_timeout -- so that none stays <defunct>.  Not a SIGCHLD handler,
-    which is the application's: a thread, that runs only while there is
-    something to reap.  It waits for the end of file on a fork child's
-    result pipe (portable, no pidfd needed) and for the moment an idle
-    worker is due to retire.
+    """Reaps, within a moment, the warm workers that leave after
+    idle_timeout, so that none stays <defunct>, and the fork children let go
+    by their run that are still to be reaped then.  Not a SIGCHLD handler,
+    which is the application's: a thread, that runs while a pool has
+    workers (started when it first has idle ones).  It waits for the moment
+    an idle worker is due to retire, and for the end of file on a fork
+    child's result pipe (portable, no pidfd needed).
 
     Python 3.12+ warns about os.fork() in a process with threads, and a
     fork child would get none of it: the thread is stopped before every
@@ -3098,16 +3107,22 @@ class _Reaper:
 
     def _loop(self):
         del self.dead[:]
+        # It only ever blocks in poll(), which its wake-up pipe interrupts:
+        # stop() returns within a moment.
+        exited = set()  # children whose result pipe is at its end
         while not self.stopping:
             with _exiting_lock:
-                watched = {child.fd: child for child in _exiting if child.fd is not None}
+                watched = {child.fd: child for child in _exiting
+                           if child.fd is not None and child not in exited}
                 due = _idle_workers_due()
-                if not watched and due is None:
+                if not watched and not exited and due is None:
                     # Nothing left to reap: started again when there is.
                     if self.thread is threading.current_thread():
                         self._bury(self.thread)
                         self.thread = None
                     return
+            if exited:  # ended, not yet reaped: a look again in a moment
+                due = _POLL_INTERVAL if due is None else min(due, _POLL_INTERVAL)
             waiting = select.poll()
             waiting.register(self.wake_fds[0], select.POLLIN)
             for fd in watched:
@@ -3121,18 +3136,19 @@ class _Reaper:
                 pass
             except OSError:
                 return  # our descriptors were closed: the interpreter is ending
-            for fd, _event in events:
-                child = watched.get(fd)
-                with _exiting_lock:  # not reaped and closed by a run meanwhile
-                    if child is None or child.fd is None:
-                        continue
-                    child.read_frames()  # what it had left to say: no one listens
-                if child.eof:
-                    child.wait_ended(_REAP_TIMEOUT)
-            _reap_exited()
+            with _exiting_lock:  # not reaped and closed by a run meanwhile
+                for fd, _event in events:
+                    child = watched.get(fd)
+                    if child is not None and child.fd is not None:
+                        child.read_frames()  # what it had left to say: no one listens
+                        if child.eof:
+                            exited.add(child)
+                _reap_exited()
+                exited &= set(_exiting)
             for pool in list(_pools):
-                with pool._changed:
-                    pool._drop_stale()
+                if pool._idle:
+                    with pool._changed:
+                        pool._drop_stale()
 
 
 _reaper = _Reaper()
@@ -3140,13 +3156,18 @@ _reaper = _Reaper()
 
 def _idle_workers_due():
     """Seconds until the first idle worker is due to retire (see
-    _WorkerPool._drop_stale), or None when there is none."""
+    _WorkerPool._drop_stale), or None when no pool has a worker that may.
+    A pool whose workers are all busy: the idle_timeout of one released
+    now, so that nobody has to wake the reaper when one is."""
     due = None
     now = time.monotonic()
     for pool in list(_pools):
-        for worker in list(pool._idle):
-            at = worker.idle_since + pool.idle_timeout * 0.9 + 0.001 - now
-            due = at if due is None else min(due, at)
+        if not (pool._live and 0 < pool.idle_timeout < _FOREVER):
+            continue
+        stale_after = pool.idle_timeout * 0.9 + 0.001
+        at = min([worker.idle_since + stale_after - now for worker in list(pool._idle)]
+                 or [stale_after])
+        due = at if due is None else min(due, at)
     return due
 
 

@@ -887,14 +887,24 @@ class ForkDriverTest(ChildDriverTests, CleanTestCase):
     driver = "fork"
 
     @unittest.skipUnless(HAVE_PROC, "needs /proc")
-    def test_finished_children_are_reaped_within_a_moment(self):
-        before = {pid for pid, _state in own_children()}
-        pids = set(self.d.run([os.getpid, os.getpid, lambda: time.sleep(0.05) or os.getpid()]))
-        # No later run, no signal handler: they are reaped all the same.
+    def test_finished_children_are_reaped_by_the_next_run_of_any_driver(self):
+        for later in ("fork", "process"):
+            with self.subTest(later=later):
+                pids = set(self.d.run([os.getpid, os.getpid]))
+                wait_until(lambda: all(state == "Z" for pid, state in own_children()
+                                       if pid in pids), SHORT_TIMEOUT, "the children to exit")
+                concurrency.driver(later).run([lambda: 1])
+                self.assertEqual(pids & {pid for pid, _state in own_children()}, set())
+
+    @unittest.skipUnless(HAVE_PROC, "needs /proc")
+    def test_a_pool_s_reaper_reaps_them_too_and_no_fork_sees_its_thread(self):
+        process = concurrency.ProcessDriver()
+        process.run([lambda: 1])  # warm workers, and the reaper that watches them
+        pids = set(self.d.run([os.getpid, os.getpid]))
+        process.run([lambda: 2])  # it is back once the fork run is over
         wait_until(lambda: not pids & {pid for pid, _state in own_children()}, SHORT_TIMEOUT,
-                   "the run's children to be reaped")
-        self.assertEqual({pid for pid, _state in own_children()} - before, set())
-        # And forks (ours and the caller's) never see a thread of ours.
+                   "the fork children to be reaped")
+        # Neither our forks nor the caller's ever see a thread of ours.
         with warnings.catch_warnings():
             warnings.simplefilter("error", DeprecationWarning)
             self.assertEqual(self.d.run([lambda: 1]), [1])
@@ -902,6 +912,7 @@ class ForkDriverTest(ChildDriverTests, CleanTestCase):
             if pid == 0:
                 os._exit(0)
             os.waitpid(pid, 0)
+        self.assertEqual(process.run([lambda: 3]), [3])
 
     @unittest.skipUnless(HAVE_PROC and sys.platform.startswith("linux"), "needs Linux /proc")
     def test_children_are_recognisable_in_top(self):
