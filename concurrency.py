@@ -3014,9 +3014,21 @@ def _end_fork_children(live, running, paused):
     if paused["reaper"]:
         paused["reaper"] = False
         _reaper.unpause()
-    # No thread is started for them alone: at 0.5 ms a run it would cost a
-    # warm fork run an eighth of its time.  The next run reaps them, or the
-    # reaper if it runs for warm workers, or the exit.
+    # The reaper thread is started for them after a run that came alone; in
+    # a quick succession of runs each reaps the last one's children as it
+    # starts: a thread started and stopped again at every run would cost it
+    # half a millisecond.  (What the last run of such a burst leaves is
+    # reaped by the next run, by the reaper if it runs for warm workers, or
+    # at exit.)
+    now = time.monotonic()
+    if now - _last_fork_finish[0] >= _BURST_GAP:
+        _reaper.start()
+    _last_fork_finish[0] = now
+
+
+_last_fork_finish = [0.0]
+# Fork runs that end within this of each other are a burst (see above).
+_BURST_GAP = 0.05
 
 
 _exiting = []  # fork children told to exit, not reaped yet
@@ -3025,10 +3037,10 @@ _exiting_lock = threading.RLock()
 
 class _Reaper:
     """Reaps, within a moment, the warm workers that leave after
-    idle_timeout, so that none stays <defunct>, and the fork children let go
-    by their run that are still to be reaped then.  Not a SIGCHLD handler,
-    which is the application's: a thread, that runs while a pool has
-    workers (started when it first has idle ones).  It waits for the moment
+    idle_timeout and the children of a fork run that came alone (see
+    _end_fork_children), so that none stays <defunct>.  Not a SIGCHLD
+    handler, which is the application's: a thread, that runs while a pool
+    has workers or fork children are to be reaped.  It waits for the moment
     an idle worker is due to retire, and for the end of file on a fork
     child's result pipe (portable, no pidfd needed).
 

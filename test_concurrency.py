@@ -887,6 +887,14 @@ class ForkDriverTest(ChildDriverTests, CleanTestCase):
     driver = "fork"
 
     @unittest.skipUnless(HAVE_PROC, "needs /proc")
+    def test_children_of_a_run_that_comes_alone_are_reaped_within_a_moment(self):
+        time.sleep(concurrency._BURST_GAP)  # no run just before: it comes alone
+        pids = set(self.d.run([os.getpid, os.getpid]))
+        # No later run, no signal handler: they are reaped all the same.
+        wait_until(lambda: not pids & {pid for pid, _state in own_children()}, SHORT_TIMEOUT,
+                   "the run's children to be reaped")
+
+    @unittest.skipUnless(HAVE_PROC, "needs /proc")
     def test_finished_children_are_reaped_by_the_next_run_of_any_driver(self):
         for later in ("fork", "process"):
             with self.subTest(later=later):

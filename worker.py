@@ -1201,9 +1201,14 @@ def _apply_context(context, channel=None):
         _forward_logging(context[5], channel)
     if cwd is not None:
         try:
-            os.chdir(cwd)
-        except OSError:
-            pass
+            # getcwd() costs half a chdir(), and most tasks change nothing.
+            if os.getcwd() != cwd:
+                os.chdir(cwd)
+        except OSError:  # our directory was removed, or the caller's
+            try:
+                os.chdir(cwd)
+            except OSError:
+                pass
     # Comparing os.environ with a dict decodes every variable (~25 us a
     # task); its raw bytes compare in well under a microsecond.
     raw = getattr(os.environ, "_data", None)
