@@ -2801,6 +2801,14 @@ class _ForkRun(_Run):
     def has_room(self):
         return bool(self.free) or len(self.live) < self.size
 
+    def on_frame(self, child, index, kind, body):
+        # Classes it names by address: only ours from before its fork.
+        self.worker.RESOLVING_FORKED_AT[0] = child.forked_at
+        try:
+            return super().on_frame(child, index, kind, body)
+        finally:
+            self.worker.RESOLVING_FORKED_AT[0] = None
+
     def claimed_indices(self, child, numbers):
         # A reply to a lent result shares the pipe: put back what we took.
         replies = [number for number in numbers if number >= len(self.calls)]
@@ -2897,6 +2905,7 @@ class _ForkRun(_Run):
         os.close(result_w)
         child = _ForkChild(pid, result_r, task_w)
         child.claim_fd = task_r
+        child.forked_at = self.worker.MADE[0]  # see worker._class_at
         child.served = True  # it runs the code we run: no start-up to wait for
         self.live.append(child)
         self.progress = time.monotonic()  # the clock starts once it runs

@@ -886,6 +886,29 @@ def own_children():
 class ForkDriverTest(ChildDriverTests, CleanTestCase):
     driver = "fork"
 
+    def test_a_class_made_here_after_a_fork_is_never_taken_for_the_child_s(self):
+        # A fork child names a class it did not make by its address, which
+        # the parent looks up.  A class the parent made afterwards from a
+        # child's data may sit at an address the child's own new class had
+        # there, with the same name: two type("Model") classes of one
+        # result came back as one.  Here, deterministically, the lookup of
+        # such an address is refused.
+        worker = concurrency._worker_module()
+        forked_at = worker.MADE[0]
+        made = worker.make_class(type, "Model", (), {"__module__": "__main__"}, None, False)
+        like = type("Model", (), {"__module__": "__main__"})
+        self.assertIs(worker._class_at(id(made), like), made)  # found when nothing says when
+        worker.RESOLVING_FORKED_AT[0] = forked_at
+        try:
+            self.assertIsNone(worker._class_at(id(made), like))
+        finally:
+            worker.RESOLVING_FORKED_AT[0] = None
+        worker.RESOLVING_FORKED_AT[0] = worker.MADE[0]  # forked after it was made
+        try:
+            self.assertIs(worker._class_at(id(made), like), made)
+        finally:
+            worker.RESOLVING_FORKED_AT[0] = None
+
     @unittest.skipUnless(HAVE_PROC, "needs /proc")
     def test_children_of_a_run_that_comes_alone_are_reaped_within_a_moment(self):
         time.sleep(concurrency._BURST_GAP)  # no run just before: it comes alone

@@ -416,17 +416,19 @@ _global_names_cache = {}
 _tracker_ids = None   # class or TypeVar -> its tracker id (weak keys)
 _tracked = None       # tracker id -> class or TypeVar (weak values)
 _fresh_classes = None  # classes made by make_class, their state not set yet
+_made_at = None       # class made here -> its number (see MADE below)
 ADOPT_INTO_MAIN = [False]  # a worker puts the caller's top-level classes in __main__
 FORKED_FROM = [None]  # in a fork driver's child: the parent's pid
 
 
 def _trackers():
-    global _tracker_ids, _tracked, _fresh_classes
+    global _tracker_ids, _tracked, _fresh_classes, _made_at
     if _tracked is None:
         import weakref
         _tracker_ids = weakref.WeakKeyDictionary()
         _tracked = weakref.WeakValueDictionary()
         _fresh_classes = weakref.WeakSet()
+        _made_at = weakref.WeakKeyDictionary()
     return _tracker_ids, _tracked
 
 
@@ -478,8 +480,12 @@ def _class_at(address, like):
     """Our class (or TypeVar) at ``address`` that a fork child sent back,
     if it is still there and has the same names; else None."""
     import gc
+    forked_at = RESOLVING_FORKED_AT[0]
     for candidate in gc.get_objects():
         if id(candidate) == address:
+            if forked_at is not None and _made_at is not None \
+                    and _made_at.get(candidate, 0) > forked_at:
+                return None  # made after the fork: not what the child meant
             if (type(candidate) is type(like)
                     and getattr(candidate, "__qualname__", None) == getattr(like, "__qualname__", None)
                     and getattr(candidate, "__module__", None) == getattr(like, "__module__", None)):
@@ -737,7 +743,18 @@ def make_enum(metaclass, name, bases, qualname, module, members, tracker, adopt)
 def _mark_fresh(cls):
     _trackers()
     _fresh_classes.add(cls)
+    MADE[0] += 1
+    _made_at[cls] = MADE[0]
     return cls
+
+
+# Classes made here from what another process sent (make_class, make_enum),
+# numbered in order: a fork child names a class by address, and one made
+# here after that child was forked may sit at an address the child's own
+# new class had there (see _class_at).
+MADE = [0]
+# While a fork child's outcome is unpickled: MADE[0] when it was forked.
+RESOLVING_FORKED_AT = [None]
 
 
 def _adopted(cls, adopt):
