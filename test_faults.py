@@ -1008,7 +1008,9 @@ class ScriptFaultTest(ScriptTestCase):
             import gc, json, logging, os, random, signal, threading, time
             import concurrency
             logging.basicConfig()  # its handlers' locks are taken around every fork
+            raised = [0]
             def interrupt(signum, frame):
+                raised[0] += 1
                 raise KeyboardInterrupt
             signal.signal(signal.SIGALRM, interrupt)
             d = concurrency.ForkDriver(max_workers=4)
@@ -1021,16 +1023,17 @@ class ScriptFaultTest(ScriptTestCase):
             for _ in range(20):
                 d.run([lambda: 0] * 4)
             span = (time.monotonic() - started) / 20
-            caught = lost = 0
+            caught = 0
             for _ in range(300):
                 try:
-                    signal.setitimer(signal.ITIMER_REAL, random.uniform(0, span))
-                    d.run([lambda: 0] * 4)
-                    if signal.setitimer(signal.ITIMER_REAL, 0)[0] == 0:
-                        lost += 1  # it fired, and nothing was raised
-                except KeyboardInterrupt:
+                    try:
+                        signal.setitimer(signal.ITIMER_REAL, random.uniform(1e-5, span))
+                        d.run([lambda: 0] * 4)
+                    finally:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+                except KeyboardInterrupt:  # from the run, or just after it
                     caught += 1
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            lost = raised[0] - caught  # raised by the handler, never seen here
             d.run([lambda: 0] * 4)
             concurrency._reap_exited(block=True)
             gc.collect()
