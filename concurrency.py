@@ -1911,7 +1911,7 @@ class _Child:
                     self._large = (kind, body, filled)
                 continue
             try:
-                chunk = os.read(self.fd, _READ_SIZE)
+                chunk = os.read(self.fd, 1 << 18)
             except BlockingIOError:
                 break
             if not chunk:
@@ -1992,8 +1992,6 @@ class _Child:
                 _close_parent_fd(fd)
         self.fd = self.pidfd = self.claim_fd = None
 
-
-_READ_SIZE = 1 << 18  # what a child's result pipe is read by
 
 # At most this many tasks, and bytes of them, are sent to a child at once
 # (see _Run.take_batch).
@@ -3417,26 +3415,31 @@ def _fork_detached(jobs, timeout, limit):
     reports a failure, crash or timeout on stderr."""
     worker = _worker_module()
     devnull = _devnull_fd()
-    worker.flush_std_streams()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.setsid()
-            if os.fork() == 0:
-                _in_fork_child(devnull)
-                _let_go_of_descriptors()
-                # The supervisor waits for its children: SIGCHLD ignored by
-                # the application would take their status away.
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                code = worker.supervise(
-                    [(repr(key), lambda fn=fn, key=key: worker.run_reporting(fn, repr(key)))
-                     for key, fn in jobs], timeout, limit)
-        except BaseException:
-            code = 70
-        finally:
-            os._exit(code)
-    os.waitpid(pid, 0)  # the middle process exits at once
+    _flush_std_streams()
+    # Signals held until the middle process is reaped (a Ctrl-C can't leave
+    # it <defunct>) and, in the supervisor, until it is in a session of its
+    # own, out of reach of the terminal's Ctrl-C.
+    with _SignalsHeld() as held:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.setsid()
+                if os.fork() == 0:
+                    held.restore()
+                    _in_fork_child(devnull)
+                    _let_go_of_descriptors()
+                    # The supervisor waits for its children: SIGCHLD ignored
+                    # by the application would take their status away.
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    code = worker.supervise(
+                        [(repr(key), lambda fn=fn, key=key: worker.run_reporting(fn, repr(key)))
+                         for key, fn in jobs], timeout, limit)
+            except BaseException:
+                code = 70
+            finally:
+                os._exit(code)
+        os.waitpid(pid, 0)  # the middle process exits at once
 
 
 def _let_go_of_descriptors():
