@@ -120,6 +120,7 @@ __all__ = [
     "ProcessDriver",
     "ForkDriver",
     "SyncDriver",
+    "DaskDriver",
     "ConcurrencyError",
     "ConfigError",
     "TaskTimeout",
@@ -177,6 +178,11 @@ _CPU_SPAN = 0.02  # the least time over which CPU use tells that cores are busy
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 _WORKER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+if not os.path.exists(_WORKER_PATH) and os.path.exists(
+        os.path.join(os.path.dirname(_WORKER_PATH), "_concurrency_worker.py")):
+    # On a Dask worker, where the dask driver uploads both files under
+    # private names (see DaskDriver).
+    _WORKER_PATH = os.path.join(os.path.dirname(_WORKER_PATH), "_concurrency_worker.py")
 _POSIX = os.name == "posix"
 _HAVE_FORK = hasattr(os, "fork")
 # CONCURRENCY_PORTABLE=1 turns the Linux-only fast paths (pidfd, lending with
@@ -188,6 +194,10 @@ _HAVE_PIDFD = hasattr(os, "pidfd_open") and sys.platform.startswith("linux") and
 CONFIG_FILE = "concurrency.ini"
 CONFIG_ENV = "CONCURRENCY_CONFIG"
 DRIVER_ENV = "CONCURRENCY_DRIVER"
+DASK_ADDRESS_ENV = "CONCURRENCY_DASK_ADDRESS"
+
+# How long the dask driver tries to reach a scheduler before it gives up.
+DEFAULT_DASK_CONNECT_TIMEOUT = 10.0
 _CONFIG_SECTION = "concurrency"
 
 _FRAME_HEADER = struct.Struct(">cQ")  # same as worker.FRAME_HEADER
@@ -860,6 +870,88 @@ class ForkDriver(_ChildDriver):
         _schedule_deferred(lambda: _fork_detached(jobs, self.timeout, self.max_workers), always)
 
 
+class DaskDriver(_ChildDriver):
+    """Runs each task on a Dask distributed cluster, with the contract of
+    ``process``: tasks travel serialized the same way, and each runs in a
+    child process of a Dask worker, so that a crash or a timeout ends that
+    task alone.  Needs Dask's ``distributed`` (``pip install
+    'concurrency[dask]'``), imported when the driver is first made.
+
+    The cluster, in this order: ``client``; else ``address``, else the
+    environment variable CONCURRENCY_DASK_ADDRESS, else ``dask_address`` in
+    concurrency.ini; else the process's default Dask client; else a local
+    one, started on first use and closed at exit (its scheduler and workers
+    are threads of this process, the tasks its child processes).  The
+    cluster's workers need dask, dill and the modules the tasks import by
+    name, not this library: its two files are uploaded to them (a Dask
+    worker plugin, present and future workers alike).
+
+    Args:
+        client: a ``distributed.Client`` to run on.
+        address: a scheduler's address, such as ``tcp://scheduler:8786``.
+        timeout: default for run(); seconds; None means no limit.
+        max_workers: threads of the local cluster, when one is started.
+        connect_timeout: seconds to reach the scheduler before giving up.
+    """
+
+    def __init__(self, client=None, address=None, timeout=None, max_workers=None,
+                 connect_timeout=DEFAULT_DASK_CONNECT_TIMEOUT):
+        super().__init__(max_workers, timeout)
+        if client is not None and address is not None:
+            raise ValueError("give DaskDriver a client or an address, not both")
+        if address is not None and (not isinstance(address, str) or not address):
+            raise TypeError("address must be a scheduler address such as "
+                            "'tcp://scheduler:8786', not %r" % (address,))
+        _check_timeout(connect_timeout)
+        if connect_timeout == math.inf:
+            raise ValueError("connect_timeout must be finite: an unreachable scheduler "
+                             "would hang the caller")
+        _distributed()  # a clear error now when it is missing
+        # A Dask worker in this process (a local cluster) runs tasks with
+        # this module, not with a second copy uploaded (see worker.dask_task).
+        sys.modules.setdefault(_worker_module().DASK_RUNNER_NAME, sys.modules[__name__])
+        self._client = client
+        self.address = (address or os.environ.get(DASK_ADDRESS_ENV)
+                        or _read_config().get("dask_address"))
+        self.connect_timeout = connect_timeout
+
+    def client(self):
+        """The ``distributed.Client`` tasks go to, connected (or the local
+        cluster started) on first use."""
+        if self._client is not None:
+            client = self._client
+        elif self.address:
+            client = _dask_client_at(self.address, self.connect_timeout)
+        else:
+            client = _default_dask_client() or _local_dask_client(self.max_workers)
+        _upload_to_dask(client)
+        return client
+
+    def release_workers(self):
+        """Let the warm child processes that tasks left on the cluster's
+        workers go now, rather than once unused for a minute."""
+        self.client().run(pickle.loads, _remote_call(_worker_module().dask_release))
+
+    def _completions(self, batch, outcomes, timeout, stop):
+        timeout, deadline = self._deadline(timeout)
+        if not batch.calls:
+            return
+        payloads = _dumps_tasks(batch.keys, batch.calls)
+        client = self.client()
+        if stop is not None and stop.is_set():
+            raise _Stopped()  # cancelled meanwhile: send nothing
+        yield from _DaskRun(client, payloads, outcomes, timeout, deadline, stop).completions()
+
+    def defer(self, tasks, *, always=False):
+        batch = _Batch(tasks)
+        # Serialized now: a task that can't be fails here, at the call site,
+        # and captured values are taken as they are now.
+        payloads = _dumps_tasks(batch.keys, batch.calls)
+        keys = [repr(key) for key in batch.keys]
+        _schedule_deferred(lambda: _defer_on_dask(self.client(), payloads, keys, self.timeout),
+                           always)
+
+
 # -- Input and outcomes -------------------------------------------------------
 
 class _Batch:
@@ -934,6 +1026,10 @@ class _Outcomes:
 
     def key(self, index):
         return self.batch.keys[index]
+
+    def arrived(self, index, kind, body, lent=None):
+        """A child's b"R" or b"E" frame for task ``index``."""
+        _decode_outcome(self, index, kind, body, lent)
 
     def finish(self, return_exceptions):
         if not return_exceptions:
@@ -2055,7 +2151,7 @@ class _Run:
                 child.kill()
                 raise
             child.reply(_worker_module().FETCHED)
-        _decode_outcome(self.outcomes, index, kind, body, lent)
+        self.outcomes.arrived(index, kind, body, lent)
         if self.next_queued(child):
             return True
         now = child.task_started = self.progress
@@ -2367,7 +2463,7 @@ class _Run:
 class _Worker(_Child):
     """A warm ``worker.py serve`` child and its two pipes."""
 
-    def __init__(self, idle_timeout):
+    def __init__(self, idle_timeout, lend=True):
         task_r, task_w, result_r, result_w = _pipe_pair()
         import subprocess  # here: a script using only the fork driver starts faster
         claim_r = claim_w = None
@@ -2377,7 +2473,7 @@ class _Worker(_Child):
             _widen_pipe(result_r)
             self.process = subprocess.Popen(
                 _worker_command("serve", str(task_r), str(result_w), repr(idle_timeout),
-                                str(_worker_module().LEND_MIN if _lending[0] else 0),
+                                str(_worker_module().LEND_MIN if lend and _lending[0] else 0),
                                 str(claim_r)),
                 stdin=subprocess.DEVNULL,
                 pass_fds=(task_r, result_w, claim_r) + _worker_fds(),
@@ -2476,9 +2572,10 @@ class _Worker(_Child):
 class _WorkerPool:
     """Warm workers of one ProcessDriver; at most ``max_workers`` alive."""
 
-    def __init__(self, max_workers, idle_timeout):
+    def __init__(self, max_workers, idle_timeout, lend=True):
         self.max_workers = max_workers
         self.idle_timeout = idle_timeout
+        self.lend = lend  # whether its workers lend large results (see worker.py)
         self._idle = []  # most recently used last: it is the warmest
         self._live = 0
         self._changed = threading.Condition()
@@ -2514,7 +2611,7 @@ class _WorkerPool:
         workers = list(take)
         for _ in range(max(spawn, 0)):
             try:
-                workers.append(_Worker(self.idle_timeout))
+                workers.append(_Worker(self.idle_timeout, self.lend))
             except BaseException as exc:
                 with self._changed:
                     self._live -= spawn - (len(workers) - len(take))
@@ -2535,7 +2632,7 @@ class _WorkerPool:
 
     def replace(self, workers, worker):
         """Swap a dead worker of a run for a fresh one, in place."""
-        fresh = _Worker(self.idle_timeout)
+        fresh = _Worker(self.idle_timeout, self.lend)
         workers[workers.index(worker)] = fresh
         worker.retire()
         return fresh
@@ -3366,6 +3463,534 @@ def _kill_group(pid, only_group=False):
             pass
 
 
+# -- dask driver internals ----------------------------------------------------
+#
+# The caller serializes tasks as the process driver does and submits each,
+# as bytes, to worker.dask_task() on the cluster, which hands it to a warm
+# child of that Dask worker (_run_for_dask, this module uploaded there) and
+# returns the child's outcome frame undecoded.  The caller decodes it as it
+# decodes a process worker's: same classes, same errors.
+
+def _distributed():
+    """Dask's distributed package, or ConcurrencyError saying what to install."""
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ConcurrencyError(
+            "the dask driver needs Dask's distributed package, which is not installed "
+            "here (%s); install it with: pip install 'concurrency[dask]' (or: pip install "
+            "dask distributed)" % exc) from None
+    return distributed
+
+
+_dask_lock = threading.RLock()
+_dask_clients = {}  # address -> the Client we connected to it
+_dask_local = []    # (cluster, client) of the local cluster, once started
+_dask_deferred = []  # (client, keys, futures) deferred to the local cluster
+_dask_uploaded = weakref.WeakKeyDictionary()  # client -> name of the plugin it has
+
+
+def _dask_client_at(address, connect_timeout):
+    with _dask_lock:
+        client = _dask_clients.get(address)
+        if client is not None and client.status in ("running", "connecting"):
+            return client
+        distributed = _distributed()
+        _close_dask_at_exit()
+        try:
+            client = distributed.Client(address, timeout=connect_timeout,
+                                        set_as_default=False)
+        except Exception as exc:  # OSError, TimeoutError, a malformed address...
+            raise ConcurrencyError("cannot reach the Dask scheduler at %s within %g s: "
+                                   "%s: %s" % (address, connect_timeout,
+                                               type(exc).__name__, exc)) from exc
+        _dask_clients[address] = client
+        return client
+
+
+def _default_dask_client():
+    try:
+        from distributed import default_client
+        return default_client()
+    except ValueError:  # there is none
+        return None
+
+
+def _local_dask_client(threads):
+    """A cluster in this process: Dask's scheduler and one worker as
+    threads, loopback only, no dashboard.  Threads, not worker processes:
+    those would be started by multiprocessing's "spawn", which runs the
+    caller's script again in each, and a script without an ``if __name__ ==
+    "__main__"`` guard would start clusters without end.  Each task still
+    runs in a child process of its own (see _run_for_dask)."""
+    with _dask_lock:
+        if not _dask_local:
+            distributed = _distributed()
+            _close_dask_at_exit()
+            cluster = distributed.LocalCluster(
+                n_workers=1, threads_per_worker=threads, processes=False,
+                dashboard_address=None)
+            # Run at exit before concurrent.futures' own hook, which stops
+            # the thread pools the scheduler takes new tasks with (atexit
+            # is too late).  Private, but what concurrent.futures itself uses.
+            getattr(threading, "_register_atexit", atexit.register)(_await_deferred_on_dask)
+            _dask_local.append((cluster, distributed.Client(cluster, set_as_default=False)))
+        return _dask_local[0][1]
+
+
+def _close_dask_at_exit():
+    # Registered once distributed is imported, so it runs before
+    # distributed's own exit handlers.
+    if not _dask_exit_registered:
+        _dask_exit_registered.append(True)
+        atexit.register(_close_dask)
+
+
+_dask_exit_registered = []
+
+
+def _close_dask():
+    with _dask_lock:
+        clients = list(_dask_clients.values()) + [client for _cluster, client in _dask_local]
+        clusters = [cluster for cluster, _client in _dask_local]
+        _dask_clients.clear()
+        del _dask_local[:]
+    for closable in clients + clusters:
+        try:
+            closable.close(timeout=_REAP_TIMEOUT)
+        except Exception:
+            pass
+
+
+def _source_of(path):
+    """A file's bytes; inside a zip, read through our loader."""
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError:
+        get_data = getattr(globals().get("__loader__"), "get_data", None)
+        if get_data is None:
+            raise
+        return get_data(path)
+
+
+def _upload_to_dask(client):
+    """Put worker.py and concurrency.py on every worker of the client's
+    cluster, present and future, under the private names worker.dask_task
+    imports them by: a Dask worker plugin, registered once per client (a
+    second registration under the same name replaces the first)."""
+    if client in _dask_uploaded:
+        return
+    worker = _worker_module()
+    files = {worker.DASK_WORKER_FILE: _source_of(_WORKER_PATH),
+             worker.DASK_RUNNER_NAME + ".py": _source_of(os.path.abspath(__file__))}
+    import hashlib
+    import tempfile
+    from distributed.diagnostics.plugin import UploadFile
+    digest = hashlib.sha256(b"\0".join(files.values())).hexdigest()[:16]
+    register = getattr(client, "register_plugin", None) or client.register_worker_plugin
+    with tempfile.TemporaryDirectory(prefix="concurrency-") as folder:
+        for name, data in files.items():
+            path = os.path.join(folder, name)
+            with open(path, "wb") as file:
+                file.write(data)
+            try:
+                # Not imported on upload: a worker imports them with its
+                # first task, and one in this process uses ours.
+                plugin = UploadFile(path, load=False)
+            except TypeError:  # distributed < 2024.9 has no load=
+                plugin = UploadFile(path)
+            register(plugin, name="concurrency-%s-%s" % (name, digest))
+    _dask_uploaded[client] = digest
+
+
+# The cluster's own limit on a task stops it this much after the caller's,
+# for a caller gone before it could cancel it; the caller's comes first.
+_DASK_TIMEOUT_GRACE = 1.0
+
+
+def _remote_timeout(timeout):
+    return None if timeout is None or timeout == math.inf else timeout + _DASK_TIMEOUT_GRACE
+
+
+class _RemoteCall:
+    """A call to a function of worker.py, pickled as the call itself: a Dask
+    task ``pickle.loads(that)`` makes it as its worker unpickles it.  Dask's
+    scheduler unpickles the tasks it is sent, and only our workers have
+    worker.py (uploaded): the scheduler sees a builtin and bytes."""
+
+    def __init__(self, function, args):
+        self.function = function
+        self.args = args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def _remote_call(function, *args):
+    return pickle.dumps(_RemoteCall(function, args), pickle.HIGHEST_PROTOCOL)
+
+
+def _dask_keys(count):
+    # Unique keys: the cluster may serve other runs and other callers.
+    prefix = "concurrency-%s-" % os.urandom(8).hex()
+    return [prefix + str(index) for index in range(count)]
+
+
+# Dask spends about a millisecond on each of its tasks, so tasks go in
+# chunks (one Dask task each) sized to take about _DASK_CHUNK_SECONDS by
+# what the run's tasks took so far: one task per chunk until that is known,
+# and never more than a share of what waits, shrinking as it does.  A run
+# keeps _DASK_IN_FLIGHT chunks per thread of the cluster submitted, so that
+# no thread waits for the next.
+_DASK_CHUNK_SECONDS = 0.02
+_DASK_CHUNK_BYTES = 1 << 20
+_DASK_IN_FLIGHT = 2
+
+
+class _DaskRun:
+    """One run on a Dask cluster, waited for as _Run waits for children:
+    each chunk's future wakes our select() through a pipe, as does
+    ``stop``, until the deadline.  Whatever has not finished when it ends --
+    a timeout, a stop, the caller leaving as_completed() early, Ctrl-C -- is
+    cancelled: queued tasks never start, running ones have their child
+    killed by their Dask worker (see _DaskCancelWatch)."""
+
+    def __init__(self, client, payloads, outcomes, timeout, deadline, stop):
+        self.client = client
+        self.payloads = payloads
+        self.outcomes = outcomes
+        self.timeout = timeout
+        self.deadline = deadline
+        self.stop = stop
+        self.pending = collections.deque(range(len(payloads)))
+        self.chunks = {}  # future -> the indices of its tasks
+        self.done = collections.deque()  # futures that finished, for the run to take
+        self.timed = [0.0, 0]  # seconds the tasks took, tasks
+        self.lock = threading.Lock()
+        self.wake_fd = None  # the pipe's write end, None once the run is over
+
+    def completions(self):
+        wake_read, self.wake_fd = _pipe()
+        os.set_blocking(wake_read, False)
+        os.set_blocking(self.wake_fd, False)
+        selector = selectors.DefaultSelector()
+        try:
+            selector.register(wake_read, selectors.EVENT_READ, None)
+            if self.stop is not None:
+                selector.register(self.stop.fileno(), selectors.EVENT_READ, self.stop)
+            self.threads = max(1, sum(self.client.nthreads().values()))
+            self.submit()
+            while self.chunks:
+                if self.done:
+                    ready = []
+                    while self.done:
+                        ready.append(self.done.popleft())
+                    indices = self.settle(ready)
+                    self.submit()
+                    yield from indices
+                    continue
+                wait = None if self.deadline is None else self.deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    yield from self.expire()
+                    return
+                for key, _mask in selector.select(None if wait is None
+                                                  else min(wait, _LONGEST_WAIT)):
+                    if key.data is not None:
+                        raise _Stopped()
+                try:
+                    while os.read(wake_read, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+        finally:
+            selector.close()
+            with self.lock:  # no callback writes to it from now on
+                os.close(self.wake_fd)
+                self.wake_fd = None
+            os.close(wake_read)
+            if self.chunks:
+                _uninterrupted(self.cancel)
+
+    def submit(self):
+        """Submit chunks of pending tasks while the cluster has room."""
+        chunks = []
+        while self.pending and len(self.chunks) + len(chunks) < _DASK_IN_FLIGHT * self.threads:
+            count, size = self.chunk_size(), 0
+            chunk = [self.pending.popleft()]
+            size = len(self.payloads[chunk[0]])
+            while (self.pending and len(chunk) < count
+                   and size + len(self.payloads[self.pending[0]]) <= _DASK_CHUNK_BYTES):
+                size += len(self.payloads[self.pending[0]])
+                chunk.append(self.pending.popleft())
+            chunks.append(chunk)
+        if not chunks:
+            return
+        dask_task = _worker_module().dask_task
+        calls = [_remote_call(dask_task, [self.payloads[i] for i in chunk],
+                              _remote_timeout(self.timeout)) for chunk in chunks]
+        futures = self.client.map(pickle.loads, calls, key=_dask_keys(len(chunks)), pure=False)
+        for future, chunk in zip(futures, chunks):
+            self.chunks[future] = chunk
+            future.add_done_callback(self.on_done)
+
+    def chunk_size(self):
+        seconds, tasks = self.timed
+        if not tasks:
+            return 1
+        share = len(self.pending) // (_DASK_IN_FLIGHT * self.threads)
+        per_task = seconds / tasks
+        return max(1, min(share, int(_DASK_CHUNK_SECONDS / per_task) if per_task else share))
+
+    def on_done(self, future):
+        # On the client's thread: hand over, wake the run.
+        self.done.append(future)
+        with self.lock:
+            if self.wake_fd is not None:
+                try:
+                    os.write(self.wake_fd, b"!")
+                except BlockingIOError:  # full: it is awake anyway
+                    pass
+
+    def settle(self, futures):
+        """Fill the outcomes of finished chunks, fetching their results at
+        once; returns the indices filled."""
+        results = {}
+        finished = [future for future in futures if future.status == "finished"]
+        if finished:
+            try:
+                results = dict(zip(finished, self.client.gather(finished)))
+            except Exception:
+                pass  # each one on its own below, with its own error
+        filled = []
+        for future in futures:
+            chunk = self.chunks.pop(future)
+            try:
+                encoded, seconds = results[future] if future in results else future.result()
+            except Exception as exc:
+                for index in chunk:
+                    self.outcomes.fail(index, _dask_failure(self.outcomes.key(index), exc))
+            else:
+                self.timed[0] += seconds
+                self.timed[1] += len(chunk)
+                for index, outcome in zip(chunk, encoded):
+                    self.decode(index, outcome)
+            filled += chunk
+        return filled
+
+    def decode(self, index, outcome):
+        key = self.outcomes.key(index)
+        kind, body = outcome
+        if kind != b"X":
+            self.outcomes.arrived(index, kind, body)
+            exc = self.outcomes.values[index]
+            if isinstance(exc, SerializationError) and "No module named 'dill'" in str(exc):
+                _add_note(exc, "the Dask workers need dill to run this task: "
+                               "pip install dill, where they run")
+            return
+        what, detail = pickle.loads(body)
+        if what == "crashed":
+            self.outcomes.fail(index, WorkerCrashed(key, detail))
+        elif what == "timeout":
+            self.outcomes.fail(index, TaskTimeout(key, [key], self.timeout))
+        else:
+            self.outcomes.fail(index, ConcurrencyError("task %r failed on its Dask worker: %s"
+                                                       % (key, detail)))
+
+    def expire(self):
+        unfinished = sorted(list(self.pending) + [index for chunk in self.chunks.values()
+                                                  for index in chunk])
+        self.pending.clear()
+        keys = [self.outcomes.key(index) for index in unfinished]
+        for index in unfinished:
+            self.outcomes.fail(index, TaskTimeout(self.outcomes.key(index), keys, self.timeout))
+        return unfinished
+
+    def cancel(self):
+        futures, self.chunks = list(self.chunks), {}
+        try:
+            self.client.cancel(futures)
+        except Exception:
+            pass  # the scheduler is gone: so are its tasks
+
+
+def _dask_failure(key, exc):
+    """What a task whose future failed on the cluster raises."""
+    if type(exc).__name__ == "KilledWorker":
+        error = WorkerCrashed(key, None)
+        error.args = ("task %r crashed: the Dask worker running it died, and Dask gave up "
+                      "on it (%s)" % (key, exc),)
+    elif isinstance(exc, ModuleNotFoundError) and "_concurrency" in str(exc):
+        error = ConcurrencyError("task %r could not start on its Dask worker, which does "
+                                 "not have this library's files: %s" % (key, exc))
+    else:
+        error = ConcurrencyError("task %r failed on the Dask cluster: %s: %s"
+                                 % (key, type(exc).__name__, exc))
+    error.__cause__ = exc
+    return error
+
+
+def _defer_on_dask(client, payloads, keys, timeout):
+    """Start deferred tasks on the cluster, whose workers report a task's
+    failure on their stderr; what keeps one from running at all is reported
+    here.  Those on the local cluster, which ends with this process, are
+    waited for at exit, as the base Driver.defer waits for its thread."""
+    import distributed
+    dask_task = _worker_module().dask_task
+    calls = [_remote_call(dask_task, [payload], _remote_timeout(timeout), [key])
+             for payload, key in zip(payloads, keys)]
+    futures = client.map(pickle.loads, calls, key=_dask_keys(len(calls)), pure=False)
+    distributed.fire_and_forget(futures)
+    with _dask_lock:
+        local = bool(_dask_local) and client is _dask_local[0][1]
+    if local:
+        with _dask_lock:
+            _dask_deferred.append((client, keys, futures))
+    else:
+        for key, future in zip(keys, futures):
+            future.add_done_callback(functools.partial(_report_deferred_on_dask, key))
+
+
+def _await_deferred_on_dask():
+    """At exit, before the thread pools that Dask's scheduler needs stop:
+    the deferred tasks of the local cluster, which ends with us, end first."""
+    while _dask_deferred:
+        with _dask_lock:
+            client, keys, futures = _dask_deferred.pop(0)
+        try:
+            client.gather(futures, errors="skip")
+        except Exception:
+            pass  # the cluster is gone: the statuses below tell
+        for key, future in zip(keys, futures):
+            _report_deferred_on_dask(key, future)
+
+
+def _report_deferred_on_dask(key, future):
+    if future.status in ("error", "cancelled", "lost"):
+        try:
+            cause = future.exception() if future.status == "error" else None
+        except Exception as exc:
+            cause = exc
+        error = _dask_failure(key, cause or ConcurrencyError("cancelled on the cluster"))
+        sys.stderr.write("concurrency: deferred task %s failed: %s\n" % (key, error))
+        sys.stderr.flush()
+
+
+# -- On a Dask worker ---
+
+_dask_pools = []
+
+
+def _run_for_dask(payloads, timeout):
+    """On a Dask worker: run a chunk of tasks one after another in a warm
+    child, as the process driver does, and return their outcomes still
+    encoded, with the seconds they took (see worker.dask_task)."""
+    with _dask_lock:
+        if not _dask_pools:
+            # Without lending: the outcome goes on over the network, so
+            # copying it out of the child saves nothing.
+            _dask_pools.append(_WorkerPool(_MAX_WORKERS_MAX, DEFAULT_IDLE_TIMEOUT, lend=False))
+    pool = _dask_pools[0]
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    outcomes = _RelayedOutcomes(len(payloads))
+    stop = _Stop()
+    workers = []
+    try:
+        _dask_cancel_watch.add(stop)
+        # One child: the Dask worker gave this chunk one of its threads.
+        workers = pool.acquire(1, deadline, stop=stop)
+        for _index in _ProcessRun(pool, workers, 1, payloads, outcomes, timeout, deadline,
+                                  stop).completions():
+            pass
+    except _Stopped:
+        pass  # cancelled: nobody waits for these outcomes any more
+    finally:
+        pool.release(workers)
+        _dask_cancel_watch.discard(stop)
+        stop.close()
+    return outcomes.encoded, time.monotonic() - started
+
+
+def _release_dask_workers():
+    with _dask_lock:
+        pools = _dask_pools[:]
+    for pool in pools:
+        pool.shutdown()
+
+
+class _RelayedOutcomes:
+    """The outcomes of a run on a Dask worker, kept as the child encoded
+    them: the caller, who has the classes, decodes them."""
+
+    def __init__(self, count):
+        self.count = count
+        self.completed = collections.deque()
+        self.encoded = [(b"X", pickle.dumps(("error", "cancelled")))] * count
+
+    def key(self, index):
+        return None
+
+    def arrived(self, index, kind, body, lent=None):
+        self.encoded[index] = (kind, bytes(body))
+        self.completed.append(index)
+
+    def fail(self, index, exc):
+        if isinstance(exc, WorkerCrashed):
+            what = ("crashed", exc.exitcode)
+        elif isinstance(exc, TaskTimeout):
+            what = ("timeout", exc.timeout)
+        else:
+            what = ("error", "%s: %s" % (type(exc).__name__, exc))
+        self.encoded[index] = (b"X", pickle.dumps(what))
+        self.completed.append(index)
+
+
+class _DaskCancelWatch:
+    """Stops the runs of tasks their Dask worker has dropped: Dask cannot
+    stop a task that runs (it lets it finish, unused), but we can kill its
+    child.  Dask offers no call when it drops one, so while runs go on, a
+    thread looks at their tasks' state every _DASK_WATCH_INTERVAL."""
+
+    def __init__(self):
+        self.runs = {}  # stop -> (the Dask worker, the task's key)
+        self.lock = threading.Lock()
+        self.thread = None
+
+    def add(self, stop):
+        try:
+            from distributed.worker import get_worker, thread_state
+            worker, key = get_worker(), thread_state.key
+        except Exception:  # not in a Dask task; or another distributed: timeouts still hold
+            return
+        with self.lock:
+            self.runs[stop] = (worker, key)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._watch, daemon=True,
+                                               name="concurrency-dask-watch")
+                self.thread.start()
+
+    def discard(self, stop):
+        with self.lock:  # never set once closed: its descriptor may be another's by then
+            self.runs.pop(stop, None)
+
+    def _watch(self):
+        while True:
+            time.sleep(_DASK_WATCH_INTERVAL)
+            with self.lock:
+                if not self.runs:
+                    self.thread = None
+                    return
+                for stop, (worker, key) in self.runs.items():
+                    task = worker.state.tasks.get(key)
+                    if task is None or task.state in ("cancelled", "released", "forgotten"):
+                        stop.set()
+
+
+_DASK_WATCH_INTERVAL = 0.1
+_dask_cancel_watch = _DaskCancelWatch()
+
+
 # -- Deferred tasks in detached processes -------------------------------------
 
 _detached = []  # Popen objects of detached deferred tasks, reaped when done
@@ -3634,6 +4259,7 @@ _CONFIG_TEMPLATE = """\
 ;   process - each task in a warm child Python process (tasks serialized with dill)
 ;   fork    - each task in an os.fork() child (POSIX only; nothing serialized)
 ;   sync    - one after another in the calling process (tests, debugging)
+;   dask    - each task on a Dask cluster (pip install 'concurrency[dask]')
 ; The CONCURRENCY_DRIVER environment variable overrides it.
 default = process
 
@@ -3644,6 +4270,11 @@ default = process
 ; Seconds a run may take before its unfinished tasks are killed and fail with
 ; concurrency.TaskTimeout; a number, 0.001 at least, or none for no limit.
 timeout = none
+
+; The Dask scheduler the dask driver sends tasks to; without one, the
+; default Dask client of the process, else a local cluster started on first
+; use.  The CONCURRENCY_DASK_ADDRESS environment variable overrides it.
+; dask_address = tcp://scheduler:8786
 """
 
 _config_cache = {}
@@ -3733,9 +4364,16 @@ def _read_config():
                                   "seconds (%g at least), or none (or inf) for no limit"
                                   % (path, value, _TIMEOUT_MIN)) from None
             config["timeout"] = _check_timeout(number)
+        elif name == "dask_address":
+            if value.lower() in ("", "none"):
+                continue
+            if "://" not in value and ":" not in value:
+                raise ConfigError("%s: dask_address = %s is not a scheduler address; use "
+                                  "one such as tcp://scheduler:8786" % (path, value))
+            config["dask_address"] = value
         else:
             raise ConfigError("%s: unknown key %r in [%s]; allowed keys: default, "
-                              "max_workers, timeout" % (path, name, _CONFIG_SECTION))
+                              "max_workers, timeout, dask_address" % (path, name, _CONFIG_SECTION))
     _config_cache["config"] = (signature, config)
     return config
 
@@ -3774,7 +4412,8 @@ usage: python -m concurrency config:publish [concurrency] [--force]
        python -m concurrency demo
        python -m concurrency --version | --help
 
-  config:publish  write concurrency.ini (default driver, max_workers, timeout)
+  config:publish  write concurrency.ini (default driver, max_workers, timeout,
+                  dask_address)
                   where the library reads it: the file CONCURRENCY_CONFIG
                   names, else the current directory; --force overwrites an
                   existing one
@@ -3849,7 +4488,8 @@ def _main(argv):
     return 2
 
 
-_registry = _Registry({"process": ProcessDriver, "fork": ForkDriver, "sync": SyncDriver})
+_registry = _Registry({"process": ProcessDriver, "fork": ForkDriver, "sync": SyncDriver,
+                       "dask": DaskDriver})
 
 
 def _signal_name(number):

@@ -1647,6 +1647,65 @@ def run_deferred(source):
     return supervise(jobs, timeout, limit)
 
 
+# -- dask: tasks of the dask driver on a Dask worker ---------------------------
+
+# The names the dask driver uploads this file and concurrency.py under to
+# every worker of a Dask cluster (see concurrency.DaskDriver), so that the
+# cluster needs dask and dill, not this library.
+DASK_WORKER_FILE = "_concurrency_worker.py"
+DASK_RUNNER_NAME = "_concurrency_on_dask"
+
+
+def dask_task(payloads, timeout, report_as=None):
+    """A task of the ``dask`` driver, called by a Dask worker: a chunk of
+    the caller's tasks.
+
+    Runs the ``payloads`` (serialized tasks, see loads_task()) one after
+    another in a warm child of this Dask worker, as the process driver runs
+    them: a crash or a timeout ends that child and that task, never the
+    Dask worker nor the chunk's other tasks.  Returns (outcomes, seconds
+    the tasks took): each outcome still encoded -- (b"R" or b"E", body) as
+    the child sent it, or (b"X", pickled (what, detail)) when the child
+    crashed or timed out -- for the caller, who has the classes, to decode.
+    ``report_as``: the keys of deferred tasks, whose failures nobody waits
+    for; they go to stderr."""
+    import importlib
+    runner = importlib.import_module(DASK_RUNNER_NAME)
+    outcomes, seconds = runner._run_for_dask(payloads, timeout)
+    for key, outcome in zip(report_as or (), outcomes):
+        report_outcome(key, outcome)
+    return outcomes, seconds
+
+
+def dask_release():
+    """On a Dask worker: let the warm children of dask_task() go now."""
+    runner = sys.modules.get(DASK_RUNNER_NAME)
+    if runner is not None:
+        runner._release_dask_workers()
+
+
+def report_outcome(key, outcome):
+    kind, body = outcome
+    if kind == b"E":
+        info = pickle.loads(body)
+        if info["kind"] == TASK_FAILED:
+            _report(key, "failed:\n" + info["traceback"])
+        else:
+            _report(key, "could not be %s:\n%s" % (
+                "serialized" if info["kind"] == RESULT_UNSERIALIZABLE else "unserialized",
+                info["traceback"]))
+    elif kind == b"X":
+        what, detail = pickle.loads(body)
+        if what == "timeout":
+            _report(key, "did not finish within %g s; it was killed\n" % detail)
+        elif what == "crashed" and detail is not None and detail < 0:
+            _report(key, "crashed: its process was killed by %s\n" % _signal_name(-detail))
+        elif what == "crashed":
+            _report(key, "crashed: its process exited with code %s\n" % detail)
+        else:
+            _report(key, "failed: %s\n" % (detail,))
+
+
 def _ignore_sigint():
     # A Ctrl-C in the terminal reaches the whole process group, workers
     # included.  The parent decides what it means (it stops its run and reaps

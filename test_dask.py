@@ -1,0 +1,456 @@
+"""Tests of the dask driver on a real Dask cluster: a scheduler and two
+workers started as ``dask scheduler`` / ``dask worker`` processes on
+127.0.0.1, free ports, the way a user's cluster runs; and the local cluster
+it starts when none is named.  Skipped where ``distributed`` is not
+installed (``pip install '.[dask]'``).
+
+The cluster's workers see the checkout on PYTHONPATH as a user's project
+code, but never import the library: it reaches them uploaded.
+"""
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from unittest import mock
+
+import concurrency
+from test_concurrency import (
+    HAVE_PROC, LONG_TIMEOUT, REPO, SHORT_TIMEOUT, CleanTestCase, DriverTests,
+    ScriptTestCase, descendants, pid_alive, raise_value_error, read_file, wait_until,
+    write_file)
+
+try:
+    import distributed
+except ImportError:
+    distributed = None
+
+NEEDS_DISTRIBUTED = unittest.skipIf(distributed is None,
+                                    "distributed is not installed: pip install '.[dask]'")
+
+# Starting a scheduler and workers takes seconds on a busy machine.
+CLUSTER_START_TIMEOUT = 60.0
+
+
+class Cluster:
+    """A scheduler and two workers (2 threads each), in process groups of
+    their own, stopped and reaped at the end; workers' stderr kept."""
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="concurrency-dask-")
+        self.scheduler_file = os.path.join(self.folder, "scheduler.json")
+        self.worker_log = os.path.join(self.folder, "workers.log")
+        self.processes = []
+        env = dict(os.environ, PYTHONPATH=REPO)
+        env.pop("CONCURRENCY_DASK_ADDRESS", None)
+        try:
+            self.start([sys.executable, "-m", "distributed.cli.dask_scheduler",
+                        "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                        "--scheduler-file", self.scheduler_file], env)
+            wait_until(lambda: os.path.exists(self.scheduler_file), CLUSTER_START_TIMEOUT,
+                       "the scheduler to start")
+            for name in ("w1", "w2"):
+                self.start([sys.executable, "-m", "distributed.cli.dask_worker",
+                            "--scheduler-file", self.scheduler_file, "--host", "127.0.0.1",
+                            "--nthreads", "2", "--no-dashboard", "--name", name,
+                            "--local-directory", os.path.join(self.folder, name)], env)
+            self.client = distributed.Client(scheduler_file=self.scheduler_file,
+                                             timeout=CLUSTER_START_TIMEOUT,
+                                             set_as_default=False)
+            self.client.wait_for_workers(2, timeout=CLUSTER_START_TIMEOUT)
+            self.address = self.client.scheduler.address
+        except BaseException:
+            self.stop()
+            raise
+
+    def start(self, argv, env):
+        with open(self.worker_log, "ab") as log:
+            self.processes.append(subprocess.Popen(
+                argv, cwd=self.folder, env=env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=log, start_new_session=True))
+
+    def worker_pids(self):
+        return set(self.client.run(os.getpid).values())
+
+    def stop(self):
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+        for process in self.processes:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for process in self.processes:
+            try:
+                process.wait(SHORT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+CLUSTER = []
+
+
+def setUpModule():
+    if distributed is not None:
+        CLUSTER.append(Cluster())
+
+
+def tearDownModule():
+    while CLUSTER:
+        CLUSTER.pop().stop()
+    concurrency._close_dask()
+
+
+def write_pid(folder, name):
+    """Called by a task: say which process runs it."""
+    path = os.path.join(folder, name)
+    write_file(path + ".tmp", str(os.getpid()))
+    os.rename(path + ".tmp", path)
+
+
+def pids_of(folder):
+    return [int(read_file(os.path.join(folder, name))) for name in os.listdir(folder)
+            if not name.endswith(".tmp")]
+
+
+def free_port():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        return listener.getsockname()[1]
+
+
+class ClusterTestCase(CleanTestCase):
+    """Runs against the module's cluster, named by CONCURRENCY_DASK_ADDRESS
+    (as a user's environment would); a test may leave no task's process
+    behind on the cluster's workers either."""
+
+    def setUp(self):
+        self.cluster = CLUSTER[0]
+        patcher = mock.patch.dict(os.environ, {"CONCURRENCY_DASK_ADDRESS": self.cluster.address})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        super().setUp()
+        concurrency.extend("dask", concurrency.DaskDriver)
+
+    def assert_no_process_left(self):
+        # Warm children of the workers are let go (as after a minute unused);
+        # then nothing but the cluster itself may be left.
+        concurrency.driver("dask").release_workers()
+        super().assert_no_process_left()
+
+
+@NEEDS_DISTRIBUTED
+class DaskDriverTest(DriverTests, ClusterTestCase):
+    driver = "dask"
+
+    def test_tasks_run_in_children_of_the_cluster_workers_which_never_import_the_library(self):
+        parents = set(self.d.run([lambda: os.getppid()] * 8))
+        self.assertTrue(parents <= self.cluster.worker_pids(), parents)
+
+        def modules():
+            return ("concurrency" in sys.modules, "worker" in sys.modules,
+                    getattr(sys.modules.get("_concurrency_on_dask"), "__file__", None))
+        for imported, worker_imported, runner_file in self.cluster.client.run(modules).values():
+            self.assertFalse(imported)
+            self.assertFalse(worker_imported)
+            if runner_file is not None:  # a worker that got a task
+                self.assertTrue(runner_file.startswith(self.cluster.folder), runner_file)
+
+    def test_a_task_that_crashes_its_process_fails_alone_and_is_not_run_again(self):
+        starts = self.path("starts")
+        workers = self.cluster.worker_pids()
+
+        def crash():
+            with open(starts, "a") as file:
+                file.write("started\n")
+            os._exit(7)
+
+        def killed():
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        result = self.d.run({"crash": crash, "fine": lambda: "fine", "killed": killed},
+                            return_exceptions=True)
+        self.assertIsInstance(result["crash"], concurrency.WorkerCrashed)
+        self.assertEqual(result["crash"].exitcode, 7)
+        self.assertEqual(result["crash"].key, "crash")
+        self.assertIsInstance(result["killed"], concurrency.WorkerCrashed)
+        self.assertEqual(result["killed"].signal, "SIGKILL")
+        self.assertEqual(result["fine"], "fine")
+        self.assertEqual(read_file(starts), "started\n")  # once: never re-run
+        self.assertEqual(self.cluster.worker_pids(), workers)  # no Dask worker died
+        self.assertEqual(self.d.run([lambda: 1, lambda: 2]), [1, 2])
+
+    def test_a_task_process_killed_from_outside_fails_with_worker_crashed(self):
+        pid_file = self.path("pid")
+
+        def slow():
+            write_file(pid_file + ".tmp", str(os.getpid()))
+            os.rename(pid_file + ".tmp", pid_file)
+            time.sleep(60)
+
+        def killer():
+            wait_until(lambda: os.path.exists(pid_file), LONG_TIMEOUT, "the task to start")
+            os.kill(int(read_file(pid_file)), signal.SIGKILL)
+
+        thread = threading.Thread(target=killer)
+        thread.start()
+        try:
+            started = time.monotonic()
+            result = self.d.run({"slow": slow, "other": lambda: 3}, return_exceptions=True)
+        finally:
+            thread.join(LONG_TIMEOUT)
+        self.assertLess(time.monotonic() - started, 30)
+        self.assertIsInstance(result["slow"], concurrency.WorkerCrashed)
+        self.assertEqual(result["slow"].signal, "SIGKILL")
+        self.assertEqual(result["other"], 3)
+
+    def test_timeout_names_the_unfinished_tasks_and_stops_them_on_the_cluster(self):
+        folder = self.subdir("pids")
+
+        def spin():
+            write_pid(folder, "spin")
+            while True:
+                pass
+
+        def sleeper():
+            write_pid(folder, "sleeper")
+            time.sleep(60)
+
+        started = time.monotonic()
+        with self.assertRaises(concurrency.TaskTimeout) as caught:
+            self.d.run({"spin": spin, "quick": lambda: 1, "sleeper": sleeper}, timeout=3)
+        self.assertLess(time.monotonic() - started, 3 + 5)
+        self.assertEqual(caught.exception.key, "spin")
+        self.assertEqual(caught.exception.unfinished, ["spin", "sleeper"])
+        pids = pids_of(folder)
+        self.assertEqual(len(pids), 2)
+        wait_until(lambda: not any(pid_alive(pid) for pid in pids), SHORT_TIMEOUT,
+                   "the timed-out tasks' processes to be killed")
+
+    def test_queued_tasks_never_start_once_a_run_times_out(self):
+        folder = self.subdir("started")
+        threads = sum(self.cluster.client.nthreads().values())
+        tasks = {"t%d" % n: (lambda n=n: write_pid(folder, "t%d" % n) or time.sleep(60))
+                 for n in range(2 * threads)}
+        with self.assertRaises(concurrency.TaskTimeout):
+            self.d.run(tasks, timeout=3)
+        pids = pids_of(folder)
+        self.assertEqual(len(pids), threads)
+        wait_until(lambda: not any(pid_alive(pid) for pid in pids), SHORT_TIMEOUT,
+                   "the running tasks' processes to be killed")
+        # Their threads are free now: a queued task would have started at once.
+        self.assertEqual(self.d.run([lambda: "after"] * threads), ["after"] * threads)
+        self.assertEqual(len(os.listdir(folder)), threads)
+
+    def test_leaving_as_completed_early_stops_the_tasks_still_running(self):
+        folder = self.subdir("pids")
+
+        def sleeper():
+            write_pid(folder, "sleeper")
+            time.sleep(60)
+
+        pairs = self.d.as_completed({"quick": lambda: 1, "sleeper": sleeper})
+        self.assertEqual(next(pairs), ("quick", 1))
+        wait_until(lambda: os.listdir(folder), LONG_TIMEOUT, "the sleeper to start")
+        pairs.close()
+        [pid] = pids_of(folder)
+        wait_until(lambda: not pid_alive(pid), SHORT_TIMEOUT, "the sleeper to be killed")
+
+    def test_a_cancelled_run_async_stops_its_tasks(self):
+        folder = self.subdir("pids")
+
+        def sleeper():
+            write_pid(folder, "sleeper")
+            time.sleep(60)
+
+        async def main():
+            task = asyncio.ensure_future(self.d.run_async([sleeper]))
+            end = time.monotonic() + LONG_TIMEOUT
+            while not os.listdir(folder):
+                self.assertFalse(task.done() and task.result())
+                self.assertLess(time.monotonic(), end, "the task did not start")
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with self.assertRaises(asyncio.CancelledError):
+                await asyncio.wait_for(task, LONG_TIMEOUT)
+
+        asyncio.run(main())
+        [pid] = pids_of(folder)
+        wait_until(lambda: not pid_alive(pid), SHORT_TIMEOUT, "the task to be killed")
+
+    def test_a_task_that_cannot_travel_fails_before_anything_starts(self):
+        marker = self.path("ran")
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        with self.assertRaises(concurrency.SerializationError) as caught:
+            self.d.run({"first": lambda: write_file(marker, "x"), "bad": lambda: sock})
+        self.assertEqual(caught.exception.key, "bad")
+        self.assertFalse(os.path.exists(marker))
+
+    def test_print_goes_to_the_worker_and_never_into_a_result(self):
+        def noisy():
+            print("noise on stdout", flush=True)
+            os.write(1, b"raw noise\n")
+            return "clean"
+        self.assertEqual(self.d.run([noisy] * 4), ["clean"] * 4)
+
+    def test_many_tiny_tasks_keep_order_and_every_result(self):
+        result = self.d.run([lambda n=n: n * n for n in range(3000)])
+        self.assertEqual(result, [n * n for n in range(3000)])
+        keys = ["k%d" % n for n in range(500)]
+        pairs = list(self.d.as_completed({key: (lambda key=key: key.upper()) for key in keys}))
+        self.assertEqual(sorted(pairs), sorted((key, key.upper()) for key in keys))
+
+    def test_a_closure_over_a_class_made_in_the_caller_comes_back_as_that_class(self):
+        Model = type("Model", (), {"label": lambda self: "model %d" % self.n})
+        instance = Model()
+        instance.n = 4
+
+        def bump():
+            instance.n += 1
+            return instance
+
+        [value] = self.d.run([bump])
+        self.assertIs(type(value), Model)
+        self.assertEqual(value.label(), "model 5")
+        self.assertEqual(instance.n, 4)  # the caller's copy is untouched
+
+    def test_defer_runs_on_the_cluster_and_a_failure_is_reported_there(self):
+        marker = self.path("deferred")
+        self.d.defer({"writes": lambda: write_file(marker, "done"),
+                      "fails": lambda: raise_value_error("deferred failure 41")})
+        wait_until(lambda: os.path.exists(marker), LONG_TIMEOUT, "the deferred task to run")
+        self.assertEqual(read_file(marker), "done")
+        wait_until(lambda: "deferred failure 41" in read_file(self.cluster.worker_log),
+                   LONG_TIMEOUT, "the failure to be reported in the workers' log")
+        log = read_file(self.cluster.worker_log)
+        self.assertIn("concurrency: deferred task 'fails' failed:", log)
+        self.assertIn("ValueError: deferred failure 41", log)
+
+    def test_the_given_client_then_the_default_client_are_used(self):
+        client = distributed.Client(self.cluster.address, set_as_default=False)
+        self.addCleanup(client.close)
+        self.assertIs(concurrency.DaskDriver(client=client).client(), client)
+        with mock.patch.dict(os.environ):
+            del os.environ["CONCURRENCY_DASK_ADDRESS"]
+            default = distributed.Client(self.cluster.address, set_as_default=True)
+            try:
+                driver = concurrency.DaskDriver()
+                self.assertIs(driver.client(), default)
+                self.assertEqual(driver.run([lambda: "via default"]), ["via default"])
+            finally:
+                default.close()
+
+    def test_an_unreachable_scheduler_is_an_error_naming_it_within_the_connect_timeout(self):
+        address = "tcp://127.0.0.1:%d" % free_port()
+        driver = concurrency.DaskDriver(address=address, connect_timeout=1)
+        started = time.monotonic()
+        with self.assertRaisesRegex(concurrency.ConcurrencyError,
+                                    "cannot reach the Dask scheduler at %s within 1 s"
+                                    % address):
+            driver.run([lambda: 1])
+        self.assertLess(time.monotonic() - started, 10)
+
+    def test_bad_arguments_are_refused(self):
+        with self.assertRaisesRegex(ValueError, "a client or an address, not both"):
+            concurrency.DaskDriver(client=object(), address="tcp://x:1")
+        with self.assertRaisesRegex(TypeError, "address must be a scheduler address"):
+            concurrency.DaskDriver(address=8786)
+        with self.assertRaisesRegex(ValueError, "connect_timeout must be finite"):
+            concurrency.DaskDriver(connect_timeout=float("inf"))
+
+
+@NEEDS_DISTRIBUTED
+class DaskScriptTest(ScriptTestCase):
+    """Scripts as users write them, run in a fresh interpreter."""
+
+    SCRIPT = """\
+        import os, sys
+        import concurrency
+
+        class Row:
+            def __init__(self, table, count):
+                self.table, self.count = table, count
+
+        TABLES = {"users": 120, "orders": 345}
+
+        def count(table):
+            return Row(table, TABLES[table])
+
+        rows = concurrency.run({t: (lambda t=t: count(t)) for t in TABLES})
+        print(sorted((type(row).__name__, row.table, row.count) for row in rows.values()))
+        try:
+            concurrency.run([lambda: 1 / 0])
+        except ZeroDivisionError as exc:
+            print("raised", type(exc).__name__)
+        marker = sys.argv[1]
+        concurrency.defer([lambda: open(marker, "w").write("deferred")])
+        """
+
+    def check(self, done, marker):
+        self.assertSucceeded(done)
+        self.assertEqual(done.stdout.splitlines(),
+                         ["[('Row', 'orders', 345), ('Row', 'users', 120)]",
+                          "raised ZeroDivisionError"])
+        self.assertEqual(read_file(marker), "deferred")
+
+    def test_the_environment_names_the_driver_and_the_cluster(self):
+        marker = self.path("marker")
+        done = self.run_script(self.SCRIPT, argv_extra=[marker],
+                               env={"CONCURRENCY_DRIVER": "dask",
+                                    "CONCURRENCY_DASK_ADDRESS": CLUSTER[0].address})
+        self.check(done, marker)
+        concurrency.DaskDriver(address=CLUSTER[0].address).release_workers()
+
+    def test_the_config_file_names_the_driver_and_the_cluster(self):
+        marker = self.path("marker")
+        argv, env, cwd = self.script(self.SCRIPT)
+        write_file(os.path.join(cwd, "concurrency.ini"),
+                   "[concurrency]\ndefault = dask\ndask_address = %s\n" % CLUSTER[0].address)
+        done = subprocess.run(argv + [marker], env=env, cwd=cwd, capture_output=True,
+                              text=True, timeout=LONG_TIMEOUT)
+        self.assert_marked_processes_gone()
+        self.check(done, marker)
+        concurrency.DaskDriver(address=CLUSTER[0].address).release_workers()
+
+    def test_with_no_cluster_named_a_local_one_runs_it_and_goes_at_exit(self):
+        # No __main__ guard, as scripts are written: a local cluster that
+        # started worker processes with multiprocessing would run it again.
+        marker = self.path("marker")
+        done = self.run_script(self.SCRIPT, argv_extra=[marker],
+                               env={"CONCURRENCY_DRIVER": "dask"})
+        self.check(done, marker)
+        self.assertNotIn("Traceback", done.stderr)
+
+
+class DaskMissingTest(ScriptTestCase):
+    def test_without_distributed_the_error_says_what_to_install(self):
+        done = self.run_script("""\
+            import sys
+            sys.modules["distributed"] = None  # as where it is not installed
+            import concurrency
+            print(concurrency.driver("process").run([lambda: "process works"]))
+            try:
+                concurrency.driver("dask")
+            except concurrency.ConcurrencyError as exc:
+                print(exc)
+            """)
+        self.assertSucceeded(done)
+        lines = done.stdout.splitlines()
+        self.assertEqual(lines[0], "['process works']")
+        self.assertIn("the dask driver needs Dask's distributed package", lines[1])
+        self.assertIn("pip install 'concurrency[dask]'", lines[1])
+
+
+if __name__ == "__main__":
+    unittest.main()
