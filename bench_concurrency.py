@@ -19,6 +19,11 @@ Scenarios:
             efficiency over the bare fork's of the same child
   big64mb   2 tasks each returning 64 MB of bytes (ms)
   rss       peak RSS of the parent after big64mb, and RSS of an idle worker (MB)
+
+Where Dask's distributed is installed, the dask driver is measured on warm2
+and many1000 against plain Dask -- client.submit() of the same lambdas, then
+client.gather() -- on the same cluster: a scheduler and two workers (two
+threads each) on 127.0.0.1, started once for the whole benchmark.
 """
 
 # Only what every child needs: first2 times a whole interpreter, and what the
@@ -29,8 +34,11 @@ import time
 
 OURS = ["concurrency-process", "concurrency-fork"]
 PEERS = ["ProcessPoolExecutor+dill", "loky", "joblib", "pathos", "mpire"]
+DASK = ["concurrency-dask", "dask"]  # ours and plain Dask, on one cluster
+DASK_SCENARIOS = ["warm2", "many1000"]
 SHORT = {"concurrency-process": "process", "concurrency-fork": "fork",
-         "ProcessPoolExecutor+dill": "PPE+dill"}
+         "ProcessPoolExecutor+dill": "PPE+dill", "concurrency-dask": "on dask",
+         "dask": "dask"}
 SCENARIOS = ["first2", "warm2", "many1000", "cpu", "big64mb", "rss"]
 CORES = os.cpu_count() or 1
 CPU_SECONDS = 0.2
@@ -84,6 +92,13 @@ def make_runner(system):
         from mpire import WorkerPool
         pool = WorkerPool(n_jobs=CORES, use_dill=True, keep_alive=True)
         return lambda fns: pool.map(_call, [(fn,) for fn in fns], progress_bar=False)
+    if system == "concurrency-dask":
+        import concurrency
+        return concurrency.DaskDriver(address=os.environ["BENCH_DASK_ADDRESS"]).run
+    if system == "dask":
+        import distributed
+        client = distributed.Client(os.environ["BENCH_DASK_ADDRESS"])
+        return lambda fns: client.gather([client.submit(fn, pure=False) for fn in fns])
     if system == "os.fork":
         return _fork_run
     raise SystemExit("unknown system %r" % system)
@@ -106,7 +121,8 @@ def _fork_run(fns):
 def importable(system):
     import subprocess
     module = {"ProcessPoolExecutor+dill": "dill", "loky": "loky", "joblib": "joblib",
-              "pathos": "pathos", "mpire": "mpire"}.get(system)
+              "pathos": "pathos", "mpire": "mpire", "concurrency-dask": "distributed",
+              "dask": "distributed"}.get(system)
     if module is None:
         return True
     done = subprocess.run([sys.executable, "-c", "import " + module],
@@ -226,9 +242,52 @@ def calibrate():
         iterations *= 2
 
 
+def start_dask_cluster():
+    """A scheduler and two workers on 127.0.0.1; returns (address, stop)."""
+    import json
+    import signal
+    import subprocess
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="bench-dask-")
+    scheduler_file = os.path.join(folder, "scheduler.json")
+    log = open(os.path.join(folder, "cluster.log"), "ab")
+    common = dict(stdout=log, stderr=log, cwd=folder, start_new_session=True)
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+         "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file], **common)]
+    processes += [subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+         scheduler_file, "--host", "127.0.0.1", "--nthreads", "2", "--no-dashboard",
+         "--local-directory", os.path.join(folder, name)], **common) for name in ("w1", "w2")]
+
+    def stop():
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            process.wait(30)
+        log.close()
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
+
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(scheduler_file):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Dask scheduler did not start")
+            time.sleep(0.1)
+        with open(scheduler_file) as file:
+            address = json.load(file)["address"]
+        import distributed
+        with distributed.Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=60)
+    except BaseException:
+        stop()
+        raise
+    return address, stop
+
+
 def main(argv):
-    import statistics
-    repeat, systems, scenarios = 5, OURS + PEERS, SCENARIOS
+    repeat, systems, scenarios = 5, OURS + PEERS + DASK, SCENARIOS
     args = list(argv)
     while args:
         flag = args.pop(0)
@@ -241,12 +300,26 @@ def main(argv):
         else:
             raise SystemExit(__doc__)
     systems = [s for s in systems if importable(s) or print("skipped (not importable):", s)]
+    stop_dask = None
+    if any(s in DASK for s in systems) and any(s in DASK_SCENARIOS for s in scenarios):
+        os.environ["BENCH_DASK_ADDRESS"], stop_dask = start_dask_cluster()
+    try:
+        run_all(repeat, systems, scenarios)
+    finally:
+        if stop_dask is not None:
+            stop_dask()
+
+
+def run_all(repeat, systems, scenarios):
+    import statistics
     iterations = calibrate()
     print("machine: %d cores, Python %s, %s; medians of %d runs, each in a fresh "
           "interpreter" % (CORES, sys.version.split()[0], sys.platform, repeat))
     rows, bare, cpu_ratios = {}, [], {}
     for scenario in scenarios:
         for system in systems:
+            if system in DASK and scenario not in DASK_SCENARIOS:
+                continue
             measure(system, scenario, iterations)  # untimed: fills bytecode caches
             results = [measure(system, scenario, iterations) for _ in range(repeat)]
             value = statistics.median(r["value"] for r in results)
@@ -285,6 +358,8 @@ def print_table(rows, systems, cpu_ratios):
             for ours in OURS:
                 if row.get(ours) is not None and best:
                     ratios.append("%s %.2f" % (ours.split("-")[1], row[ours] / best))
+        if row.get("concurrency-dask") is not None and row.get("dask"):
+            ratios.append("on dask / dask %.2f" % (row["concurrency-dask"] / row["dask"]))
         print("%-21s" % ("%s (%s)" % (scenario, units.get(scenario, ""))) + cells
               + "   " + ", ".join(ratios))
 

@@ -23,8 +23,8 @@ from unittest import mock
 
 import concurrency
 from test_concurrency import (
-    HAVE_PROC, LONG_TIMEOUT, REPO, SHORT_TIMEOUT, CleanTestCase, DriverTests,
-    ScriptTestCase, descendants, pid_alive, raise_value_error, read_file, wait_until,
+    LONG_TIMEOUT, REPO, SHORT_TIMEOUT, CleanTestCase, DriverTests,
+    ScriptTestCase, pid_alive, raise_value_error, read_file, wait_until,
     write_file)
 
 try:
