@@ -2,8 +2,9 @@
 
     python bench_concurrency.py [--repeat N] [--systems a,b] [--scenarios x,y]
 
-Every measurement runs in a fresh interpreter, one system at a time, and the
-table shows medians over ``--repeat`` runs, then each of our numbers as a ratio
+Every measurement runs in a fresh interpreter, one system at a time, the
+systems taking turns round after round, and the table shows medians over
+``--repeat`` rounds, then each of our numbers as a ratio
 to the best peer measured in the same run.  Peers that are not importable are
 skipped; install them with ``pip install .[bench]``.
 
@@ -317,11 +318,15 @@ def run_all(repeat, systems, scenarios):
           "interpreter" % (CORES, sys.version.split()[0], sys.platform, repeat))
     rows, bare, cpu_ratios = {}, [], {}
     for scenario in scenarios:
-        for system in systems:
-            if system in DASK and scenario not in DASK_SCENARIOS:
-                continue
+        measured = [s for s in systems if s not in DASK or scenario in DASK_SCENARIOS]
+        for system in measured:
             measure(system, scenario, iterations)  # untimed: fills bytecode caches
-            results = [measure(system, scenario, iterations) for _ in range(repeat)]
+        # Round after round, every system once a round: a noisy spell of
+        # this shared machine hits them all alike.
+        rounds = [{system: measure(system, scenario, iterations) for system in measured}
+                  for _ in range(repeat)]
+        for system in measured:
+            results = [round_[system] for round_ in rounds]
             value = statistics.median(r["value"] for r in results)
             rows.setdefault(scenario, {})[system] = value
             if scenario == "cpu":

@@ -22,13 +22,16 @@ Using it
         "process" (default): warm worker interpreters; tasks travel pickled,
         what can't be imported there by value.  "fork": os.fork() per run;
         tasks are inherited.  Both need a POSIX system.  "sync": one after
-        another in this process, for tests.  driver(name) picks one,
+        another in this process, for tests.  "dask": on a Dask cluster (see
+        DaskDriver), each task in a child of a Dask worker; needs Dask's
+        distributed.  driver(name) picks one,
         set_default_driver(name) changes the default, extend(name, factory)
         registers a custom Driver subclass.
     Configuration
         concurrency.ini in the current directory (or the file named by
         CONCURRENCY_CONFIG): default driver, max_workers, timeout;
-        CONCURRENCY_DRIVER overrides the default.  Write one with
+        dask_address; CONCURRENCY_DRIVER overrides the default and
+        CONCURRENCY_DASK_ADDRESS the address.  Write one with
         ``python -m concurrency config:publish``.
     Errors
         A task's exception is re-raised as its own class, with the child's
@@ -39,7 +42,7 @@ Using it
         TypeError or ValueError before anything starts.
     Logging
         A task's log records go through this process's loggers, levels and
-        handlers, on every driver.
+        handlers (on dask: its Dask worker's).
 
 Internals
 ---------
@@ -93,6 +96,13 @@ ForkDriver
 SyncDriver
     Calls the tasks one after another in this process: for tests and
     debugging.
+
+DaskDriver
+    Serializes the tasks as ProcessDriver does and submits them, in chunks
+    sized by what they took so far, as Dask tasks that call
+    worker.dask_task() on a Dask worker; that runs them in a warm child of
+    its own (_run_for_dask: this module, uploaded there, runs a _ProcessRun)
+    and returns the outcome frames undecoded, for _DaskRun to decode here.
 
 as_completed(), run_async(), progress=True
     All built on each driver's ``_completions`` generator, which yields the
@@ -3665,7 +3675,7 @@ class _DaskRun:
         self.stop = stop
         self.pending = collections.deque(range(len(payloads)))
         self.chunks = {}  # future -> the indices of its tasks
-        self.done = collections.deque()  # futures that finished, for the run to take
+        self.done = collections.deque()  # (future, (result, exception)) of chunks that ended
         self.timed = [0.0, 0]  # seconds the tasks took, tasks
         self.lock = threading.Lock()
         self.wake_fd = None  # the pipe's write end, None once the run is over
@@ -3679,7 +3689,7 @@ class _DaskRun:
             selector.register(wake_read, selectors.EVENT_READ, None)
             if self.stop is not None:
                 selector.register(self.stop.fileno(), selectors.EVENT_READ, self.stop)
-            self.threads = max(1, sum(self.client.nthreads().values()))
+            self.threads = _dask_threads(self.client)
             self.submit()
             while self.chunks:
                 if self.done:
@@ -3732,7 +3742,7 @@ class _DaskRun:
         futures = self.client.map(pickle.loads, calls, key=_dask_keys(len(chunks)), pure=False)
         for future, chunk in zip(futures, chunks):
             self.chunks[future] = chunk
-            future.add_done_callback(self.on_done)
+            self.fetch(future)
 
     def chunk_size(self):
         seconds, tasks = self.timed
@@ -3742,35 +3752,35 @@ class _DaskRun:
         per_task = seconds / tasks
         return max(1, min(share, int(_DASK_CHUNK_SECONDS / per_task) if per_task else share))
 
-    def on_done(self, future):
-        # On the client's thread: hand over, wake the run.
-        self.done.append(future)
-        with self.lock:
-            if self.wake_fd is not None:
-                try:
-                    os.write(self.wake_fd, b"!")
-                except BlockingIOError:  # full: it is awake anyway
-                    pass
+    def fetch(self, future):
+        """On the client's event loop: await the chunk and fetch its result
+        at once (not after a hop to a callback thread and one to ours, each
+        of which a run of few tasks would feel), then hand it to the run."""
+        async def fetch():
+            try:
+                [result] = await self.client.gather([future], asynchronous=True)
+                outcome = (result, None)
+            except BaseException as exc:  # its failure, to be the task's
+                outcome = (None, exc)
+            self.done.append((future, outcome))
+            with self.lock:
+                if self.wake_fd is not None:
+                    try:
+                        os.write(self.wake_fd, b"!")
+                    except BlockingIOError:  # full: it is awake anyway
+                        pass
+        self.client.loop.add_callback(fetch)
 
-    def settle(self, futures):
-        """Fill the outcomes of finished chunks, fetching their results at
-        once; returns the indices filled."""
-        results = {}
-        finished = [future for future in futures if future.status == "finished"]
-        if finished:
-            try:
-                results = dict(zip(finished, self.client.gather(finished)))
-            except Exception:
-                pass  # each one on its own below, with its own error
+    def settle(self, done):
+        """Fill the outcomes of finished chunks; returns the indices filled."""
         filled = []
-        for future in futures:
+        for future, (result, exc) in done:
             chunk = self.chunks.pop(future)
-            try:
-                encoded, seconds = results[future] if future in results else future.result()
-            except Exception as exc:
+            if exc is not None:
                 for index in chunk:
                     self.outcomes.fail(index, _dask_failure(self.outcomes.key(index), exc))
             else:
+                encoded, seconds = result
                 self.timed[0] += seconds
                 self.timed[1] += len(chunk)
                 for index, outcome in zip(chunk, encoded):
@@ -3812,6 +3822,20 @@ class _DaskRun:
             self.client.cancel(futures)
         except Exception:
             pass  # the scheduler is gone: so are its tasks
+
+
+_dask_thread_counts = weakref.WeakKeyDictionary()  # client -> (when, threads)
+
+
+def _dask_threads(client):
+    """The cluster's thread count, asked again every few seconds (it costs
+    a round trip to the scheduler, which a short run would feel)."""
+    now = time.monotonic()
+    known = _dask_thread_counts.get(client)
+    if known is None or now - known[0] > 5.0:
+        known = (now, max(1, sum(client.nthreads().values())))
+        _dask_thread_counts[client] = known
+    return known[1]
 
 
 def _dask_failure(key, exc):
