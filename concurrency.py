@@ -3664,7 +3664,7 @@ class _DaskRun:
     ``stop``, until the deadline.  Whatever has not finished when it ends --
     a timeout, a stop, the caller leaving as_completed() early, Ctrl-C -- is
     cancelled: queued tasks never start, running ones have their child
-    killed by their Dask worker (see _DaskCancelWatch)."""
+    killed by their Dask worker (see _DaskWorkerRun)."""
 
     def __init__(self, client, payloads, outcomes, timeout, deadline, stop):
         self.client = client
@@ -3918,21 +3918,17 @@ def _run_for_dask(payloads, timeout):
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
     outcomes = _RelayedOutcomes(len(payloads))
-    stop = _Stop()
     workers = []
     try:
-        _dask_cancel_watch.add(stop)
         # One child: the Dask worker gave this chunk one of its threads.
-        workers = pool.acquire(1, deadline, stop=stop)
-        for _index in _ProcessRun(pool, workers, 1, payloads, outcomes, timeout, deadline,
-                                  stop).completions():
+        workers = pool.acquire(1, deadline)
+        for _index in _DaskWorkerRun(pool, workers, payloads, outcomes, timeout, deadline,
+                                     _dask_task_dropped()).completions():
             pass
     except _Stopped:
-        pass  # cancelled: nobody waits for these outcomes any more
+        pass  # dropped: nobody waits for these outcomes any more
     finally:
         pool.release(workers)
-        _dask_cancel_watch.discard(stop)
-        stop.close()
     return outcomes.encoded, time.monotonic() - started
 
 
@@ -3970,49 +3966,51 @@ class _RelayedOutcomes:
         self.completed.append(index)
 
 
-class _DaskCancelWatch:
-    """Stops the runs of tasks their Dask worker has dropped: Dask cannot
-    stop a task that runs (it lets it finish, unused), but we can kill its
-    child.  Dask offers no call when it drops one, so while runs go on, a
-    thread looks at their tasks' state every _DASK_WATCH_INTERVAL."""
+class _DaskWorkerRun(_ProcessRun):
+    """A chunk's run on a Dask worker.  Dask cannot stop a task that runs
+    (it lets it finish, unused), but we can kill its child: every
+    _DASK_WATCH_INTERVAL the run looks whether its Dask worker has dropped
+    the task -- the caller timed out, was cancelled or left early -- and
+    stops if so.  Dask offers no call when it drops one; and a thread that
+    looked for every run would cost each Dask task more than this does."""
 
-    def __init__(self):
-        self.runs = {}  # stop -> (the Dask worker, the task's key)
-        self.lock = threading.Lock()
-        self.thread = None
+    def __init__(self, pool, workers, payloads, outcomes, timeout, deadline, dropped):
+        super().__init__(pool, workers, 1, payloads, outcomes, timeout, deadline, None)
+        self.dropped = dropped
+        self.next_look = time.monotonic() + _DASK_WATCH_INTERVAL
 
-    def add(self, stop):
-        try:
-            from distributed.worker import get_worker, thread_state
-            worker, key = get_worker(), thread_state.key
-        except Exception:  # not in a Dask task; or another distributed: timeouts still hold
-            return
-        with self.lock:
-            self.runs[stop] = (worker, key)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._watch, daemon=True,
-                                               name="concurrency-dask-watch")
-                self.thread.start()
+    def wake_after(self):
+        due = super().wake_after()
+        look = max(0.0, self.next_look - time.monotonic())
+        return look if due is None else min(due, look)
 
-    def discard(self, stop):
-        with self.lock:  # never set once closed: its descriptor may be another's by then
-            self.runs.pop(stop, None)
+    def on_wake(self):
+        super().on_wake()
+        now = time.monotonic()
+        if now >= self.next_look:
+            self.next_look = now + _DASK_WATCH_INTERVAL
+            if self.dropped():
+                raise _Stopped()
 
-    def _watch(self):
-        while True:
-            time.sleep(_DASK_WATCH_INTERVAL)
-            with self.lock:
-                if not self.runs:
-                    self.thread = None
-                    return
-                for stop, (worker, key) in self.runs.items():
-                    task = worker.state.tasks.get(key)
-                    if task is None or task.state in ("cancelled", "released", "forgotten"):
-                        stop.set()
+
+def _dask_task_dropped():
+    """A function telling whether the Dask task this thread runs has been
+    dropped by its worker; one that always says no outside a Dask task, or
+    with a distributed that has no such state (timeouts still hold)."""
+    try:
+        from distributed.worker import get_worker, thread_state
+        worker, key = get_worker(), thread_state.key
+        worker.state.tasks
+    except Exception:
+        return lambda: False
+
+    def dropped():
+        task = worker.state.tasks.get(key)
+        return task is None or task.state in ("cancelled", "released", "forgotten")
+    return dropped
 
 
 _DASK_WATCH_INTERVAL = 0.1
-_dask_cancel_watch = _DaskCancelWatch()
 
 
 # -- Deferred tasks in detached processes -------------------------------------
