@@ -3488,8 +3488,8 @@ def _distributed():
     except ImportError as exc:
         raise ConcurrencyError(
             "the dask driver needs Dask's distributed package, which is not installed "
-            "here (%s); install it with: pip install 'concurrency[dask]' (or: pip install "
-            "dask distributed)" % exc) from None
+            "here (%s); install it with: pip install 'concurrency[dask]' (from a checkout: "
+            "pip install '.[dask]'; or: pip install dask distributed)" % exc) from None
     return distributed
 
 
@@ -4281,7 +4281,7 @@ _CONFIG_TEMPLATE = """\
 ;   process - each task in a warm child Python process (tasks serialized with dill)
 ;   fork    - each task in an os.fork() child (POSIX only; nothing serialized)
 ;   sync    - one after another in the calling process (tests, debugging)
-;   dask    - each task on a Dask cluster (pip install 'concurrency[dask]')
+;   dask    - each task on a Dask cluster (needs: pip install distributed)
 ; The CONCURRENCY_DRIVER environment variable overrides it.
 default = process
 
