@@ -3641,6 +3641,29 @@ def _remote_call(function, *args):
     return pickle.dumps(_RemoteCall(function, args), pickle.HIGHEST_PROTOCOL)
 
 
+# Dask warns about a task graph over 10 MB ("Sending large graph"), which a
+# large capture would make: what does not fit in this goes ahead of it to
+# the workers (scattered), and the tasks name it.
+_DASK_INLINE_BYTES = 4 << 20
+
+
+def _dask_arguments(client, calls):
+    """The calls as Dask task arguments: in the graph while they fit in
+    _DASK_INLINE_BYTES, the rest scattered to the workers beforehand."""
+    inline, large = 0, []
+    for index, call in enumerate(calls):
+        if inline + len(call) > _DASK_INLINE_BYTES:
+            large.append(index)
+        else:
+            inline += len(call)
+    if large:
+        calls = list(calls)
+        scattered = client.scatter([calls[index] for index in large], hash=False)
+        for index, future in zip(large, scattered):
+            calls[index] = future
+    return calls
+
+
 def _dask_keys(count):
     # Unique keys: the cluster may serve other runs and other callers.
     prefix = "concurrency-%s-" % os.urandom(8).hex()
@@ -3737,8 +3760,9 @@ class _DaskRun:
         if not chunks:
             return
         dask_task = _worker_module().dask_task
-        calls = [_remote_call(dask_task, [self.payloads[i] for i in chunk],
-                              _remote_timeout(self.timeout)) for chunk in chunks]
+        calls = _dask_arguments(self.client, [
+            _remote_call(dask_task, [self.payloads[i] for i in chunk],
+                         _remote_timeout(self.timeout)) for chunk in chunks])
         futures = self.client.map(pickle.loads, calls, key=_dask_keys(len(chunks)), pure=False)
         for future, chunk in zip(futures, chunks):
             self.chunks[future] = chunk
@@ -3861,8 +3885,9 @@ def _defer_on_dask(client, payloads, keys, timeout):
     waited for at exit, as the base Driver.defer waits for its thread."""
     import distributed
     dask_task = _worker_module().dask_task
-    calls = [_remote_call(dask_task, [payload], _remote_timeout(timeout), [key])
-             for payload, key in zip(payloads, keys)]
+    calls = _dask_arguments(client, [
+        _remote_call(dask_task, [payload], _remote_timeout(timeout), [key])
+        for payload, key in zip(payloads, keys)])
     futures = client.map(pickle.loads, calls, key=_dask_keys(len(calls)), pure=False)
     distributed.fire_and_forget(futures)
     with _dask_lock:
@@ -4435,10 +4460,9 @@ usage: python -m concurrency config:publish [concurrency] [--force]
        python -m concurrency --version | --help
 
   config:publish  write concurrency.ini (default driver, max_workers, timeout,
-                  dask_address)
-                  where the library reads it: the file CONCURRENCY_CONFIG
-                  names, else the current directory; --force overwrites an
-                  existing one
+                  dask_address) where the library reads it: the file
+                  CONCURRENCY_CONFIG names, else the current directory;
+                  --force overwrites an existing one
   demo            count two tables of a small SQLite database with every driver
 """
 

@@ -9,6 +9,7 @@ code, but never import the library: it reaches them uploaded.
 """
 
 import asyncio
+import hashlib
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import time
 import unittest
+import warnings
 from unittest import mock
 
 import concurrency
@@ -310,6 +312,16 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
         keys = ["k%d" % n for n in range(500)]
         pairs = list(self.d.as_completed({key: (lambda key=key: key.upper()) for key in keys}))
         self.assertEqual(sorted(pairs), sorted((key, key.upper()) for key in keys))
+
+    def test_a_large_capture_travels_and_dask_warns_of_no_large_graph(self):
+        blob = os.urandom(6 << 20)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = self.d.run([lambda: hashlib.sha256(blob).hexdigest(),
+                                 lambda: len(blob), lambda: blob[:3]])
+        self.assertEqual(result, [hashlib.sha256(blob).hexdigest(), len(blob), blob[:3]])
+        self.assertEqual([str(w.message) for w in caught if "large" in str(w.message).lower()],
+                         [])
 
     def test_a_closure_over_a_class_made_in_the_caller_comes_back_as_that_class(self):
         Model = type("Model", (), {"label": lambda self: "model %d" % self.n})
