@@ -3895,9 +3895,20 @@ def _defer_on_dask(client, payloads, keys, timeout):
     if local:
         with _dask_lock:
             _dask_deferred.append((client, keys, futures))
-    else:
-        for key, future in zip(keys, futures):
-            future.add_done_callback(functools.partial(_report_deferred_on_dask, key))
+        return
+    for key, future in zip(keys, futures):
+        # Watched on the client's event loop, which ends quietly with us.
+        # Not add_done_callback(): its callback thread is gone at exit,
+        # and Dask would print a traceback for each.
+        client.loop.add_callback(_watch_deferred_on_dask, client, key, future)
+
+
+async def _watch_deferred_on_dask(client, key, future):
+    try:
+        await client.gather([future], errors="skip", asynchronous=True)
+    except BaseException:
+        return  # the client is closing: the cluster runs the task on
+    _report_deferred_on_dask(key, future)
 
 
 def _await_deferred_on_dask():

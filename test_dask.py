@@ -10,6 +10,7 @@ code, but never import the library: it reaches them uploaded.
 
 import asyncio
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ from unittest import mock
 
 import concurrency
 from test_concurrency import (
-    LONG_TIMEOUT, REPO, SHORT_TIMEOUT, CleanTestCase, DriverTests,
+    FIDELITY_CASES, FIDELITY_CHECK, LONG_TIMEOUT, REPO, SHORT_TIMEOUT, CleanTestCase, DriverTests,
     ScriptTestCase, pid_alive, raise_value_error, read_file, wait_until,
     write_file)
 
@@ -108,9 +109,9 @@ def setUpModule():
 
 
 def tearDownModule():
+    concurrency._close_dask()  # first: a client whose scheduler is gone would try again
     while CLUSTER:
         CLUSTER.pop().stop()
-    concurrency._close_dask()
 
 
 def write_pid(folder, name):
@@ -411,6 +412,7 @@ class DaskScriptTest(ScriptTestCase):
 
     def check(self, done, marker):
         self.assertSucceeded(done)
+        self.assertNotIn("Traceback", done.stderr)
         self.assertEqual(done.stdout.splitlines(),
                          ["[('Row', 'orders', 345), ('Row', 'users', 120)]",
                           "raised ZeroDivisionError"])
@@ -443,6 +445,42 @@ class DaskScriptTest(ScriptTestCase):
                                env={"CONCURRENCY_DRIVER": "dask"})
         self.check(done, marker)
         self.assertNotIn("Traceback", done.stderr)
+
+
+@NEEDS_DISTRIBUTED
+class DaskFidelityTest(ScriptTestCase):
+    """The process driver's fidelity cases, through the dask driver."""
+
+    def check_cases(self, layout, env):
+        if layout == "main":
+            source = FIDELITY_CASES + "\ncases = sys.modules[__name__]\n" + FIDELITY_CHECK
+            argv, env, cwd = self.script(source, env=env)
+        else:
+            argv, env, cwd = self.script("import cases\n" + FIDELITY_CHECK, env=env)
+            write_file(os.path.join(cwd, "cases.py"), FIDELITY_CASES)
+        done = subprocess.run(argv + ["dask"], env=env, cwd=cwd, capture_output=True,
+                              text=True, timeout=LONG_TIMEOUT)
+        self.assert_marked_processes_gone()
+        self.assertSucceeded(done)
+        return json.loads(done.stdout.splitlines()[-1])
+
+    def test_cases_from_a_main_script_on_a_cluster(self):
+        report = self.check_cases("main", {"CONCURRENCY_DASK_ADDRESS": CLUSTER[0].address})
+        concurrency.DaskDriver(address=CLUSTER[0].address).release_workers()
+        self.assertGreaterEqual(report["cases"], 48)
+        self.assertEqual(report["broken"], [])
+        # All but one: a task sees its Dask worker's argv and recursion
+        # limit, not the caller's (as README says).
+        self.assertEqual(sorted({name for name, _how, _got, _expected in report["mismatches"]}),
+                         ["context_argv_and_recursion_limit"])
+        for _name, _how, got, _expected in report["mismatches"]:
+            self.assertIn("--scheduler-file", str(got))
+
+    def test_cases_from_an_importable_module_on_the_local_cluster(self):
+        report = self.check_cases("module", {})
+        self.assertGreaterEqual(report["cases"], 48)
+        self.assertEqual(report["broken"], [])
+        self.assertEqual(report["mismatches"], [])
 
 
 class DaskMissingTest(ScriptTestCase):
