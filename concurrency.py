@@ -917,6 +917,9 @@ class DaskDriver(_ChildDriver):
             raise ValueError("connect_timeout must be finite: an unreachable scheduler "
                              "would hang the caller")
         _distributed()  # a clear error now when it is missing
+        if client is not None and getattr(client, "asynchronous", False):
+            raise TypeError("DaskDriver needs a synchronous distributed.Client; for "
+                            "asyncio, use run_async() with one")
         # A Dask worker in this process (a local cluster) runs tasks with
         # this module, not with a second copy uploaded (see worker.dask_task).
         sys.modules.setdefault(_worker_module().DASK_RUNNER_NAME, sys.modules[__name__])

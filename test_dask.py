@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import unittest
@@ -291,6 +292,41 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
         [pid] = pids_of(folder)
         wait_until(lambda: not pid_alive(pid), SHORT_TIMEOUT, "the task to be killed")
 
+    def test_ctrl_c_in_the_caller_stops_its_tasks_on_the_cluster(self):
+        folder = self.subdir("pids")
+        script = os.path.join(self.tmp, "main.py")
+        write_file(script, textwrap.dedent("""\
+            import os, sys, time
+            import concurrency
+            folder = sys.argv[1]
+
+            def sleeper(name):
+                path = os.path.join(folder, name)
+                open(path + ".tmp", "w").write(str(os.getpid()))
+                os.rename(path + ".tmp", path)
+                time.sleep(60)
+
+            try:
+                concurrency.driver("dask").run([lambda: sleeper("a"), lambda: sleeper("b")])
+            except KeyboardInterrupt:
+                print("interrupted", flush=True)
+            """))
+        env = dict(os.environ, PYTHONPATH=REPO, CONCURRENCY_DRIVER="dask")
+        process = subprocess.Popen([sys.executable, script, folder], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: len(pids_of(folder)) == 2, LONG_TIMEOUT, "both tasks to start")
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=LONG_TIMEOUT)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+        self.assertEqual(out, "interrupted\n", err)
+        pids = pids_of(folder)
+        wait_until(lambda: not any(pid_alive(pid) for pid in pids), SHORT_TIMEOUT,
+                   "the tasks' processes to be killed")
+
     def test_a_task_that_cannot_travel_fails_before_anything_starts(self):
         marker = self.path("ran")
         sock = socket.socket()
@@ -381,6 +417,8 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
             concurrency.DaskDriver(address=8786)
         with self.assertRaisesRegex(ValueError, "connect_timeout must be finite"):
             concurrency.DaskDriver(connect_timeout=float("inf"))
+        with self.assertRaisesRegex(TypeError, "needs a synchronous distributed.Client"):
+            concurrency.DaskDriver(client=mock.Mock(asynchronous=True))
 
 
 @NEEDS_DISTRIBUTED
