@@ -2725,7 +2725,9 @@ class RegistryTest(CleanTestCase):
             ("max_workers = 0", r"concurrency.ini: max_workers = 0 .*positive whole"),
             ("timeout = -1", r"concurrency.ini: timeout = -1 .*positive number of seconds"),
             ("workers = 3", r"unknown key 'workers'.*allowed keys: default, max_workers, "
-                            r"timeout"),
+                            r"timeout, dask_address"),
+            ("dask_address = scheduler", r"dask_address = scheduler is not a scheduler "
+                                         r"address; use one such as tcp://scheduler:8786"),
         ]
         for line, message in cases:
             with self.subTest(line=line):
@@ -2784,7 +2786,9 @@ class RegistryTest(CleanTestCase):
         self.assertIn("default = process", text)
         self.assertIn("max_workers", text)
         self.assertIn("timeout", text)
+        self.assertIn("\n; dask_address = tcp://scheduler:8786\n", text)  # commented out
         self.assertEqual(concurrency._read_config().get("default"), "process")
+        self.assertNotIn("dask_address", concurrency._read_config())
         write_file("concurrency.ini", "[concurrency]\ndefault = sync\n")
         second = subprocess.run(command, cwd=self.tmp, env=env, capture_output=True,
                                 text=True, timeout=LONG_TIMEOUT)
