@@ -11,8 +11,14 @@ skipped; install them with ``pip install .[bench]``.
 Scenarios:
   first2    a fresh interpreter imports the library and runs 2 trivial lambdas
             (whole-process wall time, ms)
+  first2-B  the same with PYTHONDONTWRITEBYTECODE=1, as many container images
+            set it: every module is compiled at every start (ms)
   warm2     a later 2-task run in the same process (ms)
   many1000  1000 tiny lambdas in one run (ms)
+  many10k   10,000 of them in one run (ms; and the parent's peak RSS, MB)
+  many100k  100,000 of them in one run (ms; and the parent's peak RSS, MB)
+  capture64mb  2 tasks capturing the same 64 MB bytes object, returning its
+            length (ms; and the parent's peak RSS, MB)
   cpu       2 x cores tasks of ~0.2 s pure-Python arithmetic: efficiency =
             sequential time / cores / wall (%; higher is better).  Each child
             alternates the system's runs with a bare fork per task (what the
@@ -40,7 +46,9 @@ DASK_SCENARIOS = ["warm2", "many1000"]
 SHORT = {"concurrency-process": "process", "concurrency-fork": "fork",
          "ProcessPoolExecutor+dill": "PPE+dill", "concurrency-dask": "on dask",
          "dask": "dask"}
-SCENARIOS = ["first2", "warm2", "many1000", "cpu", "big64mb", "rss"]
+SCENARIOS = ["first2", "first2-B", "warm2", "many1000", "many10k", "many100k",
+             "capture64mb", "cpu", "big64mb", "rss"]
+MANY = {"many1000": 1000, "many10k": 10000, "many100k": 100000}
 CORES = os.cpu_count() or 1
 CPU_SECONDS = 0.2
 
@@ -134,7 +142,7 @@ def importable(system):
 # -- One measurement, in a fresh interpreter ----------------------------------
 
 def child(system, scenario, iterations):
-    if scenario == "first2":
+    if scenario in ("first2", "first2-B"):
         run = make_runner(system)
         run([lambda: 1, lambda: 2])
         return {}
@@ -148,13 +156,24 @@ def child(system, scenario, iterations):
             assert run([lambda: 1, lambda: 2]) == [1, 2]
             times.append(time.perf_counter() - started)
         return {"value": statistics.median(times) * 1000}
-    if scenario == "many1000":
+    if scenario in MANY:
+        count = MANY[scenario]
+        times = []
+        for _ in range(3 if count <= 10000 else 1):
+            tasks = [lambda i=i: i for i in range(count)]
+            started = time.perf_counter()
+            assert run(tasks) == list(range(count))
+            times.append(time.perf_counter() - started)
+            del tasks
+        return {"value": statistics.median(times) * 1000, "rss": _peak_rss()}
+    if scenario == "capture64mb":
+        data = b"x" * (64 << 20)
         times = []
         for _ in range(3):
             started = time.perf_counter()
-            assert run([lambda i=i: i for i in range(1000)]) == list(range(1000))
+            assert run([lambda: len(data), lambda: len(data)]) == [64 << 20] * 2
             times.append(time.perf_counter() - started)
-        return {"value": statistics.median(times) * 1000}
+        return {"value": statistics.median(times) * 1000, "rss": _peak_rss()}
     if scenario == "cpu":
         tasks = [lambda: spin(iterations) for _ in range(2 * CORES)]
         run(tasks[:CORES])  # warm up with the same work
@@ -182,11 +201,15 @@ def child(system, scenario, iterations):
         del blobs
         if scenario == "big64mb":
             return {"value": wall * 1000}
-        import resource
         run([lambda: 0, lambda: 0])
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {"value": peak, "worker": _idle_worker_rss()}
+        return {"value": _peak_rss(), "worker": _idle_worker_rss()}
     raise SystemExit("unknown scenario %r" % scenario)
+
+
+def _peak_rss():
+    """This process's peak RSS so far, MB."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _idle_worker_rss():
@@ -220,13 +243,15 @@ def measure(system, scenario, iterations):
     # As users run it: with bytecode caching on (pip compiled the peers).
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if scenario == "first2-B":
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
     wall = (time.perf_counter() - started) * 1000
     if done.returncode != 0:
         raise RuntimeError("%s %s failed:\n%s" % (system, scenario, done.stderr[-2000:]))
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    if scenario == "first2":
+    if scenario in ("first2", "first2-B"):
         result["value"] = wall
     return result
 
@@ -333,6 +358,9 @@ def run_all(repeat, systems, scenarios):
                 bare.extend(r["os.fork"] for r in results)
                 rows["cpu"]["os.fork"] = statistics.median(bare)
                 cpu_ratios[system] = statistics.median(r["ratio"] for r in results)
+            if results[0].get("rss") is not None:
+                rows.setdefault(scenario + " rss", {})[system] = statistics.median(
+                    r["rss"] for r in results)
             if scenario == "rss":
                 workers = [r["worker"] for r in results if r.get("worker") is not None]
                 rows.setdefault("idle worker rss", {})[system] = (
@@ -342,12 +370,15 @@ def run_all(repeat, systems, scenarios):
 
 
 def print_table(rows, systems, cpu_ratios):
-    units = {"first2": "ms", "warm2": "ms", "many1000": "ms", "cpu": "% eff", "big64mb": "ms",
-             "rss": "MB peak", "idle worker rss": "MB"}
+    units = {"first2": "ms", "first2-B": "ms", "warm2": "ms", "many1000": "ms",
+             "many10k": "ms", "many100k": "ms", "capture64mb": "ms", "cpu": "% eff",
+             "big64mb": "ms",
+             "rss": "MB peak", "idle worker rss": "MB", "many10k rss": "MB peak",
+             "many100k rss": "MB peak", "capture64mb rss": "MB peak"}
     names = [s for s in systems] + ["os.fork"]
     shown = [n for n in names if any(n in row for row in rows.values())]
     width = 9
-    print("%-21s" % "scenario" + "".join("%*s" % (width, SHORT.get(n, n)[:width - 1])
+    print("%-24s" % "scenario" + "".join("%*s" % (width, SHORT.get(n, n)[:width - 1])
                                          for n in shown) + "   ours / best peer")
     for scenario, row in rows.items():
         cells = "".join("%*s" % (width, "-" if row.get(n) is None else "%.1f" % row[n])
@@ -365,7 +396,7 @@ def print_table(rows, systems, cpu_ratios):
                     ratios.append("%s %.2f" % (ours.split("-")[1], row[ours] / best))
         if row.get("concurrency-dask") is not None and row.get("dask"):
             ratios.append("on dask / dask %.2f" % (row["concurrency-dask"] / row["dask"]))
-        print("%-21s" % ("%s (%s)" % (scenario, units.get(scenario, ""))) + cells
+        print("%-24s" % ("%s (%s)" % (scenario, units.get(scenario, ""))) + cells
               + "   " + ", ".join(ratios))
 
 
