@@ -149,6 +149,7 @@ import contextvars
 import functools
 import importlib
 import io
+import marshal
 import math
 import os
 import pickle
@@ -1833,13 +1834,27 @@ _BOOTSTRAP = ("import sys; sys.path[:1] = [] if sys.path[:1] == [''] else sys.pa
               "l = SourceFileLoader(%r, sys.argv[1]); m = type(sys)(l.name); "
               "m.__file__, m.__loader__ = l.path, l; sys.modules[l.name] = m; "
               "l.exec_module(m); sys.exit(m.main(sys.argv[1:]))" % _WORKER_NAME)
+# Where no bytecode may be cached (PYTHONDONTWRITEBYTECODE=1, as many
+# container images set; or worker.py inside a zip), every worker would
+# compile worker.py anew (~10 ms): it runs the code we compiled instead,
+# marshalled, from sys.argv[1].  An interpreter of another version (a
+# sys.executable that is not this Python) compiles the source after all.
+_BOOTSTRAP_COMPILED = (
+    "import sys, marshal; sys.path[:1] = [] if sys.path[:1] == [''] else sys.path[:1]; "
+    "m = type(sys)(%r); m.__file__ = %r; sys.modules[m.__name__] = m; "
+    "f = open(sys.argv[1], 'rb'); "
+    "c = marshal.loads(f.read()) if sys.implementation.cache_tag == %r "
+    "else compile(open(m.__file__, 'rb').read(), m.__file__, 'exec'); f.close(); "
+    "exec(c, vars(m)); sys.exit(m.main(sys.argv[1:]))"
+    % (_WORKER_NAME, _WORKER_PATH, sys.implementation.cache_tag))
 
 
 def _worker_command(mode, *args):
-    path, _fds = _worker_file()
+    path, _fds, compiled = _worker_file()
     # The code opens with what the process is, for ps and top, which show
     # the first words of a command line: a string that is a no-op statement.
-    code = "'concurrency worker.py %s, of process %d'; %s" % (mode, os.getpid(), _BOOTSTRAP)
+    code = "'concurrency worker.py %s, of process %d'; %s" % (
+        mode, os.getpid(), _BOOTSTRAP_COMPILED if compiled else _BOOTSTRAP)
     return [sys.executable] + _interpreter_flags() + ["-c", code, path, mode] + list(args)
 
 
@@ -1865,26 +1880,34 @@ def _worker_source():
 
 
 def _worker_file():
-    """(path, descriptors to pass) a child can run worker.py from: the file
-    beside us, or, inside a zip, its source in an anonymous file the child
-    inherits (Linux; elsewhere a file of ours removed at exit)."""
+    """(path, descriptors to pass, compiled) a child can run worker.py
+    from: the file beside us, where its bytecode is cached; else the code we
+    compiled, marshalled into an anonymous file the child inherits (Linux;
+    elsewhere a file of ours removed at exit): see _BOOTSTRAP_COMPILED."""
     if not _worker_files:
-        source = None if os.path.isfile(_WORKER_PATH) else _worker_source()
-        if source is None:
-            _worker_files.append((_WORKER_PATH, ()))
-        elif hasattr(os, "memfd_create"):
+        if os.path.isfile(_WORKER_PATH) and not sys.dont_write_bytecode:
+            _worker_files.append((_WORKER_PATH, (), False))
+            return _worker_files[0]
+        data = marshal.dumps(_worker_code())
+        if hasattr(os, "memfd_create"):
             fd = _above_std(os.memfd_create("worker.py", os.MFD_CLOEXEC))
-            os.write(fd, source)
-            _worker_files.append(("/proc/self/fd/%d" % fd, (fd,)))
+            _write_all(fd, data)
+            _worker_files.append(("/proc/self/fd/%d" % fd, (fd,), True))
         else:
             import tempfile
             folder = tempfile.mkdtemp(prefix="concurrency-")
-            path = os.path.join(folder, "worker.py")
+            path = os.path.join(folder, "worker.code")
             with open(path, "wb") as file:
-                file.write(source)
+                file.write(data)
             atexit.register(_remove_tree, folder)
-            _worker_files.append((path, ()))
+            _worker_files.append((path, (), True))
     return _worker_files[0]
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _remove_tree(folder):
@@ -1935,28 +1958,35 @@ def _worker_module():
     a user's own worker.py must not be picked up."""
     if not _worker_modules:
         running = sys.modules.get(_WORKER_NAME)
-        running_file = getattr(running, "__file__", None)
-        if running is not None and (running_file == _WORKER_PATH or (
-                # Inside a zip: the worker ran from the source we passed it.
-                str(running_file).startswith("/proc/self/fd/") and _worker_source())):
+        if running is not None and getattr(running, "__file__", None) == _WORKER_PATH:
             # In a worker (a task using the library): the worker.py that runs,
             # whose functions pickles here and in our workers name.
             _worker_modules.append(running)
             return running
         module = types.ModuleType(_WORKER_NAME)
-        source = _worker_source()
-        if source is not None:  # inside a zip
-            module.__file__ = _WORKER_PATH
-            exec(compile(source, _WORKER_PATH, "exec"), vars(module))
-        else:
-            from importlib.machinery import SourceFileLoader
-            loader = SourceFileLoader(_WORKER_NAME, _WORKER_PATH)
-            module.__file__, module.__loader__ = _WORKER_PATH, loader
-            loader.exec_module(module)
+        module.__file__ = _WORKER_PATH
+        exec(_worker_code(), vars(module))
         # Registered, as in workers, so that pickle finds its functions.
         sys.modules.setdefault(_WORKER_NAME, module)
         _worker_modules.append(module)
     return _worker_modules[0]
+
+
+_worker_codes = []
+
+
+def _worker_code():
+    """worker.py's code object: its cached bytecode where there is some,
+    else compiled, once."""
+    if not _worker_codes:
+        source = _worker_source()
+        if source is not None:  # inside a zip
+            code = compile(source, _WORKER_PATH, "exec")
+        else:
+            from importlib.machinery import SourceFileLoader
+            code = SourceFileLoader(_WORKER_NAME, _WORKER_PATH).get_code(_WORKER_NAME)
+        _worker_codes.append(code)
+    return _worker_codes[0]
 
 
 # -- Children and the run loop ------------------------------------------------

@@ -1124,6 +1124,33 @@ class ScriptTest(ScriptTestCase):
         report = self.check_main_script("installed", "process")
         self.assertNotIn(REPO, report["module"])
 
+    def test_where_no_bytecode_is_cached_workers_run_the_code_the_caller_compiled(self):
+        # worker.py is edited once the caller has loaded it: a worker that
+        # compiles the file itself sees the edit, one that runs the
+        # caller's compiled code does not.
+        source = """\
+            import os, sys
+            import concurrency
+            assert concurrency.run([lambda: 1]) == [1]
+            path = os.path.join(os.path.dirname(concurrency.__file__), "worker.py")
+            with open(path, "a") as file:
+                file.write("\\nEDITED = True\\n")
+            fresh = concurrency.ProcessDriver()  # a pool of its own: new workers
+            print(fresh.run([lambda: getattr(sys.modules["_concurrency_worker"],
+                                             "EDITED", False)])[0])
+            """
+        for forbidden, expected in (("1", "False"), (None, "True")):
+            with self.subTest(PYTHONDONTWRITEBYTECODE=forbidden):
+                argv, env, cwd = self.script(source, layout="vendored")
+                env.pop("PYTHONDONTWRITEBYTECODE", None)
+                if forbidden:
+                    env["PYTHONDONTWRITEBYTECODE"] = forbidden
+                done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True,
+                                      timeout=LONG_TIMEOUT)
+                self.assert_marked_processes_gone()
+                self.assertSucceeded(done)
+                self.assertEqual(done.stdout.split(), [expected])
+
     def test_vendored_inside_a_zipapp(self):
         argv, env, cwd = self.script("")
         app = self.subdir("app")
