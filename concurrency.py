@@ -832,11 +832,15 @@ class ProcessDriver(_ChildDriver):
         _reap_exited()  # fork children of an earlier run
         workers = self._pool.acquire(size, deadline, start=min(size, _CORES), stop=stop)
         try:
-            payloads = _dumps_tasks(batch.keys, batch.calls)
+            serializer = _TaskSerializer(batch.calls, share=True)
+            payloads = [serializer.dumps(key, fn) for key, fn in zip(batch.keys, batch.calls)]
             if stop is not None and stop.is_set():
                 raise _Stopped()  # cancelled meanwhile: send nothing
-            yield from _ProcessRun(self._pool, workers, size, payloads, outcomes, timeout,
-                                   deadline, stop).completions()
+            run = _ProcessRun(self._pool, workers, size, payloads, outcomes, timeout, deadline,
+                              stop)
+            if serializer.shared.buffers:
+                run.share(serializer.shared.buffers, serializer.needs)
+            yield from run.completions()
         finally:
             self._pool.release(workers)
 
@@ -957,13 +961,26 @@ class DaskDriver(_ChildDriver):
         yield from _DaskRun(client, payloads, outcomes, timeout, deadline, stop).completions()
 
     def defer(self, tasks, *, always=False):
+        """Start ``tasks`` on the cluster when the current deferring() scope
+        ends, their results unused; a failure is reported on the stderr of
+        the Dask worker that ran it.  Without a cluster to go to, they run
+        as ProcessDriver.defer runs them, detached: a local cluster would end
+        with this process, and them with it."""
         batch = _Batch(tasks)
         # Serialized now: a task that can't be fails here, at the call site,
         # and captured values are taken as they are now.
         payloads = _dumps_tasks(batch.keys, batch.calls)
         keys = [repr(key) for key in batch.keys]
-        _schedule_deferred(lambda: _defer_on_dask(self.client(), payloads, keys, self.timeout),
-                           always)
+
+        def start():
+            if self._client is None and not self.address and _default_dask_client() is None:
+                payload = pickle.dumps((_current_context(), self.timeout, self.max_workers,
+                                        list(zip(keys, payloads))), pickle.HIGHEST_PROTOCOL)
+                _spawn_detached(payload)
+            else:
+                _defer_on_dask(self.client(), payloads, keys, self.timeout)
+
+        _schedule_deferred(start, always)
 
 
 # -- Input and outcomes -------------------------------------------------------
@@ -1328,10 +1345,16 @@ class _TaskSerializer:
     are sent whole.
     """
 
-    def __init__(self, calls=()):
+    def __init__(self, calls=(), share=False):
         self.worker = _worker_module()
         self.buffer = io.BytesIO()
         self.pickler = self.worker.ValuePickler(self.buffer)
+        # share: large buffers the tasks capture go once per worker (see
+        # worker.SharedBuffers); needs[i] the numbers task i names.  Tasks are
+        # pickled naming them (b"s") from the first that captures one.
+        self.shared = self.worker.SharedBuffers() if share else None
+        self.sharing = False
+        self.needs = []
         functions = {id(fn): fn for fn in calls if type(fn) is types.FunctionType}
         codes = collections.Counter(fn.__code__ for fn in functions.values()
                                     if not self.worker.found_by_name(fn))
@@ -1341,18 +1364,33 @@ class _TaskSerializer:
     def dumps(self, key, fn):
         """The payload of task ``fn``: b"p" and a pickle, or b"d" and dill's."""
         worker = self.worker
+        if self.shared is not None:
+            self.shared.named = set()
+            if not self.sharing and _captures_large_buffer(fn, worker.SHARE_MIN):
+                self._start_sharing()
         try:
             try:
-                return self._dumps(fn)
+                payload = self._dumps(fn)
+                if (self.shared is not None and not self.sharing
+                        and len(payload) >= 2 * worker.SHARE_MIN):
+                    # A large buffer deeper down: this task and the rest
+                    # name theirs from now on.
+                    self._start_sharing()
+                    payload = self._dumps(fn)
+                self._named(fn)
+                return payload
             except (worker.Unshippable, RecursionError):
                 raise
             except Exception:  # what the C pickler refuses: dill may do
                 self.buffer = io.BytesIO()  # the pickler may be left mid-way
-                self.pickler = worker.ValuePickler(self.buffer)
+                self.pickler = self._new_pickler(self.buffer)
+                if self.shared is not None:
+                    self.shared.named = set()
             buffer = io.BytesIO()
             buffer.write(b"d")
             try:
                 worker.dill_value_pickler_class()(buffer).dump(fn)
+                self._named(None)
             except ImportError as exc:
                 raise SerializationError(
                     key, "task", "needs dill to be serialized, and dill is not installed: "
@@ -1366,17 +1404,37 @@ class _TaskSerializer:
         except Exception as exc:
             raise self._error(key, fn, exc) from exc
 
+    def _new_pickler(self, buffer):
+        if self.sharing:
+            return self.worker.SharingValuePickler(buffer, self.shared)
+        return self.worker.ValuePickler(buffer)
+
+    def _start_sharing(self):
+        self.sharing = True
+        self.pickler = self._new_pickler(self.buffer)
+        self.templates.clear()  # made without: made again as needed
+
+    def _named(self, fn):
+        """Note the shared buffers the task just pickled names: its own, and
+        those of the template it follows."""
+        if self.shared is not None:
+            template = None if fn is None else self._template(fn)
+            named = self.shared.named
+            if template is not None:
+                named |= template[2]
+            self.needs.append(frozenset(named))
+
     def _dumps(self, fn):
         buffer, pickler = self.buffer, self.pickler
         buffer.seek(0)
         buffer.truncate()
-        buffer.write(b"p")
+        buffer.write(b"s" if self.sharing else b"p")
         template = self._template(fn)
         if template is None:
             pickler.reset()
             pickler.dump(fn)
             return buffer.getvalue()
-        prefix, template_pickler = template
+        prefix, template_pickler, _named = template
         pickler.memo = template_pickler.memo
         pickler.globals_ref = dict(template_pickler.globals_ref)
         pickler.filled = set(template_pickler.filled)
@@ -1390,16 +1448,21 @@ class _TaskSerializer:
         key = (fn.__code__, id(fn.__globals__))
         if key not in self.templates:
             buffer = io.BytesIO()
-            pickler = self.worker.ValuePickler(buffer)
+            pickler = self._new_pickler(buffer)
+            named = set()
+            if self.shared is not None:
+                named, self.shared.named = self.shared.named, named
             base, submodules = pickler.prefill(fn)
             # What every task's pickle names goes in too, memoized once.
             pickler.dump((fn.__code__, base, submodules, self.worker.make_function))
+            if self.shared is not None:
+                named, self.shared.named = self.shared.named, named
             template = buffer.getvalue()
             if len(template) > _TEMPLATE_MAX:
                 self.templates[key] = None
             else:
                 # The template's STOP becomes POP: the task's pickle follows.
-                self.templates[key] = (template[:-1] + pickle.POP, pickler)
+                self.templates[key] = (template[:-1] + pickle.POP, pickler, frozenset(named))
         return self.templates[key]
 
     def _error(self, key, fn, exc):
@@ -1413,6 +1476,33 @@ class _TaskSerializer:
         return SerializationError(
             key, "task", "cannot be serialized: %s. Create such objects inside the task, "
             "or use the fork driver, which does not serialize tasks" % detail)
+
+
+def _captures_large_buffer(fn, size):
+    """Whether a function's defaults, captured variables or globals hold a
+    bytes or bytearray of ``size`` or more: a look at the surface, cheap
+    enough for every task (what lies deeper is found by its pickle's size)."""
+    if type(fn) is not types.FunctionType:
+        return False
+    values = list(fn.__defaults__ or ())
+    for cell in fn.__closure__ or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:
+            pass
+    namespace = fn.__globals__
+    values += [namespace[name] for name in _global_names(fn.__code__) if name in namespace]
+    return any(type(value) in (bytes, bytearray) and len(value) >= size for value in values)
+
+
+def _global_names(code):
+    names = _global_names_of.get(code)
+    if names is None:
+        names = _global_names_of[code] = _worker_module().global_names(code)
+    return names
+
+
+_global_names_of = weakref.WeakKeyDictionary()  # code -> the globals it reads
 
 
 # Larger templates are not worth sharing (see _TaskSerializer).
@@ -2027,7 +2117,10 @@ class _Child:
             data = os.read(self.claim_fd, 1 << 16)  # more than a pipe holds
         except BlockingIOError:
             return []
-        return [number for (number,) in _INDEX.iter_unpack(data)]
+        # Not the claim that lets a past run's buffers go (see
+        # _ProcessRun.finish): the b"D" frame does, when next read.
+        drop = _worker_module().DROP_SHARED
+        return [number for (number,) in _INDEX.iter_unpack(data) if number != drop]
 
     def read_frames(self):
         """Read what the pipe holds now; return the complete frames."""
@@ -2545,19 +2638,23 @@ class _Worker(_Child):
         self.idle_since = time.monotonic()
         _live_workers.add(self)
 
-    def send_tasks(self, context, payloads):
-        """Send task frames, and the context first if it has another: in one
-        write when small, as each write may cost a wake-up.  Returns the
-        numbers of their claims.  The claims go first: a worker that takes
-        one reads on until its frame, so a large frame never waits for a
-        claim behind it."""
+    def send_tasks(self, context, payloads, buffers=()):
+        """Send task frames, and the context first if it has another, and
+        the large buffers they name (see _ProcessRun.share), straight from
+        their memory: in one write when small, as each write may cost a
+        wake-up.  Returns the numbers of their claims.  The claims go first:
+        a worker that takes one reads on until its frame, so a large frame
+        never waits for a claim behind it."""
         numbers = range(self.claims_sent, self.claims_sent + len(payloads))
-        frames = [(b"T", payload) for payload in payloads]
-        if self.context != context:
-            frames.insert(0, (b"C", context))
+        shared_header = _worker_module().SHARED_HEADER
         parts = []
-        for kind, body in frames:
-            parts += [_FRAME_HEADER.pack(kind, len(body)), body]
+        if self.context != context:
+            parts += [_FRAME_HEADER.pack(b"C", len(context)), context]
+        for number, buffer in buffers:
+            parts += [_FRAME_HEADER.pack(b"B", shared_header.size + len(buffer)),
+                      shared_header.pack(number), buffer]
+        for payload in payloads:
+            parts += [_FRAME_HEADER.pack(b"T", len(payload)), payload]
         if sum(len(part) for part in parts) <= 2 * _BATCH_BYTES:
             parts = [b"".join(parts)]
         try:
@@ -2756,6 +2853,35 @@ class _ProcessRun(_Run):
                                     pickle.HIGHEST_PROTOCOL)
         self.retried = set()
         self.claims = {}  # worker -> {claim number: index} of the tasks sent to it
+        self.buffers = None  # number -> large buffer the tasks share, see share()
+        self.has_buffers = {}  # worker -> numbers of the buffers sent to it
+
+    def share(self, buffers, needs):
+        """Large buffers the tasks capture (worker.SharedBuffers): each goes
+        to a worker once, ahead of the first task there that names it."""
+        self.buffers = buffers
+        self.needs = needs
+
+    def buffers_for(self, worker, indices):
+        """The (number, buffer) pairs a worker needs for these tasks and
+        does not have yet; noted as sent."""
+        if self.buffers is None:
+            return ()
+        has = self.has_buffers.setdefault(worker, set())
+        wanted = set().union(*(self.needs[index] for index in indices)) - has
+        has |= wanted
+        return [(number, self.buffers[number]) for number in sorted(wanted)]
+
+    def finish(self):
+        # The run's buffers leave the workers now, not with their next task.
+        code = _worker_module()
+        for worker in self.has_buffers:
+            if not worker.broken and worker.task_fd is not None:
+                try:
+                    _write(worker.task_fd, _FRAME_HEADER.pack(b"D", 0))
+                    _write(worker.claim_write_fd, _INDEX.pack(code.DROP_SHARED))
+                except OSError:
+                    pass  # it died: nothing to let go of
 
     def start_tasks(self):
         while self.pending and self.free:
@@ -2763,7 +2889,8 @@ class _ProcessRun(_Run):
             indices = self.take_batch(self.size, lambda i: len(self.payloads[i]))
             self.queued[worker] = collections.deque(indices[1:])
             try:
-                numbers = worker.send_tasks(self.context, [self.payloads[i] for i in indices])
+                numbers = worker.send_tasks(self.context, [self.payloads[i] for i in indices],
+                                            self.buffers_for(worker, indices))
             except OSError:  # the worker is gone (it may have just left idle)
                 worker.wait()
                 worker.read_frames()
@@ -2802,7 +2929,8 @@ class _ProcessRun(_Run):
             return
         indices = self.take_batch(self.size, lambda i: len(self.payloads[i]), room)
         try:
-            numbers = worker.send_tasks(self.context, [self.payloads[i] for i in indices])
+            numbers = worker.send_tasks(self.context, [self.payloads[i] for i in indices],
+                                        self.buffers_for(worker, indices))
         except OSError:  # it died: its pipes tell the run so
             self.pending.extendleft(reversed(indices))
             return
@@ -3529,7 +3657,6 @@ def _distributed():
 _dask_lock = threading.RLock()
 _dask_clients = {}  # address -> the Client we connected to it
 _dask_local = []    # (cluster, client) of the local cluster, once started
-_dask_deferred = []  # (client, keys, futures) deferred to the local cluster
 _dask_uploaded = weakref.WeakKeyDictionary()  # client -> name of the plugin it has
 
 
@@ -3570,13 +3697,12 @@ def _local_dask_client(threads):
         if not _dask_local:
             distributed = _distributed()
             _close_dask_at_exit()
+            # No dashboard; the scheduler's HTTP server (health checks) on a
+            # free port of loopback, not on 8787, which may well be taken.
             cluster = distributed.LocalCluster(
                 n_workers=1, threads_per_worker=threads, processes=False,
-                dashboard_address=None)
-            # Run at exit before concurrent.futures' own hook, which stops
-            # the thread pools the scheduler takes new tasks with (atexit
-            # is too late).  Private, but what concurrent.futures itself uses.
-            getattr(threading, "_register_atexit", atexit.register)(_await_deferred_on_dask)
+                dashboard_address=None,
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
             _dask_local.append((cluster, distributed.Client(cluster, set_as_default=False)))
         return _dask_local[0][1]
 
@@ -3914,8 +4040,7 @@ def _dask_failure(key, exc):
 def _defer_on_dask(client, payloads, keys, timeout):
     """Start deferred tasks on the cluster, whose workers report a task's
     failure on their stderr; what keeps one from running at all is reported
-    here.  Those on the local cluster, which ends with this process, are
-    waited for at exit, as the base Driver.defer waits for its thread."""
+    here, while this process lives."""
     import distributed
     dask_task = _worker_module().dask_task
     calls = _dask_arguments(client, [
@@ -3923,12 +4048,6 @@ def _defer_on_dask(client, payloads, keys, timeout):
         for payload, key in zip(payloads, keys)])
     futures = client.map(pickle.loads, calls, key=_dask_keys(len(calls)), pure=False)
     distributed.fire_and_forget(futures)
-    with _dask_lock:
-        local = bool(_dask_local) and client is _dask_local[0][1]
-    if local:
-        with _dask_lock:
-            _dask_deferred.append((client, keys, futures))
-        return
     for key, future in zip(keys, futures):
         # Watched on the client's event loop, which ends quietly with us.
         # Not add_done_callback(): its callback thread is gone at exit,
@@ -3942,20 +4061,6 @@ async def _watch_deferred_on_dask(client, key, future):
     except BaseException:
         return  # the client is closing: the cluster runs the task on
     _report_deferred_on_dask(key, future)
-
-
-def _await_deferred_on_dask():
-    """At exit, before the thread pools that Dask's scheduler needs stop:
-    the deferred tasks of the local cluster, which ends with us, end first."""
-    while _dask_deferred:
-        with _dask_lock:
-            client, keys, futures = _dask_deferred.pop(0)
-        try:
-            client.gather(futures, errors="skip")
-        except Exception:
-            pass  # the cluster is gone: the statuses below tell
-        for key, future in zip(keys, futures):
-            _report_deferred_on_dask(key, future)
 
 
 def _report_deferred_on_dask(key, future):

@@ -1124,6 +1124,47 @@ class ScriptTest(ScriptTestCase):
         report = self.check_main_script("installed", "process")
         self.assertNotIn(REPO, report["module"])
 
+    def test_a_large_buffer_many_tasks_capture_is_sent_once_not_once_a_task(self):
+        done = self.run_script("""\
+            import json, os, resource
+            import concurrency
+
+            blob = os.urandom(16 << 20)
+            mutable = bytearray(4 << 20)
+
+            class Holder:
+                pass
+
+            holder = Holder()
+            holder.data = blob  # deeper than a global: found by its pickle's size
+
+            def touch(i):
+                mutable[0] = i
+                return mutable[0]
+
+            def peak_mb():
+                return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+            concurrency.run([lambda: 0, lambda: 0])  # workers up
+            before = peak_mb()
+            results = concurrency.run([lambda i=i: (i, len(blob), blob[i], touch(i))
+                                       for i in range(24)])
+            deeper = concurrency.run([lambda i=i: holder.data[i] for i in range(24)])
+            print(json.dumps({
+                "results": results == [[i, len(blob), blob[i], i] for i in range(24)]
+                           or results == [(i, len(blob), blob[i], i) for i in range(24)],
+                "deeper": deeper == [blob[i] for i in range(24)],
+                "caller's bytearray untouched": mutable[0] == 0,
+                "grown_mb": peak_mb() - before}))
+            """)
+        self.assertSucceeded(done)
+        report = json.loads(done.stdout.splitlines()[-1])
+        self.assertTrue(report["results"])
+        self.assertTrue(report["deeper"])
+        self.assertTrue(report["caller's bytearray untouched"])
+        # Once a task, the payloads alone would take 24 x 16 MB.
+        self.assertLess(report["grown_mb"], 120, report)
+
     def test_where_no_bytecode_is_cached_workers_run_the_code_the_caller_compiled(self):
         # worker.py is edited once the caller has loaded it: a worker that
         # compiles the file itself sees the edit, one that runs the

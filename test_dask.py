@@ -454,6 +454,7 @@ class DaskScriptTest(ScriptTestCase):
         self.assertEqual(done.stdout.splitlines(),
                          ["[('Row', 'orders', 345), ('Row', 'users', 120)]",
                           "raised ZeroDivisionError"])
+        wait_until(lambda: os.path.exists(marker), LONG_TIMEOUT, "the deferred task to run")
         self.assertEqual(read_file(marker), "deferred")
 
     def test_the_environment_names_the_driver_and_the_cluster(self):
@@ -478,6 +479,8 @@ class DaskScriptTest(ScriptTestCase):
     def test_with_no_cluster_named_a_local_one_runs_it_and_goes_at_exit(self):
         # No __main__ guard, as scripts are written: a local cluster that
         # started worker processes with multiprocessing would run it again.
+        # Its deferred task runs detached, as on process: the local cluster
+        # ends with the script.
         marker = self.path("marker")
         done = self.run_script(self.SCRIPT, argv_extra=[marker],
                                env={"CONCURRENCY_DRIVER": "dask"})

@@ -632,7 +632,8 @@ class WorkerPlumbingTest(CleanTestCase):
         worker = subprocess.Popen(
             concurrency._worker_command("serve", str(task_r), str(result_w), "0.05", "0",
                                         str(claim_r)),
-            pass_fds=(task_r, result_w, claim_r), stdin=subprocess.DEVNULL,
+            pass_fds=(task_r, result_w, claim_r) + concurrency._worker_fds(),
+            stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE)
         os.close(task_r)
         os.close(result_w)

@@ -32,6 +32,10 @@ Frames are one kind byte, an 8-byte big-endian length, then the body:
     parent -> worker   b"C" context: pickled (cwd, environ, sys.path, argv,
                        recursion limit, logging levels or None)
                        b"T" task: a serialized callable, see loads_task()
+                       b"B" a large buffer the run's tasks share: its
+                       number (8 bytes), then its bytes; b"D" (empty) the
+                       run is over, its buffers go (with a claim of
+                       DROP_SHARED, read at once).  See SharedBuffers.
                        b"F" / b"S" reply to a lent result (empty body)
     worker -> parent   b"R" result: encode_result()
                        b"E" error: encode_error()
@@ -696,6 +700,73 @@ def dill_value_pickler_class():
 _loaders = {}
 
 
+# Large buffers a run's tasks capture travel once per worker per run, not
+# once per task: pickled, a task names each by its number (shared_buffer),
+# and the parent sends its bytes ahead of the first task of that worker that
+# names it, in a b"B" frame, written straight from the object's memory.
+SHARE_MIN = 1 << 20
+SHARED_HEADER = struct.Struct(">Q")  # a b"B" frame's body: number, then the bytes
+# The claim the parent sends after a run's b"D" frame: the worker, idle,
+# reads up to that frame and lets the run's buffers go at once.
+DROP_SHARED = (1 << 64) - 3
+
+
+class SharedBuffers:
+    """The parent's side: the large buffers of one run's tasks, numbered,
+    and which tasks name which."""
+
+    def __init__(self):
+        self.buffers = {}  # number -> the bytes or bytearray
+        self.numbers = {}  # id(buffer) -> number
+        self.named = set()  # numbers named by the pickle being made
+
+    def number(self, obj):
+        number = self.numbers.get(id(obj))
+        if number is None:
+            number = self.numbers[id(obj)] = len(self.buffers)
+            self.buffers[number] = obj
+        self.named.add(number)
+        return number
+
+
+class SharingValuePickler(ValuePickler):
+    """ValuePickler that names the large buffers it meets by their number in
+    ``shared`` (a SharedBuffers) instead of pickling them.  A persistent ID,
+    not a reduction: the C pickler writes bytes without asking
+    reducer_override; it asks persistent_id first, for every object, which
+    is why only runs that capture large buffers use this one."""
+
+    def __init__(self, file, shared):
+        super().__init__(file)
+        self.shared = shared
+
+    def persistent_id(self, obj):
+        kind = type(obj)
+        if (kind is bytes or kind is bytearray) and len(obj) >= SHARE_MIN:
+            return self.shared.number(obj), kind is bytearray
+        return None
+
+
+class _SharingUnpickler(pickle.Unpickler):
+    def persistent_load(self, pid):
+        return shared_buffer(*pid)
+
+
+_shared = {}  # in a worker: number -> the bytes of a b"B" frame of this run
+
+
+def shared_buffer(number, mutable):
+    """A large buffer a task captured (see SharedBuffers): the one bytes
+    object for every task of the run here, or, mutable, a bytearray of the
+    task's own."""
+    data = _shared[number]
+    if mutable:
+        return bytearray(data)
+    if type(data) is not bytes:
+        data = _shared[number] = bytes(data)
+    return data
+
+
 # Rebuilding on the receiving side.
 
 def make_function(code, namespace, name, defaults, closure):
@@ -1100,11 +1171,15 @@ def _reducers():
 
 
 def loads_task(body):
-    """Unserialize a task payload: b"p" and a pickle (see ValuePickler), or
-    b"d" and dill's, for what only dill could send."""
+    """Unserialize a task payload: b"p" and a pickle (see ValuePickler), b"s"
+    and one naming shared buffers (see SharingValuePickler), or b"d" and
+    dill's, for what only dill could send."""
     view = memoryview(body)
     if view[:1] == b"p":
         return pickle.loads(view[1:])
+    if view[:1] == b"s":
+        import io
+        return _SharingUnpickler(io.BytesIO(view[1:])).load()
     import dill
     return dill.loads(bytes(view[1:]))
 
@@ -1153,7 +1228,8 @@ class _Channel:
 
     def task(self, number):
         """The body of task ``number``, the context frames before it applied
-        to self.context; frames of tasks taken back are skipped."""
+        to self.context; frames of tasks taken back are skipped.  With
+        ``number`` DROP_SHARED: None, once the run's b"D" frame is read."""
         while True:
             frame = self.read_frame()
             if frame is None:
@@ -1161,6 +1237,13 @@ class _Channel:
             kind, body = frame
             if kind == b"C":
                 self.context = pickle.loads(body)
+            elif kind == b"B":
+                _shared[SHARED_HEADER.unpack_from(body)[0]] = \
+                    memoryview(body)[SHARED_HEADER.size:]
+            elif kind == b"D":  # the run is over: its buffers go
+                _shared.clear()
+                if number == DROP_SHARED:
+                    return None
             elif kind == b"T":
                 self.received += 1
                 if self.received - 1 == number:
@@ -1332,6 +1415,9 @@ def serve(task_fd, result_fd, idle_timeout, lend_min, claim_fd):
                 # claimed, and runs elsewhere.
                 channel.write_frame(b"Q")
                 os._exit(0)
+            continue
+        if number == DROP_SHARED:
+            channel.task(number)
             continue
         body = channel.task(number)
         channel.running = number
