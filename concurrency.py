@@ -149,6 +149,7 @@ import contextvars
 import functools
 import importlib
 import io
+import itertools
 import marshal
 import math
 import os
@@ -832,15 +833,11 @@ class ProcessDriver(_ChildDriver):
         _reap_exited()  # fork children of an earlier run
         workers = self._pool.acquire(size, deadline, start=min(size, _CORES), stop=stop)
         try:
-            serializer = _TaskSerializer(batch.calls, share=True)
-            payloads = [serializer.dumps(key, fn) for key, fn in zip(batch.keys, batch.calls)]
+            payloads = _Payloads(batch.keys, batch.calls)
             if stop is not None and stop.is_set():
                 raise _Stopped()  # cancelled meanwhile: send nothing
-            run = _ProcessRun(self._pool, workers, size, payloads, outcomes, timeout, deadline,
-                              stop)
-            if serializer.shared.buffers:
-                run.share(serializer.shared.buffers, serializer.needs)
-            yield from run.completions()
+            yield from _ProcessRun(self._pool, workers, size, payloads, outcomes, timeout,
+                                   deadline, stop).completions()
         finally:
             self._pool.release(workers)
 
@@ -1350,11 +1347,11 @@ class _TaskSerializer:
         self.buffer = io.BytesIO()
         self.pickler = self.worker.ValuePickler(self.buffer)
         # share: large buffers the tasks capture go once per worker (see
-        # worker.SharedBuffers); needs[i] the numbers task i names.  Tasks are
-        # pickled naming them (b"s") from the first that captures one.
+        # worker.SharedBuffers); named: the numbers the last task names.
+        # Tasks are pickled naming them (b"s") from the first that captures one.
         self.shared = self.worker.SharedBuffers() if share else None
         self.sharing = False
-        self.needs = []
+        self.named = frozenset()
         functions = {id(fn): fn for fn in calls if type(fn) is types.FunctionType}
         codes = collections.Counter(fn.__code__ for fn in functions.values()
                                     if not self.worker.found_by_name(fn))
@@ -1422,7 +1419,7 @@ class _TaskSerializer:
             named = self.shared.named
             if template is not None:
                 named |= template[2]
-            self.needs.append(frozenset(named))
+            self.named = frozenset(named)
 
     def _dumps(self, fn):
         buffer, pickler = self.buffer, self.pickler
@@ -1513,6 +1510,84 @@ def _dumps_tasks(keys, calls):
     """Serialize the tasks of a run, see _TaskSerializer."""
     serializer = _TaskSerializer(calls)
     return [serializer.dumps(key, fn) for key, fn in zip(keys, calls)]
+
+
+class _Payloads:
+    """The serialized tasks of a process run, by index.
+
+    A run of up to _EAGER_TASKS tasks is serialized whole before anything
+    starts, so that a task that can't be fails the run there, naming it.  A
+    larger one, its first _EAGER_TASKS so, then the rest as workers need
+    them, each let go once its task has ended: the parent never holds the
+    payloads of 100,000 tasks at once, and the first tasks run while the
+    last are serialized.  One of those that can't be fails alone, as its
+    turn comes.
+    """
+
+    def __init__(self, keys, calls, ready=None):
+        self.keys = keys
+        self.calls = calls
+        self.serializer = None
+        self.serialized = {}  # index -> payload, until its task has ended
+        self.needs = {}  # index -> the shared buffers it names (see buffers_for)
+        self.buffers = {}
+        self.made = 0  # the tasks before this one are serialized, or failed
+        self.failed = []  # (index, SerializationError) not yet reported
+        if ready is not None:  # serialized elsewhere (a Dask worker's chunk)
+            self.serialized = dict(enumerate(ready))
+            self.made = len(ready)
+            return
+        self.serializer = _TaskSerializer(calls, share=True)
+        if self.serializer.shared is not None:
+            self.buffers = self.serializer.shared.buffers
+        self.make(min(len(calls), _EAGER_TASKS), started=False)
+
+    def __len__(self):
+        return len(self.calls)
+
+    def __getitem__(self, index):
+        return self.serialized[index]
+
+    def make(self, upto, started=True):
+        while self.made < upto:
+            index = self.made
+            self.made += 1
+            try:
+                payload = self.serializer.dumps(self.keys[index], self.calls[index])
+            except SerializationError as exc:
+                if not started:
+                    raise
+                self.failed.append((index, exc))
+                continue
+            self.serialized[index] = payload
+            if self.serializer.named:
+                self.needs[index] = self.serializer.named
+
+    def ahead(self, pending, count, outcomes):
+        """Have the first ``count`` pending tasks serialized; those that
+        can't be leave ``pending``, failed."""
+        while self.made < len(self.calls) and pending:
+            self.make(max(itertools.islice(pending, count)) + 1)
+            if not self.failed:
+                return
+            # Those that failed leave, and the window takes in the next.
+            gone = {index for index, _exc in self.failed}
+            kept = [index for index in pending if index not in gone]
+            pending.clear()
+            pending.extend(kept)
+            for index, exc in self.failed:
+                outcomes.fail(index, exc)
+            del self.failed[:]
+
+    def release(self, index):
+        """Its task has ended: its payload is not needed again."""
+        if self.serializer is not None:
+            self.serialized.pop(index, None)
+            self.needs.pop(index, None)
+
+
+# Runs of up to this many tasks are serialized whole before any starts.
+_EAGER_TASKS = 10000
 
 
 def _culprit(fn, worker, depth=4):
@@ -2853,24 +2928,21 @@ class _ProcessRun(_Run):
                                     pickle.HIGHEST_PROTOCOL)
         self.retried = set()
         self.claims = {}  # worker -> {claim number: index} of the tasks sent to it
-        self.buffers = None  # number -> large buffer the tasks share, see share()
-        self.has_buffers = {}  # worker -> numbers of the buffers sent to it
-
-    def share(self, buffers, needs):
-        """Large buffers the tasks capture (worker.SharedBuffers): each goes
-        to a worker once, ahead of the first task there that names it."""
-        self.buffers = buffers
-        self.needs = needs
+        self.has_buffers = {}  # worker -> numbers of the shared buffers sent to it
 
     def buffers_for(self, worker, indices):
-        """The (number, buffer) pairs a worker needs for these tasks and
-        does not have yet; noted as sent."""
-        if self.buffers is None:
+        """The large buffers the tasks capture (worker.SharedBuffers) that a
+        worker needs for these and does not have yet, as (number, buffer):
+        each goes to a worker once, ahead of the first task there that
+        names it.  Noted as sent."""
+        needs = self.payloads.needs
+        if not needs:
             return ()
         has = self.has_buffers.setdefault(worker, set())
-        wanted = set().union(*(self.needs[index] for index in indices)) - has
+        wanted = set().union(*(needs.get(index, ()) for index in indices)) - has
         has |= wanted
-        return [(number, self.buffers[number]) for number in sorted(wanted)]
+        buffers = self.payloads.buffers
+        return [(number, buffers[number]) for number in sorted(wanted)]
 
     def finish(self):
         # The run's buffers leave the workers now, not with their next task.
@@ -2884,6 +2956,8 @@ class _ProcessRun(_Run):
                     pass  # it died: nothing to let go of
 
     def start_tasks(self):
+        if self.pending and self.free:
+            self.payloads.ahead(self.pending, len(self.free) * _BATCH_TASKS, self.outcomes)
         while self.pending and self.free:
             worker = self.free.pop()
             indices = self.take_batch(self.size, lambda i: len(self.payloads[i]))
@@ -2919,11 +2993,14 @@ class _ProcessRun(_Run):
         if kind == b"U":  # started up: what it was sent waits for it alone
             worker.served = True
             return False
+        if kind == b"R" or kind == b"E":
+            self.payloads.release(index)
         return super().on_frame(worker, index, kind, body)
 
     def top_up(self, worker):
         if worker.took_back:
             return  # the frames of what it gave back may still fill its pipe
+        self.payloads.ahead(self.pending, _BATCH_TASKS, self.outcomes)
         room = _TOP_UP_BYTES - sum(len(self.payloads[i]) for i in self.queued[worker])
         if not self.pending or len(self.payloads[self.pending[0]]) > room:
             return
@@ -2964,6 +3041,7 @@ class _ProcessRun(_Run):
             self.pending.appendleft(index)
         else:
             self.outcomes.fail(index, WorkerCrashed(self.outcomes.key(index), worker.exitcode))
+            self.payloads.release(index)
         if self.pending:
             try:
                 self.free.append(self.pool.replace(self.workers, worker))
@@ -4149,7 +4227,8 @@ class _DaskWorkerRun(_ProcessRun):
     looked for every run would cost each Dask task more than this does."""
 
     def __init__(self, pool, workers, payloads, outcomes, timeout, deadline, dropped):
-        super().__init__(pool, workers, 1, payloads, outcomes, timeout, deadline, None)
+        super().__init__(pool, workers, 1, _Payloads(None, payloads, ready=payloads), outcomes,
+                         timeout, deadline, None)
         self.dropped = dropped
         self.next_look = time.monotonic() + _DASK_WATCH_INTERVAL
 

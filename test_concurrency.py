@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import textwrap
 import threading
 import time
 import unittest
+from unittest import mock
 import uuid
 import warnings
 
@@ -712,6 +714,36 @@ class SyncDriverTest(DriverTests, CleanTestCase):
 
 class ProcessDriverTest(ChildDriverTests, CleanTestCase):
     driver = "process"
+
+    def test_a_large_run_is_serialized_as_it_goes_and_holds_few_payloads(self):
+        eager = concurrency._EAGER_TASKS
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        marker = self.path("ran")
+        # Up to _EAGER_TASKS tasks: all serialized before any starts.
+        tasks = [lambda i=i: i for i in range(eager - 1)] + [lambda: sock]
+        tasks[0] = lambda: write_file(marker, "x")
+        with self.assertRaises(concurrency.SerializationError) as caught:
+            self.d.run(tasks)
+        self.assertEqual(caught.exception.key, eager - 1)
+        self.assertFalse(os.path.exists(marker))
+        # Beyond: the rest as workers need them; one that can't fails alone.
+        held = []
+        release = concurrency._Payloads.release
+
+        def watch(payloads, index):
+            held.append(len(payloads.serialized))
+            release(payloads, index)
+
+        tasks = [lambda i=i: i for i in range(eager + 2000)]
+        tasks[eager + 1000] = lambda: sock
+        with mock.patch.object(concurrency._Payloads, "release", watch):
+            result = self.d.run(tasks, return_exceptions=True)
+        bad = result.pop(eager + 1000)
+        self.assertIsInstance(bad, concurrency.SerializationError)
+        self.assertEqual(bad.key, eager + 1000)
+        self.assertEqual(result, [i for i in range(eager + 2000) if i != eager + 1000])
+        self.assertLess(min(held[-1000:]), 100)  # at the end, a few in flight
 
     @unittest.skipUnless(HAVE_PROC, "needs /proc")
     def test_workers_that_leave_idle_are_reaped_within_a_moment(self):
