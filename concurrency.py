@@ -219,6 +219,10 @@ _LARGE_FRAME = 1 << 20
 # Children lend large result buffers for us to copy out of their memory (see
 # worker.py) where process_vm_readv(2) exists; off for good once it fails.
 _lending = [sys.platform.startswith("linux") and not _PORTABLE]
+# Large buffers tasks share go to workers in an anonymous file they read
+# through /proc (see worker.py) where that works; off for good once it fails.
+_sharing_by_file = [sys.platform.startswith("linux") and hasattr(os, "memfd_create")
+                    and not _PORTABLE]
 
 
 # -- Errors -------------------------------------------------------------------
@@ -2721,13 +2725,18 @@ class _Worker(_Child):
         a worker that takes one reads on until its frame, so a large frame
         never waits for a claim behind it."""
         numbers = range(self.claims_sent, self.claims_sent + len(payloads))
-        shared_header = _worker_module().SHARED_HEADER
+        code = _worker_module()
         parts = []
         if self.context != context:
             parts += [_FRAME_HEADER.pack(b"C", len(context)), context]
-        for number, buffer in buffers:
-            parts += [_FRAME_HEADER.pack(b"B", shared_header.size + len(buffer)),
-                      shared_header.pack(number), buffer]
+        for number, buffer, file in buffers:
+            if file is not None:
+                fd, name = file
+                body = code.SHARED_FILE.pack(number, fd, len(buffer)) + name.encode()
+                parts += [_FRAME_HEADER.pack(b"M", len(body)), body]
+            else:
+                parts += [_FRAME_HEADER.pack(b"B", code.SHARED_HEADER.size + len(buffer)),
+                          code.SHARED_HEADER.pack(number), buffer]
         for payload in payloads:
             parts += [_FRAME_HEADER.pack(b"T", len(payload)), payload]
         if sum(len(part) for part in parts) <= 2 * _BATCH_BYTES:
@@ -2929,6 +2938,7 @@ class _ProcessRun(_Run):
         self.retried = set()
         self.claims = {}  # worker -> {claim number: index} of the tasks sent to it
         self.has_buffers = {}  # worker -> numbers of the shared buffers sent to it
+        self.shared_files = {}  # number -> (descriptor, name) of its anonymous file
 
     def buffers_for(self, worker, indices):
         """The large buffers the tasks capture (worker.SharedBuffers) that a
@@ -2942,9 +2952,32 @@ class _ProcessRun(_Run):
         wanted = set().union(*(needs.get(index, ()) for index in indices)) - has
         has |= wanted
         buffers = self.payloads.buffers
-        return [(number, buffers[number]) for number in sorted(wanted)]
+        return [(number, buffers[number], self.shared_file(number))
+                for number in sorted(wanted)]
+
+    def shared_file(self, number):
+        """(descriptor, name) of the anonymous file holding shared buffer
+        ``number``, written once for all the workers; None where that is not
+        to be had (they get it through their pipe)."""
+        if number not in self.shared_files and _sharing_by_file[0]:
+            name = "concurrency-shared-%s" % os.urandom(8).hex()
+            fd = None
+            try:
+                fd = _above_std(os.memfd_create(name, os.MFD_CLOEXEC))
+                _write_all(fd, self.payloads.buffers[number])
+            except BaseException as exc:
+                if fd is not None:
+                    os.close(fd)
+                if isinstance(exc, OSError):  # no memory, no descriptor: the pipe will do
+                    return None
+                raise  # Ctrl-C, a signal handler's exception: the caller's
+            self.shared_files[number] = (fd, name)
+        return self.shared_files.get(number)
 
     def finish(self):
+        for fd, _name in self.shared_files.values():
+            os.close(fd)
+        self.shared_files.clear()
         # The run's buffers leave the workers now, not with their next task.
         code = _worker_module()
         for worker in self.has_buffers:
@@ -2995,6 +3028,15 @@ class _ProcessRun(_Run):
             return False
         if kind == b"R" or kind == b"E":
             self.payloads.release(index)
+        if kind == b"N":  # it can't read our file: the buffer comes through the pipe
+            _sharing_by_file[0] = False
+            number = _worker_module().SHARED_HEADER.unpack_from(body)[0]
+            try:
+                worker.send_tasks(self.context, [], [(number, self.payloads.buffers[number],
+                                                      None)])
+            except OSError:
+                pass  # it died: the run notices on its pipes
+            return False
         return super().on_frame(worker, index, kind, body)
 
     def top_up(self, worker):

@@ -715,6 +715,24 @@ class SyncDriverTest(DriverTests, CleanTestCase):
 class ProcessDriverTest(ChildDriverTests, CleanTestCase):
     driver = "process"
 
+    def test_a_shared_buffer_a_worker_cannot_read_from_our_file_comes_through_its_pipe(self):
+        blob = os.urandom(3 << 20)
+        if not concurrency._sharing_by_file[0]:
+            self.skipTest("shared buffers go through the pipe here anyway")
+        self.addCleanup(concurrency._sharing_by_file.__setitem__, 0, True)
+        # A file of another name where the worker looks: it must not be
+        # read (a descriptor the worker was told of may be another file by
+        # the time it looks); the worker asks for the bytes instead.
+        decoy = os.memfd_create("not-ours", os.MFD_CLOEXEC)
+        self.addCleanup(os.close, decoy)
+        os.write(decoy, b"\0" * len(blob))
+        with mock.patch.object(concurrency._ProcessRun, "shared_file",
+                               lambda run, number: (decoy, "concurrency-shared-decoy")):
+            result = self.d.run([lambda: blob[:5] + blob[-5:], lambda: len(blob)])
+        self.assertEqual(result, [blob[:5] + blob[-5:], len(blob)])
+        self.assertFalse(concurrency._sharing_by_file[0])  # through the pipe from now on
+        self.assertEqual(self.d.run([lambda: blob[7]]), [blob[7]])
+
     def test_a_large_run_is_serialized_as_it_goes_and_holds_few_payloads(self):
         eager = concurrency._EAGER_TASKS
         sock = socket.socket()

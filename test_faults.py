@@ -1062,7 +1062,7 @@ class ScriptFaultTest(ScriptTestCase):
             import concurrency
             d = concurrency.ProcessDriver(max_workers=1)
             d.run([lambda: 0])  # a warm worker
-            blob = b"x" * (256 << 20)
+            blob = "x" * (256 << 20)  # a str: in the task's own frame (bytes would be shared)
             fired = []
             def handler(signum, frame):
                 while frame is not None and not fired:  # once, mid-send
@@ -1082,6 +1082,39 @@ class ScriptFaultTest(ScriptTestCase):
             """, timeout=120)
         self.assertSucceeded(done)
         self.assertEqual(json.loads(done.stdout.splitlines()[-1]), [True, [5]])
+
+    def test_interrupted_while_writing_a_shared_buffer_nothing_leaks(self):
+        done = self.run_script("""\
+            import json, os, signal
+            import concurrency
+            d = concurrency.ProcessDriver(max_workers=2)
+            d.run([lambda: 0, lambda: 0])  # what the library opens once, opened
+            d._pool.shutdown()
+            concurrency._reap_exited(block=True)
+            blob = b"x" * (256 << 20)  # captured by both tasks: written to a shared file
+            fds = len(os.listdir("/proc/self/fd"))
+            fired = []
+            def handler(signum, frame):
+                while frame is not None and not fired:  # once, mid-write
+                    if frame.f_code.co_name == "shared_file":
+                        fired.append(True)
+                        raise KeyboardInterrupt
+                    frame = frame.f_back
+            signal.signal(signal.SIGALRM, handler)
+            signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+            try:
+                d.run([lambda: len(blob), lambda: len(blob)])
+                interrupted = False
+            except KeyboardInterrupt:
+                interrupted = True
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            after = d.run([lambda: len(blob), lambda: 5], timeout=60)
+            d._pool.shutdown()
+            concurrency._reap_exited(block=True)
+            print(json.dumps([interrupted, after, len(os.listdir("/proc/self/fd")) <= fds]))
+            """, timeout=120)
+        self.assertSucceeded(done)
+        self.assertEqual(json.loads(done.stdout.splitlines()[-1]), [True, [256 << 20, 5], True])
 
     def test_run_from_a_signal_handler_while_a_fork_run_forks(self):
         # The handler lands while the main thread is inside os.fork() (raised

@@ -33,7 +33,9 @@ Frames are one kind byte, an 8-byte big-endian length, then the body:
                        recursion limit, logging levels or None)
                        b"T" task: a serialized callable, see loads_task()
                        b"B" a large buffer the run's tasks share: its
-                       number (8 bytes), then its bytes; b"D" (empty) the
+                       number (8 bytes), then its bytes; b"M" the same in
+                       a file of the parent's: number, descriptor, size
+                       (8 bytes each), then the file's name; b"D" (empty) the
                        run is over, its buffers go (with a claim of
                        DROP_SHARED, read at once).  See SharedBuffers.
                        b"F" / b"S" reply to a lent result (empty body)
@@ -41,6 +43,8 @@ Frames are one kind byte, an 8-byte big-endian length, then the body:
                        b"E" error: encode_error()
                        b"Q" leaving after IDLE_TIMEOUT unused (empty body)
                        b"U" up: ready to take claims (empty body, sent once)
+                       b"N" a b"M" frame's file could not be read: the
+                       buffer's number; the parent sends a b"B" frame
                        b"L" a record a task logged: pickled (claim number,
                        record attributes), see _forward_logging()
 
@@ -702,10 +706,14 @@ _loaders = {}
 
 # Large buffers a run's tasks capture travel once per worker per run, not
 # once per task: pickled, a task names each by its number (shared_buffer),
-# and the parent sends its bytes ahead of the first task of that worker that
-# names it, in a b"B" frame, written straight from the object's memory.
+# and the parent sends it ahead of the first task of that worker that names
+# it.  On Linux, in a b"M" frame: the parent wrote it once, for every
+# worker, into an anonymous file, which the worker reads through /proc (one
+# copy each, and all at once).  Elsewhere, or where that is not allowed, in
+# a b"B" frame: its bytes through the pipe, written straight from the object.
 SHARE_MIN = 1 << 20
 SHARED_HEADER = struct.Struct(">Q")  # a b"B" frame's body: number, then the bytes
+SHARED_FILE = struct.Struct(">QQQ")  # a b"M" frame's: number, fd, size; then its name
 # The claim the parent sends after a run's b"D" frame: the worker, idle,
 # reads up to that frame and lets the run's buffers go at once.
 DROP_SHARED = (1 << 64) - 3
@@ -753,6 +761,33 @@ class _SharingUnpickler(pickle.Unpickler):
 
 
 _shared = {}  # in a worker: number -> the bytes of a b"B" frame of this run
+
+
+def _read_parent_file(fd, size, name):
+    """The bytes of the parent's anonymous file ``fd`` (a b"M" frame), or
+    None if it can't be read.  Only the file of that very name: by the time
+    a frame of tasks taken back from us is read, its descriptor may be
+    closed, and its number another file's."""
+    path = "/proc/%d/fd/%d" % (os.getppid(), fd)
+    try:
+        if os.readlink(path) != "/memfd:%s (deleted)" % name.decode():
+            return None
+        own = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, UnicodeDecodeError):
+        return None
+    try:
+        parts, got = [], 0
+        while got < size:
+            part = os.pread(own, size - got, got)
+            if not part:
+                return None
+            parts.append(part)
+            got += len(part)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    except OSError:
+        return None
+    finally:
+        os.close(own)
 
 
 def shared_buffer(number, mutable):
@@ -1240,6 +1275,13 @@ class _Channel:
             elif kind == b"B":
                 _shared[SHARED_HEADER.unpack_from(body)[0]] = \
                     memoryview(body)[SHARED_HEADER.size:]
+            elif kind == b"M":
+                shared, fd, size = SHARED_FILE.unpack_from(body)
+                data = _read_parent_file(fd, size, bytes(body[SHARED_FILE.size:]))
+                if data is None:  # not allowed here: ask for a b"B" frame
+                    self.write_frame(b"N", [SHARED_HEADER.pack(shared)])
+                    data = self._await_buffer(shared)
+                _shared[shared] = data
             elif kind == b"D":  # the run is over: its buffers go
                 _shared.clear()
                 if number == DROP_SHARED:
@@ -1248,6 +1290,18 @@ class _Channel:
                 self.received += 1
                 if self.received - 1 == number:
                     return body
+
+    def _await_buffer(self, number):
+        """The bytes of the b"B" frame the parent sends for a b"N" of ours;
+        the frames before it are kept for read_frame(), in order."""
+        while True:
+            frame = self._read_frame()
+            if frame is None:
+                os._exit(0)
+            kind, body = frame
+            if kind == b"B" and SHARED_HEADER.unpack_from(body)[0] == number:
+                return memoryview(body)[SHARED_HEADER.size:]
+            self.early.append(frame)
 
     def await_reply(self):
         """The parent's reply to a lent result; the tasks it sent before
