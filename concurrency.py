@@ -1754,9 +1754,13 @@ def _copy_lent(pid, body):
 
     helpers = []
     try:
-        for _ in range(min(len(pieces), _COPY_THREADS) - 1):
-            helpers.append(threading.Thread(target=copy_pieces, name="concurrency-copy"))
-            helpers[-1].start()
+        # Signals held while they start: a handler raising inside start()
+        # can leave a thread registered that never runs (Python 3.12); and
+        # they take the mask, so that no signal is delivered to them.
+        with _SignalsHeld():
+            for _ in range(min(len(pieces), _COPY_THREADS) - 1):
+                helpers.append(threading.Thread(target=copy_pieces, name="concurrency-copy"))
+                helpers[-1].start()
         copy_pieces()
     finally:
         # Also when a signal handler raised here: no helper may go on
