@@ -1356,6 +1356,7 @@ class _TaskSerializer:
         self.shared = self.worker.SharedBuffers() if share else None
         self.sharing = False
         self.named = frozenset()
+        self.large_globals = {}  # (code, id(globals)) -> whether they hold one
         functions = {id(fn): fn for fn in calls if type(fn) is types.FunctionType}
         codes = collections.Counter(fn.__code__ for fn in functions.values()
                                     if not self.worker.found_by_name(fn))
@@ -1365,10 +1366,10 @@ class _TaskSerializer:
     def dumps(self, key, fn):
         """The payload of task ``fn``: b"p" and a pickle, or b"d" and dill's."""
         worker = self.worker
-        if self.shared is not None:
+        if self.shared is not None and not self.sharing and self._captures_large_buffer(fn):
+            self._start_sharing()
+        if self.sharing:
             self.shared.named = set()
-            if not self.sharing and _captures_large_buffer(fn, worker.SHARE_MIN):
-                self._start_sharing()
         try:
             try:
                 payload = self._dumps(fn)
@@ -1377,6 +1378,7 @@ class _TaskSerializer:
                     # A large buffer deeper down: this task and the rest
                     # name theirs from now on.
                     self._start_sharing()
+                    self.shared.named = set()
                     payload = self._dumps(fn)
                 self._named(fn)
                 return payload
@@ -1385,7 +1387,7 @@ class _TaskSerializer:
             except Exception:  # what the C pickler refuses: dill may do
                 self.buffer = io.BytesIO()  # the pickler may be left mid-way
                 self.pickler = self._new_pickler(self.buffer)
-                if self.shared is not None:
+                if self.sharing:
                     self.shared.named = set()
             buffer = io.BytesIO()
             buffer.write(b"d")
@@ -1405,6 +1407,33 @@ class _TaskSerializer:
         except Exception as exc:
             raise self._error(key, fn, exc) from exc
 
+    def _captures_large_buffer(self, fn):
+        """Whether a function's defaults, captured variables or globals hold
+        a bytes or bytearray of SHARE_MIN or more: a look at the surface,
+        cheap enough for every task (what lies deeper is found by its
+        pickle's size); the globals looked at once per code in a run."""
+        if type(fn) is not types.FunctionType:
+            return False
+        size = self.worker.SHARE_MIN
+        for value in fn.__defaults__ or ():
+            if type(value) in _BUFFER_TYPES and len(value) >= size:
+                return True
+        for cell in fn.__closure__ or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if type(value) in _BUFFER_TYPES and len(value) >= size:
+                return True
+        key = (fn.__code__, id(fn.__globals__))
+        found = self.large_globals.get(key)
+        if found is None:
+            namespace = fn.__globals__
+            found = self.large_globals[key] = any(
+                type(namespace.get(name)) in _BUFFER_TYPES and len(namespace[name]) >= size
+                for name in self.worker.global_names(fn.__code__))
+        return found
+
     def _new_pickler(self, buffer):
         if self.sharing:
             return self.worker.SharingValuePickler(buffer, self.shared)
@@ -1418,7 +1447,7 @@ class _TaskSerializer:
     def _named(self, fn):
         """Note the shared buffers the task just pickled names: its own, and
         those of the template it follows."""
-        if self.shared is not None:
+        if self.sharing:
             template = None if fn is None else self._template(fn)
             named = self.shared.named
             if template is not None:
@@ -1451,12 +1480,12 @@ class _TaskSerializer:
             buffer = io.BytesIO()
             pickler = self._new_pickler(buffer)
             named = set()
-            if self.shared is not None:
+            if self.sharing:
                 named, self.shared.named = self.shared.named, named
             base, submodules = pickler.prefill(fn)
             # What every task's pickle names goes in too, memoized once.
             pickler.dump((fn.__code__, base, submodules, self.worker.make_function))
-            if self.shared is not None:
+            if self.sharing:
                 named, self.shared.named = self.shared.named, named
             template = buffer.getvalue()
             if len(template) > _TEMPLATE_MAX:
@@ -1479,31 +1508,7 @@ class _TaskSerializer:
             "or use the fork driver, which does not serialize tasks" % detail)
 
 
-def _captures_large_buffer(fn, size):
-    """Whether a function's defaults, captured variables or globals hold a
-    bytes or bytearray of ``size`` or more: a look at the surface, cheap
-    enough for every task (what lies deeper is found by its pickle's size)."""
-    if type(fn) is not types.FunctionType:
-        return False
-    values = list(fn.__defaults__ or ())
-    for cell in fn.__closure__ or ():
-        try:
-            values.append(cell.cell_contents)
-        except ValueError:
-            pass
-    namespace = fn.__globals__
-    values += [namespace[name] for name in _global_names(fn.__code__) if name in namespace]
-    return any(type(value) in (bytes, bytearray) and len(value) >= size for value in values)
-
-
-def _global_names(code):
-    names = _global_names_of.get(code)
-    if names is None:
-        names = _global_names_of[code] = _worker_module().global_names(code)
-    return names
-
-
-_global_names_of = weakref.WeakKeyDictionary()  # code -> the globals it reads
+_BUFFER_TYPES = (bytes, bytearray)
 
 
 # Larger templates are not worth sharing (see _TaskSerializer).

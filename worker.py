@@ -27,6 +27,12 @@ Modes:
     or a timeout on stderr, since nobody waits for them.  Keys and the
     environment travel in the payload, never on the command line.
 
+On a Dask worker (the ``dask`` driver uploads this file there as
+``_concurrency_worker.py``), dask_task() is what each Dask task calls: it
+runs a chunk of serialized tasks in a warm ``serve`` child of that Dask
+worker, through concurrency.py (uploaded beside it), and returns their
+outcome frames for the caller to decode.
+
 Frames are one kind byte, an 8-byte big-endian length, then the body:
 
     parent -> worker   b"C" context: pickled (cwd, environ, sys.path, argv,
