@@ -1364,7 +1364,9 @@ class _TaskSerializer:
         self.templates = {}  # (code, id(globals)) -> (payload prefix, pickler), or None
 
     def dumps(self, key, fn):
-        """The payload of task ``fn``: b"p" and a pickle, or b"d" and dill's."""
+        """The payload of task ``fn``: b"p" and a pickle, b"s" and one that
+        names shared buffers (see worker.SharingValuePickler), or b"d" and
+        dill's."""
         worker = self.worker
         if self.shared is not None and not self.sharing and self._captures_large_buffer(fn):
             self._start_sharing()
@@ -2728,8 +2730,8 @@ class _Worker(_Child):
 
     def send_tasks(self, context, payloads, buffers=()):
         """Send task frames, and the context first if it has another, and
-        the large buffers they name (see _ProcessRun.share), straight from
-        their memory: in one write when small, as each write may cost a
+        the large buffers they name (see _ProcessRun.buffers_for), straight
+        from their memory or as the anonymous file that holds them: in one write when small, as each write may cost a
         wake-up.  Returns the numbers of their claims.  The claims go first:
         a worker that takes one reads on until its frame, so a large frame
         never waits for a claim behind it."""
@@ -2951,9 +2953,9 @@ class _ProcessRun(_Run):
 
     def buffers_for(self, worker, indices):
         """The large buffers the tasks capture (worker.SharedBuffers) that a
-        worker needs for these and does not have yet, as (number, buffer):
-        each goes to a worker once, ahead of the first task there that
-        names it.  Noted as sent."""
+        worker needs for these and does not have yet, as (number, buffer,
+        its shared_file() or None): each goes to a worker once, ahead of the
+        first task there that names it.  Noted as sent."""
         needs = self.payloads.needs
         if not needs:
             return ()
@@ -3786,7 +3788,7 @@ def _distributed():
 _dask_lock = threading.RLock()
 _dask_clients = {}  # address -> the Client we connected to it
 _dask_local = []    # (cluster, client) of the local cluster, once started
-_dask_uploaded = weakref.WeakKeyDictionary()  # client -> name of the plugin it has
+_dask_uploaded = weakref.WeakKeyDictionary()  # client -> digest of the files it got
 
 
 def _dask_client_at(address, connect_timeout):
@@ -4037,7 +4039,7 @@ class _DaskRun:
         """Submit chunks of pending tasks while the cluster has room."""
         chunks = []
         while self.pending and len(self.chunks) + len(chunks) < _DASK_IN_FLIGHT * self.threads:
-            count, size = self.chunk_size(), 0
+            count = self.chunk_size()
             chunk = [self.pending.popleft()]
             size = len(self.payloads[chunk[0]])
             while (self.pending and len(chunk) < count
@@ -4106,7 +4108,8 @@ class _DaskRun:
         if kind != b"X":
             self.outcomes.arrived(index, kind, body)
             exc = self.outcomes.values[index]
-            if isinstance(exc, SerializationError) and "No module named 'dill'" in str(exc):
+            if (self.outcomes.failed[index] and isinstance(exc, SerializationError)
+                    and "No module named 'dill'" in str(exc)):
                 _add_note(exc, "the Dask workers need dill to run this task: "
                                "pip install dill, where they run")
             return

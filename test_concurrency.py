@@ -1190,6 +1190,7 @@ class ScriptTest(ScriptTestCase):
 
             holder = Holder()
             holder.data = blob  # deeper than a global: found by its pickle's size
+            twice = (mutable, mutable, blob, blob)  # one object reached twice stays one
 
             def touch(i):
                 mutable[0] = i
@@ -1203,7 +1204,9 @@ class ScriptTest(ScriptTestCase):
             results = concurrency.run([lambda i=i: (i, len(blob), blob[i], touch(i))
                                        for i in range(24)])
             deeper = concurrency.run([lambda i=i: holder.data[i] for i in range(24)])
+            identity = concurrency.run([lambda: (twice[0] is twice[1], twice[2] is twice[3])] * 4)
             print(json.dumps({
+                "identity": identity,
                 "results": results == [[i, len(blob), blob[i], i] for i in range(24)]
                            or results == [(i, len(blob), blob[i], i) for i in range(24)],
                 "deeper": deeper == [blob[i] for i in range(24)],
@@ -1214,6 +1217,7 @@ class ScriptTest(ScriptTestCase):
         report = json.loads(done.stdout.splitlines()[-1])
         self.assertTrue(report["results"])
         self.assertTrue(report["deeper"])
+        self.assertEqual(report["identity"], [[True, True]] * 4)
         self.assertTrue(report["caller's bytearray untouched"])
         # Once a task, the payloads alone would take 24 x 16 MB.
         self.assertLess(report["grown_mb"], 120, report)

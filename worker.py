@@ -762,8 +762,22 @@ class SharingValuePickler(ValuePickler):
 
 
 class _SharingUnpickler(pickle.Unpickler):
+    """Unpickles what SharingValuePickler made.  A bytearray a task reaches
+    twice is one object of its own (pickle does not memoize persistent
+    IDs: each reference asks again)."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.copies = {}  # number -> this task's bytearray
+
     def persistent_load(self, pid):
-        return shared_buffer(*pid)
+        number, mutable = pid
+        if not mutable:
+            return shared_buffer(number, False)
+        copy = self.copies.get(number)
+        if copy is None:
+            copy = self.copies[number] = shared_buffer(number, True)
+        return copy
 
 
 _shared = {}  # in a worker: number -> the bytes of a b"B" frame of this run
@@ -1684,6 +1698,17 @@ def _report(key, what):
         pass
 
 
+def _report_timeout(key, timeout):
+    _report(key, "did not finish within %g s; it was killed\n" % timeout)
+
+
+def _report_crash(key, code):
+    if code is not None and code < 0:
+        _report(key, "crashed: its process was killed by %s\n" % _signal_name(-code))
+    else:
+        _report(key, "crashed: its process exited with code %s\n" % code)
+
+
 def supervise(jobs, timeout, limit):
     """Run each job -- ``(key, run)`` -- in a forked child, at most ``limit``
     at once, and report a crash or timeout on stderr, since nobody waits for
@@ -1717,7 +1742,7 @@ def supervise(jobs, timeout, limit):
                 os.waitpid(pid, 0)
                 del running[pid]
                 failed = True
-                _report(key, "did not finish within %g s; it was killed\n" % timeout)
+                _report_timeout(key, timeout)
         deadlines = [deadline for _key, deadline in running.values() if deadline is not None]
         try:
             if deadlines or pending:
@@ -1735,10 +1760,8 @@ def supervise(jobs, timeout, limit):
         key, _deadline = running.pop(pid)
         _kill_group(pid, signal.SIGKILL)
         code = os.waitstatus_to_exitcode(status)
-        if code < 0:
-            _report(key, "crashed: its process was killed by %s\n" % _signal_name(-code))
-        elif code not in (0, 1):  # 1: failed, and run() reported it
-            _report(key, "crashed: its process exited with code %d\n" % code)
+        if code not in (0, 1):  # 1: failed, and run() reported it
+            _report_crash(key, code)
         failed = failed or code != 0
     return 1 if failed else 0
 
@@ -1843,11 +1866,9 @@ def report_outcome(key, outcome):
     elif kind == b"X":
         what, detail = pickle.loads(body)
         if what == "timeout":
-            _report(key, "did not finish within %g s; it was killed\n" % detail)
-        elif what == "crashed" and detail is not None and detail < 0:
-            _report(key, "crashed: its process was killed by %s\n" % _signal_name(-detail))
+            _report_timeout(key, detail)
         elif what == "crashed":
-            _report(key, "crashed: its process exited with code %s\n" % detail)
+            _report_crash(key, detail)
         else:
             _report(key, "failed: %s\n" % (detail,))
 
