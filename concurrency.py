@@ -2246,20 +2246,24 @@ class _Child:
     def _parse(self, frames):
         buffer = self._buffer
         header = _FRAME_HEADER.size
-        while len(buffer) >= header:
-            kind, size = _FRAME_HEADER.unpack_from(buffer)
-            if len(buffer) - header >= size:
-                frames.append((kind, bytes(buffer[header:header + size])))
-                del buffer[:header + size]
-            elif size >= _LARGE_FRAME:
-                body = bytearray(size)
-                have = len(buffer) - header
-                body[:have] = buffer[header:]
-                del buffer[:]
-                self._large = (kind, body, have)
-                return
-            else:
-                return
+        end = len(buffer)
+        start = 0  # of the first frame not taken: cut from the buffer once, at the end
+        with memoryview(buffer) as view:
+            while end - start >= header:
+                kind, size = _FRAME_HEADER.unpack_from(buffer, start)
+                if end - start - header >= size:
+                    frames.append((kind, bytes(view[start + header:start + header + size])))
+                    start += header + size
+                elif size >= _LARGE_FRAME:
+                    body = bytearray(size)
+                    have = end - start - header
+                    body[:have] = view[start + header:]
+                    start = end
+                    self._large = (kind, body, have)
+                    break
+                else:
+                    break
+        del buffer[:start]
 
     def poll(self):
         """None while it runs; once it has ended, its exit code (negative:
@@ -2403,13 +2407,16 @@ class _Run:
         waits, shrinking as it does ("guided" scheduling): every child keeps
         work to the end, and none holds many tasks that another, idle, could
         run.  Only small ones, so that its pipe holds them without blocking."""
-        count = min(_BATCH_TASKS, max(1, len(self.pending) // children))
-        indices = [self.pending.popleft()]
+        pending = self.pending
+        count = min(_BATCH_TASKS, max(1, len(pending) // children))
+        indices = [pending.popleft()]
         size = size_of(indices[0])
-        while (len(indices) < count
-               and size + size_of(self.pending[0]) <= room):
-            size += size_of(self.pending[0])
-            indices.append(self.pending.popleft())
+        while len(indices) < count:
+            more = size_of(pending[0])
+            if size + more > room:
+                break
+            size += more
+            indices.append(pending.popleft())
         return indices
 
     def next_queued(self, child):

@@ -142,6 +142,8 @@ def encode_result(value, lend_min=0):
     until the parent has copied them; see deliver().
     """
     try:
+        if type(value) in _PLAIN_VALUES:  # nothing to lend nor to send by value
+            return b"R", [PICKLED, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)], None
         if lend_min:
             lending = dumps_lending(value, lend_min)
             if lending is not None:
@@ -149,6 +151,10 @@ def encode_result(value, lend_min=0):
         return b"R", dumps_value(value), None
     except BaseException as exc:
         return b"E", [encode_error(exc, RESULT_UNSERIALIZABLE)], None
+
+
+# Results of these types pickle as they are, and fast: most tiny tasks'.
+_PLAIN_VALUES = frozenset([int, float, bool, type(None), str, complex])
 
 
 def dumps_lending(value, lend_min):
@@ -302,7 +308,7 @@ def _safe_format(cls, exc, tb):
 def call(fn):
     """Call a task; a coroutine it returns is run to completion."""
     value = fn()
-    if isinstance(value, collections.abc.Coroutine):
+    if type(value) not in _PLAIN_VALUES and isinstance(value, collections.abc.Coroutine):
         value = await_coroutine(value)
     return value
 
@@ -602,6 +608,10 @@ def _submodules(code, values):
     return found
 
 
+# Containers pickle handles itself, and reducer_override leaves to it.
+_PICKLED_AS_IS = frozenset([tuple, list, dict, set, frozenset, bytearray, complex])
+
+
 class _ByValue:
     """reducer_override for ValuePickler and its dill counterpart."""
 
@@ -621,6 +631,8 @@ class _ByValue:
         kind = type(obj)
         if kind is types.FunctionType:
             return self.reduce_function(obj)
+        if kind in _PICKLED_AS_IS:  # asked for every one: the common case first
+            return NotImplemented
         if isinstance(obj, type):
             return _reduce_class(obj)
         reducer = _reducers().get(kind)
@@ -1023,7 +1035,25 @@ def _reduce_class(cls):
 def _reduce_code(code):
     # marshal's format is the interpreter's own: the other side runs the same.
     import marshal
-    return marshal.loads, (marshal.dumps(code),)
+    return load_code, (marshal.dumps(code),)
+
+
+_codes = {}  # marshalled code -> the code object made of it
+
+
+def load_code(data):
+    """The code object ``data`` marshals, made once per process: code is
+    immutable, and the tasks of a loop share theirs (so do a loop's
+    functions in the caller); making it again was a fifth of what
+    unpickling such a task costs."""
+    code = _codes.get(data)
+    if code is None:
+        import marshal
+        code = marshal.loads(data)
+        if len(_codes) >= 1024:
+            _codes.clear()
+        _codes[data] = code
+    return code
 
 
 def _reduce_cell(cell):
@@ -1241,6 +1271,9 @@ def loads_task(body):
 
 # -- serve: a warm worker of the process driver -------------------------------
 
+_READ_AHEAD = 1 << 18  # bytes of small frames read from the task pipe at once
+
+
 class _Channel:
     """Frame reader and writer on the two pipes given by the parent."""
 
@@ -1249,15 +1282,17 @@ class _Channel:
         self.result_fd = result_fd
         self.claim_fd = claim_fd
         self.early = []  # frames read while waiting for a reply, in order
+        self.pending = bytearray()  # read from the task pipe, not yet a whole frame
         self.received = 0  # b"T" frames read: the next one's claim number
         self.context = None  # the last b"C" frame's, unpickled
         self.writing = threading.Lock()
         self.running = None  # the claim number of the task running
 
-    def read_exactly(self, size):
-        buffer = bytearray(size)
+    def read_exactly(self, buffer, got=0):
+        """Fill ``buffer`` from the task pipe, ``got`` bytes of it already
+        there; None at the pipe's end."""
         view = memoryview(buffer)
-        got = 0
+        size = len(buffer)
         while got < size:
             n = os.readv(self.task_fd, [view[got:]])
             if n == 0:
@@ -1335,14 +1370,30 @@ class _Channel:
             self.early.append(frame)
 
     def _read_frame(self):
-        header = self.read_exactly(FRAME_HEADER.size)
-        if header is None:
-            return None
-        kind, size = FRAME_HEADER.unpack(header)
-        body = self.read_exactly(size) if size else b""
-        if body is None:
-            return None
-        return kind, body
+        # What the pipe holds is read at once: a run sends tiny tasks many
+        # to a write, and two reads for each were a fifth of their cost here.
+        pending = self.pending
+        header = FRAME_HEADER.size
+        while True:
+            if len(pending) >= header:
+                kind, size = FRAME_HEADER.unpack_from(pending)
+                if len(pending) >= header + size:
+                    with memoryview(pending) as view:
+                        body = bytes(view[header:header + size])
+                    del pending[:header + size]
+                    return kind, body
+                if size > _READ_AHEAD:  # a large buffer: read straight into its own
+                    body = bytearray(size)
+                    body[:len(pending) - header] = pending[header:]
+                    got = len(pending) - header
+                    del pending[:]
+                    if self.read_exactly(body, got) is None:
+                        return None
+                    return kind, body
+            chunk = os.read(self.task_fd, _READ_AHEAD)
+            if not chunk:
+                return None
+            pending += chunk
 
     def write_frame(self, kind, parts=()):
         # Log records may be sent from any thread a task starts.
