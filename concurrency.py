@@ -2321,11 +2321,14 @@ class _Child:
 
 # At most this many tasks, and bytes of them, are sent to a child at once
 # (see _Run.take_batch).
-_BATCH_TASKS = 64
+_BATCH_TASKS = 128
 _BATCH_BYTES = 256 * 1024
 # A child with this many tasks left is sent more (see _Run.top_up), if they
 # fit in its pipe with what it has not read yet: pipes hold 64 KiB at least.
-_TOP_UP_AT = 8
+# Tiny tasks end faster than a busy machine schedules us again: a child
+# must hold many, or it idles (8 idled workers a seventh of a 10,000-task
+# run).  What it holds can still be taken back (see take_back).
+_TOP_UP_AT = 64
 _TOP_UP_BYTES = 64 * 1024
 # Tasks queued behind one running this long go to a free child instead
 # (see _Run.take_back).
