@@ -185,6 +185,10 @@ _POLL_INTERVAL = 0.05
 # wait, unless the cores are all busy with tasks; then after _GROW_ANYWAY.
 # See _Run.on_wake.
 _GROW_AFTER = 0.003
+# A fork run over within _QUICK_RUN has the next, of no more tasks, start
+# with one child, and more only after _SOLO_GRACE (see _ForkRun).
+_QUICK_RUN = 0.004
+_SOLO_GRACE = 0.003
 _GROW_ANYWAY = 0.5
 _CPU_SPAN = 0.02  # the least time over which CPU use tells that cores are busy
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -873,12 +877,22 @@ class ForkDriver(_ChildDriver):
                                    "(%s) does not have; use the %s driver"
                                    % (sys.platform, "process" if _POSIX else "sync"))
         super().__init__(max_workers, timeout)
+        # Tasks of the last run, when it ended within _QUICK_RUN: a run of
+        # no more starts with one child (see _ForkRun).
+        self._quick_run = 0
 
     def _completions(self, batch, outcomes, timeout, stop):
         timeout, deadline = self._deadline(timeout)
-        if batch.calls:
-            yield from _ForkRun(batch.calls, self.max_workers, outcomes, timeout, deadline,
-                                stop).completions()
+        if not batch.calls:
+            return
+        count = len(batch.calls)
+        solo = count <= self._quick_run
+        started = time.monotonic()
+        self._quick_run = 0  # until this one proves quick too
+        yield from _ForkRun(batch.calls, self.max_workers, outcomes, timeout, deadline,
+                            stop, solo).completions()
+        if time.monotonic() - started < _QUICK_RUN:
+            self._quick_run = count
 
     def defer(self, tasks, *, always=False):
         batch = _Batch(tasks)
@@ -2192,6 +2206,8 @@ class _Child:
         self.ended = False  # reaped; exitcode None then: something else reaped it
         self.exitcode = None
         self.served = False  # it has sent a frame: it is up and running
+        self.spoke = False  # a frame of it has arrived (a fork child is served at once)
+        self.hurried = False  # its tasks were asked back while it had not spoken yet
         self.last_outcome = 0.0  # when its last task's outcome arrived
         self.task_started = 0.0  # when its current task began, as we know it
         self.claim_fd = None  # our read end of the pipe it takes claims from
@@ -2341,6 +2357,7 @@ class _Run:
 
     def __init__(self, count, outcomes, timeout, deadline, stop):
         self.pending = collections.deque(range(count))
+        self.free = []  # children with no task, the next to use last
         self.running = {}  # child -> index of its current task
         self.queued = {}   # child -> indices sent to it after the current one
         self.outcomes = outcomes
@@ -2363,7 +2380,7 @@ class _Run:
             _log_task_record(state, None if index is None else self.outcomes.key(index))
             return False
         self.progress = time.monotonic()
-        child.served = True
+        child.served = child.spoke = True
         lent = None
         if kind == b"R" and body[:1] == b"l":
             try:
@@ -2445,7 +2462,11 @@ class _Run:
     # starts it (see worker.py).  Once one of its tasks has run for
     # _TAKE_BACK_AFTER while another child is free, or could be had, and
     # no task is left to send, we read the claims it has not taken: those
-    # tasks go back to pending and run elsewhere, never twice.
+    # tasks go back to pending and run elsewhere, never twice.  A child that
+    # has not spoken yet may still be starting up (a fork child takes about
+    # a millisecond to run its first line): its tasks go to a free child at
+    # once, which has them done sooner -- two tiny tasks in two fresh fork
+    # children end in one.
 
     def has_room(self):
         """True while a task sent now could start at once, on a free child
@@ -2456,23 +2477,31 @@ class _Run:
         """Indices of the tasks whose claims were taken back from ``child``."""
         return numbers
 
-    def take_back(self):
-        """Move tasks queued behind one that runs long to pending, when they
-        could start at once elsewhere.  Returns the seconds until the next
-        look is due, or None."""
+    def take_back(self, after=_TAKE_BACK_AFTER):
+        """Move tasks queued behind one that has run ``after`` seconds to
+        pending, when they could start at once elsewhere.  Returns the
+        seconds until the next look is due, or None."""
         if self.pending or not self.has_room():
             return None
         due = None
         now = time.monotonic()
         for child, queued in list(self.queued.items()):
-            # Not from a child still starting up: another would not start
-            # its tasks sooner.
-            if not queued or child not in self.running or not child.served:
+            if child not in self.running:
                 continue
-            wait = child.task_started + _TAKE_BACK_AFTER - now
-            if wait > 0:
-                due = wait if due is None else min(due, wait)
+            if not child.spoke and any(other.spoke for other in self.free):
+                # Still starting up, maybe, while one that is up waits.
+                if child.hurried:
+                    continue  # asked once: what it kept, it had begun
+                child.hurried = True
+            elif not queued or not child.served:
+                # Not from a child still starting up while none is free:
+                # another would not start its tasks sooner.
                 continue
+            else:
+                wait = child.task_started + after - now
+                if wait > 0:
+                    due = wait if due is None else min(due, wait)
+                    continue
             taken = set(self.claimed_indices(child, child.take_back()))
             if not taken:
                 continue
@@ -3045,7 +3074,7 @@ class _ProcessRun(_Run):
             worker.left_idle = True
             return False
         if kind == b"U":  # started up: what it was sent waits for it alone
-            worker.served = True
+            worker.served = worker.spoke = True
             return False
         if kind == b"R" or kind == b"E":
             self.payloads.release(index)
@@ -3078,7 +3107,10 @@ class _ProcessRun(_Run):
         self.queued[worker].extend(indices)
 
     def on_finished(self, worker):
-        self.free.append(worker)
+        if worker.spoke:
+            self.free.append(worker)
+        else:  # its tasks were taken back: the ones up get the next
+            self.free.insert(0, worker)
 
     def may_grow(self):
         return len(self.workers) < self.size
@@ -3167,14 +3199,26 @@ class _ForkRun(_Run):
     serves many tasks.
 
     One child per core at first, more once tasks prove slow (see _Run), up
-    to max_workers, never more than tasks."""
+    to max_workers, never more than tasks.
 
-    def __init__(self, calls, max_workers, outcomes, timeout, deadline, stop):
+    ``solo``: the driver's last run, of as many tasks or more, was over
+    within _QUICK_RUN -- a bot's or an app's tiny tasks, run after run.
+    Each fork costs the parent most of a millisecond, and the child as much
+    to start: one child given every task has two tiny ones done sooner than
+    two children.  Unless they are done within _SOLO_GRACE: then what it
+    has not begun is taken back and the run goes on with one per core.
+    """
+
+    def __init__(self, calls, max_workers, outcomes, timeout, deadline, stop, solo=False):
         super().__init__(len(calls), outcomes, timeout, deadline, stop)
         _reap_exited()
         self.calls = calls
         self.size = min(max_workers, len(calls))
         self.limit = min(self.size, _CORES)  # children allowed for now
+        self.solo_until = None  # while solo: when the run takes one child per core
+        if solo and self.limit > 1:
+            self.limit = 1
+            self.solo_until = time.monotonic() + _SOLO_GRACE
         self.free = []
         self.live = []
         self.context = _current_context()
@@ -3192,6 +3236,17 @@ class _ForkRun(_Run):
 
     def may_grow(self):
         return self.limit < self.size
+
+    def take_back(self, after=_TAKE_BACK_AFTER):
+        if self.solo_until is None:
+            return super().take_back(after)
+        wait = self.solo_until - time.monotonic()
+        if wait > 0:
+            return wait
+        # Not done in time: what the child has not begun goes to more.
+        self.solo_until = None
+        self.limit = min(self.size, _CORES)
+        return super().take_back(after=0)
 
     def top_up(self, child):
         indices = self.take_batch(self.size, lambda index: _INDEX.size)
@@ -3254,7 +3309,8 @@ class _ForkRun(_Run):
                     self.limit = self.size = len(self.live)
                     return
             child = self.free.pop()
-            indices = self.take_batch(self.size, lambda index: _INDEX.size)
+            indices = self.take_batch(self.limit if self.solo_until else self.size,
+                                      lambda index: _INDEX.size)
             try:
                 _write(child.task_fd, b"".join(_INDEX.pack(index) for index in indices))
             except OSError:  # it died while idle (killed from outside)
@@ -3361,6 +3417,10 @@ class _ForkRun(_Run):
         if "logging" in sys.modules:  # else nothing is configured to inherit
             write = write_locked
             self.worker.forward_records(write, lambda: running[0])
+        # What a task may have closed or replaced for the next one here:
+        # the std streams and their descriptors (see worker.serve).
+        std_streams = (sys.stdin, sys.stdout, sys.stderr)
+        self.worker._save_std_fds()
         while True:
             index = early.popleft() if early else read_index()
             running[0] = index
@@ -3369,6 +3429,8 @@ class _ForkRun(_Run):
             # needlessly: the first touch of each page costs a fresh fork.)
             if not in_context:
                 self.worker._apply_context(self.context)
+                self.worker._restore_std_fds()
+                sys.stdin, sys.stdout, sys.stderr = std_streams
             in_context = False
             outcome = self.worker.run_task(self.calls[index], self.lend_min)
             self.worker.deliver(outcome, write, await_reply)
@@ -3379,7 +3441,10 @@ class _ForkRun(_Run):
         self.live.remove(child)
 
     def on_finished(self, child):
-        self.free.append(child)
+        if child.spoke:
+            self.free.append(child)
+        else:  # its tasks were taken back: the ones up get the next
+            self.free.insert(0, child)
 
     def on_died(self, child, index):
         self.live.remove(child)

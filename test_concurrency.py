@@ -13,7 +13,9 @@ import importlib.util
 import io
 import json
 import os
+import pickle
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -639,6 +641,37 @@ class ChildDriverTests(DriverTests):
         self.assertEqual(results[-1], "done")
         self.assertEqual([type(r) for r in results[:-1]], [concurrency.TaskTimeout] * count)
 
+    def test_tasks_that_meet_still_run_at_once_after_quick_runs(self):
+        # Quick runs in a row have the fork driver start the next with one
+        # child, which must hand what it has not begun to more in a moment.
+        for _ in range(3):
+            self.assertEqual(self.d.run([lambda: 1, lambda: 2]), [1, 2])
+        meet = self.subdir("meet")
+        self.assertEqual(self.d.run([lambda: rendezvous(meet, "a", 2, timeout=5.0),
+                                     lambda: rendezvous(meet, "b", 2, timeout=5.0)],
+                                    timeout=LONG_TIMEOUT), ["a", "b"])
+
+    def test_runs_in_a_row_run_every_task_exactly_once(self):
+        # Tasks that a child still starting up has not begun go to one that
+        # is up; whoever takes a task's claim runs it, and no one else.
+        log = self.path("log")
+
+        def note(run, key):
+            fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                os.write(fd, b"%d-%d\n" % (run, key))
+            finally:
+                os.close(fd)
+            return key
+
+        sizes = [7 if run % 5 == 0 else 2 for run in range(60)]
+        for run, size in enumerate(sizes):
+            self.assertEqual(self.d.run([lambda r=run, k=k: note(r, k) for k in range(size)]),
+                             list(range(size)))
+        ran = read_file(log).split()
+        self.assertEqual(sorted(ran), sorted("%d-%d" % (run, key) for run, size in enumerate(sizes)
+                                             for key in range(size)))
+
     def test_large_results_arrive_whole_with_their_types(self):
         mib = 1 << 20
 
@@ -732,6 +765,42 @@ class ProcessDriverTest(ChildDriverTests, CleanTestCase):
         self.assertEqual(result, [blob[:5] + blob[-5:], len(blob)])
         self.assertFalse(concurrency._sharing_by_file[0])  # through the pipe from now on
         self.assertEqual(self.d.run([lambda: blob[7]]), [blob[7]])
+
+    @unittest.skipUnless(hasattr(os, "memfd_create"), "needs memfd_create")
+    def test_a_worker_that_got_a_buffer_only_for_tasks_taken_back_never_asks_for_it(self):
+        # A worker still starting up has its tasks taken back (to run on
+        # one that is up) with the buffer they name still in its pipe.  Once
+        # the run is over it must not ask for that buffer: nobody answers,
+        # and its wait would swallow the next run's frames.
+        blob = os.urandom(3 << 20)
+        serializer = concurrency._TaskSerializer(share=True)
+        payload = serializer.dumps(0, lambda: len(blob))
+        self.assertEqual(payload[:1], b"s")
+        decoy = os.memfd_create("not-ours", os.MFD_CLOEXEC)  # unreadable for it, by name
+        self.addCleanup(os.close, decoy)
+        context = pickle.dumps(concurrency._current_context() + (None,), pickle.HIGHEST_PROTOCOL)
+        worker = concurrency._Worker(LONG_TIMEOUT)
+        self.addCleanup(worker.close)
+        self.addCleanup(worker.wait)
+        self.addCleanup(worker.kill)
+        [first] = worker.send_tasks(context, [payload],
+                                    [(0, blob, (decoy, "concurrency-shared-decoy"))])
+        self.assertEqual(worker.take_back(), [first])  # it is not even up yet
+        # The run ends as _ProcessRun.finish ends it; the next names its
+        # own buffer 0, sent through the pipe.
+        concurrency._write(worker.task_fd, concurrency._FRAME_HEADER.pack(b"D", 0))
+        concurrency._write(worker.claim_write_fd, concurrency._INDEX.pack(
+            concurrency._worker_module().DROP_SHARED))
+        worker.send_tasks(context, [payload], [(0, blob, None)])
+        frames = []
+        end = time.monotonic() + LONG_TIMEOUT
+        while not any(kind in (b"R", b"E") for kind, _body in frames):
+            self.assertLess(time.monotonic(), end, "no outcome from the worker")
+            select.select([worker.fd], [], [], 1.0)
+            frames += worker.read_frames()
+            self.assertFalse(worker.eof, frames)
+        self.assertEqual([kind for kind, _body in frames], [b"U", b"R"])
+        self.assertEqual(concurrency._loads_value(frames[-1][1]), len(blob))
 
     def test_a_large_run_is_serialized_as_it_goes_and_holds_few_payloads(self):
         eager = concurrency._EAGER_TASKS
@@ -998,6 +1067,25 @@ class ForkDriverTest(ChildDriverTests, CleanTestCase):
                 os._exit(0)
             os.waitpid(pid, 0)
         self.assertEqual(process.run([lambda: 3]), [3])
+
+    def test_after_a_quick_run_the_next_forks_one_child_until_tasks_prove_slow(self):
+        for name in ("_QUICK_RUN", "_SOLO_GRACE"):
+            self.addCleanup(setattr, concurrency, name, getattr(concurrency, name))
+        concurrency._QUICK_RUN = 1.0  # quick, however busy this machine is
+        concurrency._SOLO_GRACE = LONG_TIMEOUT  # and never handed over
+        self.d.run([lambda: 1, lambda: 2])
+        first, second = self.d.run([os.getpid, os.getpid])
+        self.assertEqual(first, second)
+        # A run of more tasks than the quick one forks one per core.
+        meet = self.subdir("meet")
+        self.assertEqual(self.d.run([lambda i=i: rendezvous(meet, str(i), 3, timeout=5.0)
+                                     for i in range(3)], timeout=LONG_TIMEOUT), ["0", "1", "2"])
+        # So does one after a slow run: two tasks that meet can.
+        self.d.run([lambda: time.sleep(1.2)])  # slower than _QUICK_RUN
+        meet = self.subdir("meet-again")
+        self.assertEqual(self.d.run([lambda: rendezvous(meet, "a", 2, timeout=5.0),
+                                     lambda: rendezvous(meet, "b", 2, timeout=5.0)],
+                                    timeout=LONG_TIMEOUT), ["a", "b"])
 
     @unittest.skipUnless(HAVE_PROC and sys.platform.startswith("linux"), "needs Linux /proc")
     def test_children_are_recognisable_in_top(self):
@@ -1415,6 +1503,7 @@ import functools
 import inspect
 import logging
 import os
+import pickle
 import sys
 import threading
 import types

@@ -377,8 +377,13 @@ class FaultTests:
         def close_std():
             os.close(1)
             os.close(2)
+            sys.stdout = None  # and the stream: print() then does nothing
             return "closed"
-        self.assertEqual(self.d.run([close_std, close_std]), ["closed", "closed"])
+        # More tasks than children: several run in one, one after another.
+        self.assertEqual(self.d.run([close_std] * 6), ["closed"] * 6)
+        self.assertEqual(self.d.run([lambda: sys.stdout is not None and os.fstat(1)
+                                     and (print("", end=""), "printed")[1]] * 6),
+                         ["printed"] * 6)
         # The next tasks, maybe on the same warm worker, print fine.
         self.assertEqual(self.d.run([lambda: print("", end="") or "printed"]), ["printed"])
         self.assertStillServes()

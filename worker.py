@@ -1327,6 +1327,11 @@ class _Channel:
             kind, body = frame
             if kind == b"C":
                 self.context = pickle.loads(body)
+            elif number == DROP_SHARED and kind in (b"B", b"M"):
+                # Of tasks taken back from us, in a run that is over: no
+                # task here needs them, and the parent no longer answers a
+                # b"N" for them.
+                continue
             elif kind == b"B":
                 _shared[SHARED_HEADER.unpack_from(body)[0]] = \
                     memoryview(body)[SHARED_HEADER.size:]
