@@ -2453,7 +2453,11 @@ class _Run:
         self.pending.extendleft(reversed(self.queued.pop(child, ())))
 
     def on_finished(self, child):
-        """The child's task has its outcome."""
+        """The child has no task left: it is free."""
+        if child.spoke:
+            self.free.append(child)
+        else:  # its tasks were taken back as it started: the ones up go first
+            self.free.insert(0, child)
 
     # -- Tasks queued behind a slow one ---------------------------------------
     #
@@ -3106,12 +3110,6 @@ class _ProcessRun(_Run):
         self.claims[worker].update(zip(numbers, indices))
         self.queued[worker].extend(indices)
 
-    def on_finished(self, worker):
-        if worker.spoke:
-            self.free.append(worker)
-        else:  # its tasks were taken back: the ones up get the next
-            self.free.insert(0, worker)
-
     def may_grow(self):
         return len(self.workers) < self.size
 
@@ -3219,7 +3217,6 @@ class _ForkRun(_Run):
         if solo and self.limit > 1:
             self.limit = 1
             self.solo_until = time.monotonic() + _SOLO_GRACE
-        self.free = []
         self.live = []
         self.context = _current_context()
         self.starting = True  # forks now inherit the state self.context holds
@@ -3439,12 +3436,6 @@ class _ForkRun(_Run):
     def _forget(self, child):
         child.wait()
         self.live.remove(child)
-
-    def on_finished(self, child):
-        if child.spoke:
-            self.free.append(child)
-        else:  # its tasks were taken back: the ones up get the next
-            self.free.insert(0, child)
 
     def on_died(self, child, index):
         self.live.remove(child)

@@ -1087,6 +1087,24 @@ class ForkDriverTest(ChildDriverTests, CleanTestCase):
                                      lambda: rendezvous(meet, "b", 2, timeout=5.0)],
                                     timeout=LONG_TIMEOUT), ["a", "b"])
 
+    def test_after_a_quick_run_a_crash_or_a_task_computing_forever_holds_back_no_other(self):
+        # One child given both tasks: the one behind a crash runs in a new
+        # child, the one behind an endless task in another within a moment.
+        self.addCleanup(setattr, concurrency, "_QUICK_RUN", concurrency._QUICK_RUN)
+        concurrency._QUICK_RUN = 1.0  # quick, however busy this machine is
+
+        def compute_forever():
+            while True:
+                pass
+
+        for first, expected in ((lambda: os._exit(3), concurrency.WorkerCrashed),
+                                (compute_forever, concurrency.TaskTimeout)):
+            self.d.run([lambda: 1, lambda: 2])
+            failed, second = self.d.run([first, lambda: "second"], timeout=3.0,
+                                        return_exceptions=True)
+            self.assertIsInstance(failed, expected)
+            self.assertEqual(second, "second")
+
     @unittest.skipUnless(HAVE_PROC and sys.platform.startswith("linux"), "needs Linux /proc")
     def test_children_are_recognisable_in_top(self):
         [comm] = self.d.run([lambda: read_file("/proc/self/comm").strip()])
