@@ -266,23 +266,30 @@ def measure(system, scenario, iterations):
         here = os.path.dirname(os.path.abspath(__file__))
         for name in ("concurrency.py", "worker.py"):
             shutil.copy(os.path.join(here, name), vendored)
-    started = time.perf_counter()
-    # A session of its own: a peer's pool that hangs goes with it.
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=env, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=CHILD_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        stdout, stderr = "", "timed out after %d s" % CHILD_TIMEOUT
-    finally:
-        wall = (time.perf_counter() - started) * 1000
+    import tempfile
+    # Output to files, not pipes: a peer's workers that outlive the child
+    # (killed below) would hold a pipe open.  A session of its own: a
+    # peer's pool that hangs goes with it.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(argv, stdout=out, stderr=err, env=env,
+                                   start_new_session=True)
         try:
-            os.killpg(process.pid, 9)
-        except OSError:
-            pass
-        process.communicate()
-        if vendored is not None:
-            shutil.rmtree(vendored, ignore_errors=True)
+            process.wait(timeout=CHILD_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            err.write("\ntimed out after %d s" % CHILD_TIMEOUT)
+        finally:
+            wall = (time.perf_counter() - started) * 1000
+            try:
+                os.killpg(process.pid, 9)
+            except OSError:
+                pass
+            process.wait()
+            if vendored is not None:
+                shutil.rmtree(vendored, ignore_errors=True)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if process.returncode != 0 or not stdout.strip():
         if system in PEERS:  # the peer's own failure: shown as "-", said here
             sys.stderr.write("  %s %s failed: %s\n" % (system, scenario, stderr.strip()[-300:]))
@@ -406,7 +413,9 @@ def run_all(repeat, systems, scenarios):
                 workers = [r["worker"] for r in results if r.get("worker") is not None]
                 rows.setdefault("idle worker rss", {})[system] = (
                     statistics.median(workers) if workers else None)
-            sys.stderr.write("  %s %s: %.1f\n" % (scenario, system, value))
+            rss = rows.get(scenario + " rss", {}).get(system)
+            sys.stderr.write("  %s %s: %.1f%s\n" % (scenario, system, value,
+                                                   "" if rss is None else ", %.1f MB" % rss))
     print_table(rows, systems, cpu_ratios)
 
 
@@ -444,10 +453,11 @@ def print_table(rows, systems, cpu_ratios):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         outcome = child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
-        if outcome:
-            import json
-            print(json.dumps(outcome))
-        else:
-            print("{}")
+        import json
+        print(json.dumps(outcome or {}), flush=True)
+        if sys.argv[3] not in ("first2", "first2-B"):
+            # Measured: what the system does at exit is no part of it (mpire's
+            # kept-alive pool can hang multiprocessing's exit handler).
+            os._exit(0)
     else:
         main(sys.argv[1:])
