@@ -30,6 +30,24 @@ MB = 1 << 20
 LEFT_RUNNING = []
 
 
+def interrupt_once_in(*functions):
+    """Lines for a script's body, placed at a line's indentation in a test's
+    source (as the others there, before dedent): Ctrl-C,
+    once, while the main thread runs one of ``functions`` (named as in
+    their code), caught there by a SIGALRM every millisecond."""
+    return textwrap.indent(textwrap.dedent("""\
+        fired = []
+        def handler(signum, frame):
+            while frame is not None and not fired:
+                if frame.f_code.co_name in %r:
+                    fired.append(True)
+                    raise KeyboardInterrupt
+                frame = frame.f_back
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+        """ % (functions,)), " " * 12).lstrip(" ")  # the first line follows the script's
+
+
 class Stop(BaseException):
     """A BaseException subclass of the user's own."""
 
@@ -1068,15 +1086,7 @@ class ScriptFaultTest(ScriptTestCase):
             d = concurrency.ProcessDriver(max_workers=1)
             d.run([lambda: 0])  # a warm worker
             blob = "x" * (256 << 20)  # a str: in the task's own frame (bytes would be shared)
-            fired = []
-            def handler(signum, frame):
-                while frame is not None and not fired:  # once, mid-send
-                    if frame.f_code.co_name == "send_tasks":
-                        fired.append(True)
-                        raise KeyboardInterrupt
-                    frame = frame.f_back
-            signal.signal(signal.SIGALRM, handler)
-            signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+            """ + interrupt_once_in("send_tasks") + """\
             try:
                 d.run([lambda: len(blob)])
                 interrupted = False
@@ -1098,17 +1108,9 @@ class ScriptFaultTest(ScriptTestCase):
             concurrency._reap_exited(block=True)
             blob = b"x" * (256 << 20)  # captured by both tasks: written to a shared file
             fds = len(os.listdir("/proc/self/fd"))
-            fired = []
-            def handler(signum, frame):
-                # Once, mid-write: of the shared file, or where there is
-                # none (CONCURRENCY_PORTABLE=1), of its frame to a worker.
-                while frame is not None and not fired:
-                    if frame.f_code.co_name in ("shared_file", "send_tasks"):
-                        fired.append(True)
-                        raise KeyboardInterrupt
-                    frame = frame.f_back
-            signal.signal(signal.SIGALRM, handler)
-            signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+            # Mid-write: of the shared file, or where there is none
+            # (CONCURRENCY_PORTABLE=1), of its frame to a worker.
+            """ + interrupt_once_in("shared_file", "send_tasks") + """\
             try:
                 d.run([lambda: len(blob), lambda: len(blob)])
                 interrupted = False

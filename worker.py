@@ -608,7 +608,7 @@ def _submodules(code, values):
     return found
 
 
-# Containers pickle handles itself, and reducer_override leaves to it.
+# Types pickle handles itself, and reducer_override leaves to it.
 _PICKLED_AS_IS = frozenset([tuple, list, dict, set, frozenset, bytearray, complex])
 
 
@@ -1388,9 +1388,9 @@ class _Channel:
                     del pending[:header + size]
                     return kind, body
                 if size > _READ_AHEAD:  # a large buffer: read straight into its own
-                    body = bytearray(size)
-                    body[:len(pending) - header] = pending[header:]
                     got = len(pending) - header
+                    body = bytearray(size)
+                    body[:got] = pending[header:]
                     del pending[:]
                     if self.read_exactly(body, got) is None:
                         return None
