@@ -147,7 +147,6 @@ import collections
 import collections.abc
 import contextvars
 import functools
-import importlib
 import io
 import itertools
 import marshal
@@ -2774,8 +2773,8 @@ class _Worker(_Child):
     def send_tasks(self, context, payloads, buffers=()):
         """Send task frames, and the context first if it has another, and
         the large buffers they name (see _ProcessRun.buffers_for), straight
-        from their memory or as the anonymous file that holds them: in one write when small, as each write may cost a
-        wake-up.  Returns the numbers of their claims.  The claims go first:
+        from their memory or as the anonymous file that holds them: in one
+        write when small, as each write may cost a wake-up.  Returns the numbers of their claims.  The claims go first:
         a worker that takes one reads on until its frame, so a large frame
         never waits for a claim behind it."""
         numbers = range(self.claims_sent, self.claims_sent + len(payloads))
