@@ -4688,7 +4688,10 @@ def _read_config():
     The file is read from the current directory, so whoever controls that
     directory controls it: only a regular file of sane size is read (never
     a FIFO or a device), without following it into interpolation, and every
-    bad file or value is a ConfigError naming the file and key.
+    bad file or value is a ConfigError naming the file and key.  The file
+    decides where task code and captured data go (a dask_address) and so
+    what is unpickled here: one that another user owns or may write is
+    refused, as ssh's StrictModes refuses such an authorized_keys.
     """
     import stat as stat_module
     path = os.environ.get(CONFIG_ENV) or CONFIG_FILE
@@ -4698,7 +4701,9 @@ def _read_config():
         if os.environ.get(CONFIG_ENV):
             raise ConfigError("%s: no such config file (named by %s)" % (path, CONFIG_ENV))
         return {}
-    signature = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    # Owner and mode too: a chmod or chown changes neither mtime nor size.
+    signature = (os.path.abspath(path), stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size,
+                 stat.st_ino, stat.st_uid, stat.st_mode)
     cached = _config_cache.get("config")
     if cached is not None and cached[0] == signature:
         return cached[1]
@@ -4711,6 +4716,7 @@ def _read_config():
         opened = os.fstat(fd)
         if not stat_module.S_ISREG(opened.st_mode):
             raise ConfigError("%s: is not a regular file; a config file is" % path)
+        _check_config_owner(path, opened)
         if opened.st_size > _CONFIG_MAX_BYTES:
             raise ConfigError("%s: is %d bytes; a config file is at most %d"
                               % (path, opened.st_size, _CONFIG_MAX_BYTES))
@@ -4770,6 +4776,39 @@ def _read_config():
                               "max_workers, timeout, dask_address" % (path, name, _CONFIG_SECTION))
     _config_cache["config"] = (signature, config)
     return config
+
+
+def _check_config_owner(path, opened):
+    """Refuse a config file that someone but the caller (or root) may have written.
+
+    Checked on the opened file, so a file swapped in after the check is
+    never the one read.
+    """
+    if not hasattr(os, "geteuid"):
+        return
+    uid = os.geteuid()
+    if opened.st_uid not in (uid, 0):
+        raise ConfigError(
+            "%s: is owned by %s, not by you (uid %d) or root, so it was not read: it would "
+            "decide where your tasks and their data go; if the file is yours, "
+            "chown it to you, else run from another directory or name a file of "
+            "yours in %s" % (path, _user_name(opened.st_uid), uid, CONFIG_ENV))
+    if opened.st_mode & 0o022:
+        raise ConfigError(
+            "%s: is writable by %s (mode %o), so it was not read: it would decide "
+            "where your tasks and their data go; make it writable by you alone "
+            "(chmod go-w %s)"
+            % (path, "group and others" if opened.st_mode & 0o022 == 0o022
+               else "group" if opened.st_mode & 0o020 else "others",
+               opened.st_mode & 0o7777, path))
+
+
+def _user_name(uid):
+    try:
+        import pwd
+        return "uid %d (%s)" % (uid, pwd.getpwuid(uid).pw_name)
+    except (ImportError, KeyError):
+        return "uid %d" % uid
 
 
 def _publish_config(force=False):

@@ -33,6 +33,7 @@ import concurrency
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SHORT_TIMEOUT = 10.0   # for things that take well under a second
+OTHER_UID = 54321      # a user that is not the one running the tests
 LONG_TIMEOUT = 120.0   # for a whole script run in a fresh interpreter
 HAVE_PROC = os.path.isdir("/proc/self")
 MARK_ENV = "CONCURRENCY_TEST_MARK"
@@ -3000,6 +3001,46 @@ class RegistryTest(CleanTestCase):
         case(lambda: write_bytes(b"[concurrency]\ndefault = sync\ndefault = fork\n"),
              "concurrency.ini: cannot be parsed")
 
+    def test_a_config_file_others_may_write_is_refused(self):
+        write_file("concurrency.ini", "[concurrency]\ndefault = sync\n")
+        for mode, who in ((0o664, "group"), (0o646, "others"), (0o666, "group and others")):
+            with self.subTest(mode=oct(mode)):
+                os.chmod("concurrency.ini", mode)
+                with self.assertRaisesRegex(concurrency.ConfigError,
+                                            r"concurrency.ini: is writable by %s \(mode %o\), so "
+                                            r"it was not read.*chmod go-w concurrency.ini"
+                                            % (who, mode)):
+                    concurrency.default_driver()
+                with self.assertRaises(concurrency.ConfigError):
+                    concurrency.run([lambda: 1])
+        # A chmod changes neither mtime nor size: the verdict must not be cached.
+        os.chmod("concurrency.ini", 0o644)
+        self.assertEqual(concurrency.default_driver(), "sync")
+        os.chmod("concurrency.ini", 0o666)
+        with self.assertRaises(concurrency.ConfigError):
+            concurrency.default_driver()
+        os.chmod("concurrency.ini", 0o600)
+        elsewhere = self.path("elsewhere.ini")
+        write_file(elsewhere, "[concurrency]\ndefault = fork\n")
+        os.chmod(elsewhere, 0o646)
+        self.setenv("CONCURRENCY_CONFIG", elsewhere)
+        with self.assertRaisesRegex(concurrency.ConfigError, "elsewhere.ini: is writable by others"):
+            concurrency.default_driver()
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0,
+                         "giving a file to another user needs root")
+    def test_a_config_file_of_another_user_is_refused(self):
+        write_file("concurrency.ini", "[concurrency]\ndefault = sync\n")
+        os.chown("concurrency.ini", OTHER_UID, OTHER_UID)
+        with self.assertRaisesRegex(concurrency.ConfigError,
+                                    r"concurrency.ini: is owned by uid %d, not by you \(uid 0"
+                                    r".*chown it to you.*CONCURRENCY_CONFIG" % OTHER_UID):
+            concurrency.default_driver()
+        with self.assertRaises(concurrency.ConfigError):
+            concurrency.ProcessDriver()
+        os.chown("concurrency.ini", 0, 0)
+        self.assertEqual(concurrency.default_driver(), "sync")
+
     def test_config_publish_never_follows_a_symlink(self):
         target = self.path("elsewhere.ini")
         os.symlink(target, "concurrency.ini")  # dangling
@@ -3075,6 +3116,53 @@ class RegistryTest(CleanTestCase):
         self.assertIn("default = process", read_file(elsewhere))
         self.setenv("CONCURRENCY_CONFIG", elsewhere)
         self.assertEqual(concurrency._read_config().get("default"), "process")
+
+
+class PlantedConfigTest(ScriptTestCase):
+    """A concurrency.ini another user left in a shared directory such as /tmp."""
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0,
+                         "planting a file as another user needs root")
+    def test_a_planted_config_never_sends_tasks_to_its_address(self):
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        shared = self.subdir("shared-tmp")
+        os.chmod(shared, 0o1777)
+        planted = os.path.join(shared, "concurrency.ini")
+        write_file(planted, "[concurrency]\ndefault = dask\ndask_address = tcp://127.0.0.1:%d\n"
+                   % listener.getsockname()[1])
+        os.chown(planted, OTHER_UID, OTHER_UID)
+        argv, env, project = self.script("""\
+            import concurrency
+            try:
+                print(concurrency.run([lambda: 6 * 7]))
+            except concurrency.ConfigError as exc:
+                print("ConfigError:", exc)
+            """)
+        for named in (False, True):
+            with self.subTest(named_by_environment=named):
+                child_env = dict(env, CONCURRENCY_CONFIG=planted) if named else env
+                child = subprocess.Popen([argv[0], os.path.join(project, argv[1])], cwd=shared,
+                                         env=child_env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+                try:
+                    # The planted address must never see a connection.
+                    deadline = time.monotonic() + LONG_TIMEOUT
+                    while child.poll() is None and time.monotonic() < deadline:
+                        readable, _, _ = select.select([listener], [], [], 0.05)
+                        self.assertFalse(readable, "the run connected to the planted address")
+                    stdout, stderr = child.communicate(timeout=SHORT_TIMEOUT)
+                finally:
+                    if child.poll() is None:
+                        child.kill()
+                        child.communicate()
+                self.assertFalse(select.select([listener], [], [], 0)[0])
+                self.assertEqual(child.returncode, 0, stderr)
+                self.assertRegex(stdout, r"^ConfigError: .*concurrency.ini: is owned by uid %d"
+                                 % OTHER_UID)
+                self.assert_marked_processes_gone()
 
 
 class ReadmeTest(ScriptTestCase):
