@@ -1687,43 +1687,6 @@ def _culprit(fn, worker, depth=4):
         return None
 
 
-def _loads_value(body, lent=None):
-    """Unpickle an outcome body; ``lent`` holds the buffers copied out of the
-    child for a b"l" body (see _copy_lent())."""
-    view = memoryview(body)
-    flag = view[:1]
-    if flag == b"p":
-        _worker_module()  # what values sent by value are rebuilt with
-        return pickle.loads(view[1:])
-    if flag == b"l" or flag == b"i":
-        size, descriptors, start = _lent_layout(view)
-        data = view[start:start + size]
-        if flag == b"i":
-            lent, offset, made = [], start + size, {}
-            for descriptor in descriptors:
-                _address, length, readonly = descriptor
-                if descriptor not in made:  # one buffer lent twice is one object
-                    part = view[offset:offset + length]
-                    made[descriptor] = bytes(part) if readonly else bytearray(part)
-                lent.append(made[descriptor])
-                offset += length
-        return pickle.loads(data, buffers=lent)
-    import dill
-    return dill.loads(bytes(view[1:]))
-
-
-def _lent_layout(view):
-    """(pickle size, buffer descriptors, where the pickle starts) of a lent body."""
-    worker = _worker_module()
-    count, size = worker.LENT_HEADER.unpack_from(view, 1)
-    offset = 1 + worker.LENT_HEADER.size
-    descriptors = []
-    for _ in range(count):
-        descriptors.append(worker.LENT_BUFFER.unpack_from(view, offset))
-        offset += worker.LENT_BUFFER.size
-    return size, descriptors, offset
-
-
 def _copy_lent(pid, body):
     """Copy the buffers lent in a b"l" body out of process ``pid``: bytes
     where the child had bytes (or any read-only buffer), bytearrays where it
@@ -1732,7 +1695,7 @@ def _copy_lent(pid, body):
     threads, as most of the time goes to faulting in the fresh pages."""
     import ctypes
     reader = _memory_reader()
-    _size, descriptors, _start = _lent_layout(memoryview(body))
+    _size, descriptors, _start = _worker_module().lent_layout(memoryview(body))
     copies, pieces, made = [], collections.deque(), {}
     for descriptor in descriptors:
         address, length, readonly = descriptor
@@ -1846,11 +1809,12 @@ def _memory_reader():
 def _decode_outcome(outcomes, index, kind, body, lent=None):
     """Fill slot ``index`` from a worker's b"R" or b"E" frame body."""
     key = outcomes.key(index)
+    worker = _worker_module()
     if kind == b"R":
         try:
-            value = _loads_value(body, lent)
+            value = worker.loads_value(body, lent)
         except Exception as exc:
-            if _succeeds(_loads_value, body, lent):
+            if worker.succeeds(worker.loads_value, body, lent):
                 raise  # a signal handler's exception: the caller's, not the result's
             error = SerializationError(key, "result", "the result could not be unpickled "
                                        "in the parent: %s: %s" % (type(exc).__name__, exc))
@@ -1881,40 +1845,10 @@ def _decode_outcome(outcomes, index, kind, body, lent=None):
 
 def _rebuild_exception(key, info):
     """The child's exception as its own class where possible, else RemoteError."""
-    if info["exc"] is not None:
-        try:
-            exc = _loads_value(info["exc"])
-            if isinstance(exc, BaseException):
-                return exc
-        except Exception:
-            if _succeeds(_loads_value, info["exc"]):
-                raise  # a signal handler's exception: the caller's
-    if info["parts"] is not None:
-        # Unpickling an exception calls cls(*args), which fails for an
-        # __init__ taking other arguments: rebuild it without calling it.
-        try:
-            cls, args, state = _loads_value(info["parts"])
-            exc = BaseException.__new__(cls)
-            exc.args = args
-            if state:
-                exc.__dict__.update(state)
-            return exc
-        except Exception:
-            if _succeeds(_loads_value, info["parts"]):
-                raise  # a signal handler's exception: the caller's
-    return RemoteError(key, info["type"], info["message"], info["traceback"])
-
-
-def _succeeds(function, *args):
-    """Whether ``function(*args)`` succeeds on a second try.  Unpickling that
-    failed once, and works now, was cut short by a signal handler that
-    raised (an alarm, a framework's soft time limit): that exception is the
-    caller's to get, never to be mistaken for a value that can't travel."""
-    try:
-        function(*args)
-    except Exception:
-        return False
-    return True
+    exc = _worker_module().rebuild_exception(info)
+    if exc is None:
+        return RemoteError(key, info["type"], info["message"], info["traceback"])
+    return exc
 
 
 def _add_note(exc, note):
@@ -1983,7 +1917,13 @@ def _log_task_record(state, key):
     record.concurrency_key = key
     logger = logging.getLogger(record.name) if record.name != "root" else logging.root
     if logger.isEnabledFor(record.levelno):
-        logger.handle(record)
+        try:
+            logger.handle(record)
+        except Exception:
+            # A filter or handler of ours that raises: reported as logging
+            # reports a handler's error, never the run's.  (The task logged
+            # in another process: its log call returned long ago.)
+            logging.Handler.handleError(None, record)
 
 
 def _sys_path(cwd):
@@ -2374,7 +2314,7 @@ class _Run:
     def on_frame(self, child, index, kind, body):
         """Handle a frame; return True when the child has no task left."""
         if kind == b"L":  # a record a task logged
-            number, state = pickle.loads(body)
+            number, state = _worker_module().decode_record(body)
             index = self.task_numbered(child, number)
             _log_task_record(state, None if index is None else self.outcomes.key(index))
             return False
@@ -3350,12 +3290,14 @@ class _ForkRun(_Run):
             try:
                 # (_forget_workers_in_child closed every parent end we hold.)
                 _in_fork_child(devnull)
+                self.worker._protect_channel(task_r, result_w)
                 self.worker.FORKED_BY_TASK[0] = False  # it runs tasks: no stray
                 self.worker.die_with_parent(lifeline)
                 self.worker.become_subreaper()
                 self.worker.show_as_worker()
                 held.restore()
-                self._serve(task_r, result_w, in_context=self.starting)
+                self.worker.serve_forked(task_r, result_w, self.calls, self.context,
+                                         self.starting, self.lend_min)
             except BaseException:
                 code = 70
             finally:
@@ -3369,68 +3311,6 @@ class _ForkRun(_Run):
         self.live.append(child)
         self.progress = time.monotonic()  # the clock starts once it runs
         return child
-
-    def _serve(self, task_fd, result_fd, in_context):
-        """The child's loop: run the task of each index read, until the end.
-        ``in_context``: this process still has the cwd, environment and
-        sys.path of the call, as it was forked as the run started."""
-        replies = {number: code for code, number in _REPLY_INDEX.items()}
-        waiting = select.poll()
-        waiting.register(task_fd, select.POLLIN)
-
-        def read_index():
-            # One index at a time: the ones left in the pipe can still be
-            # taken back by the parent, to run on another child.
-            while True:
-                try:
-                    data = os.read(task_fd, _INDEX.size)
-                except BlockingIOError:
-                    waiting.poll()
-                    continue
-                if not data:
-                    os._exit(0)  # the run is over
-                return _INDEX.unpack(data)[0]
-
-        early = collections.deque()  # task indices read while awaiting a reply
-
-        def await_reply():
-            while True:
-                index = read_index()
-                if index in replies:
-                    return replies[index]
-                early.append(index)
-
-        writing = threading.Lock()  # log records may come from any thread
-
-        def write_locked(kind, parts):
-            with writing:
-                self.worker.write_frame(result_fd, kind, parts)
-
-        def write(kind, parts):
-            self.worker.write_frame(result_fd, kind, parts)
-
-        running = [None]
-        if "logging" in sys.modules:  # else nothing is configured to inherit
-            write = write_locked
-            self.worker.forward_records(write, lambda: running[0])
-        # What a task may have closed or replaced for the next one here:
-        # the std streams and their descriptors (see worker.serve).
-        std_streams = (sys.stdin, sys.stdout, sys.stderr)
-        self.worker._save_std_fds()
-        while True:
-            index = early.popleft() if early else read_index()
-            running[0] = index
-            # Each task starts from the caller's cwd, environment and sys.path
-            # as at the call, whatever the last one changed.  (Not checked
-            # needlessly: the first touch of each page costs a fresh fork.)
-            if not in_context:
-                self.worker._apply_context(self.context)
-                self.worker._restore_std_fds()
-                sys.stdin, sys.stdout, sys.stderr = std_streams
-            in_context = False
-            outcome = self.worker.run_task(self.calls[index], self.lend_min)
-            self.worker.deliver(outcome, write, await_reply)
-            del outcome
 
     def _forget(self, child):
         child.wait()

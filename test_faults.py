@@ -8,6 +8,7 @@ The long soak runs only with CONCURRENCY_SOAK=1 (.ci/run does).
 """
 
 import ctypes
+import io
 import json
 import os
 import signal
@@ -405,6 +406,41 @@ class FaultTests:
         # The next tasks, maybe on the same warm worker, print fine.
         self.assertEqual(self.d.run([lambda: print("", end="") or "printed"]), ["printed"])
         self.assertStillServes()
+
+    def test_a_task_that_closes_or_replaces_the_std_streams_breaks_no_later_task(self):
+        single = type(self.d)(max_workers=1)
+
+        def close_streams():
+            sys.stdout.close()
+            sys.stderr.close()
+            sys.stdin.close()
+            return "closed"
+
+        def replace_streams():
+            sys.stdout = io.StringIO()
+            sys.stderr = io.StringIO()
+            return "replaced"
+
+        def close_replaced():
+            sys.stdout = io.StringIO()
+            sys.__stdout__.close()
+            return "closed behind a replacement"
+
+        def prints():
+            print("", end="", flush=True)
+            sys.stderr.write("")
+            sys.stderr.flush()
+            return (sys.stdout.fileno(), sys.stderr.fileno(), sys.stdin.fileno(),
+                    sys.stdout.closed, sys.stderr.closed)
+
+        fine = (1, 2, 0, False, False)
+        for spoiler in (close_streams, replace_streams, close_replaced):
+            with self.subTest(spoiler=spoiler.__name__):
+                # In one run, one after the other on its one child; then in
+                # the next run, on the same warm worker where there is one.
+                result = single.run([spoiler, prints, spoiler, prints])
+                self.assertEqual(result[1::2], [fine, fine])
+                self.assertEqual(single.run([prints]), [fine])
 
     # -- processes a task starts --------------------------------------------
 

@@ -101,6 +101,8 @@ LEND_MIN = 1 << 20  # smaller buffers go through the pipe: it is fast enough
 # The parent's replies to a lent result.
 FETCHED = b"F"
 SEND_INLINE = b"S"
+# The same to a fork child, on its pipe of task indices: indices no task has.
+FORK_REPLIES = {FETCHED: (1 << 64) - 1, SEND_INLINE: (1 << 64) - 2}
 
 # Kinds of error reported in an b"E" frame; the parent maps them to its errors.
 TASK_FAILED = "task"              # the task raised
@@ -257,6 +259,41 @@ def deliver(outcome, write, await_reply):
         write(kind, [INLINE] + parts[1:] + lent)
 
 
+def loads_value(body, lent=None):
+    """The value of an outcome body (see dumps_value and dumps_lending);
+    ``lent`` holds the buffers of a LENT body, copied out of the child."""
+    view = memoryview(body)
+    flag = view[:1]
+    if flag == PICKLED:
+        return pickle.loads(view[1:])
+    if flag == LENT or flag == INLINE:
+        size, descriptors, start = lent_layout(view)
+        data = view[start:start + size]
+        if flag == INLINE:
+            lent, offset, made = [], start + size, {}
+            for descriptor in descriptors:
+                _address, length, readonly = descriptor
+                if descriptor not in made:  # one buffer lent twice is one object
+                    part = view[offset:offset + length]
+                    made[descriptor] = bytes(part) if readonly else bytearray(part)
+                lent.append(made[descriptor])
+                offset += length
+        return pickle.loads(data, buffers=lent)
+    import dill
+    return dill.loads(bytes(view[1:]))
+
+
+def lent_layout(view):
+    """(pickle size, buffer descriptors, where the pickle starts) of a lent body."""
+    count, size = LENT_HEADER.unpack_from(view, 1)
+    offset = 1 + LENT_HEADER.size
+    descriptors = []
+    for _ in range(count):
+        descriptors.append(LENT_BUFFER.unpack_from(view, offset))
+        offset += LENT_BUFFER.size
+    return size, descriptors, offset
+
+
 def encode_error(exc, kind=TASK_FAILED, skip_frames=0):
     """Return the body of an error frame for ``exc``.
 
@@ -279,6 +316,45 @@ def encode_error(exc, kind=TASK_FAILED, skip_frames=0):
         "parts": _try_dumps(lambda: (cls, exc.args, dict(getattr(exc, "__dict__", {})))),
     }
     return pickle.dumps(info, pickle.HIGHEST_PROTOCOL)
+
+
+def rebuild_exception(info):
+    """The exception of an error body (see encode_error) as its own class,
+    or None when only its text could travel."""
+    if info["exc"] is not None:
+        try:
+            exc = loads_value(info["exc"])
+            if isinstance(exc, BaseException):
+                return exc
+        except Exception:
+            if succeeds(loads_value, info["exc"]):
+                raise  # a signal handler's exception: the caller's
+    if info["parts"] is not None:
+        # Unpickling an exception calls cls(*args), which fails for an
+        # __init__ taking other arguments: rebuild it without calling it.
+        try:
+            cls, args, state = loads_value(info["parts"])
+            exc = BaseException.__new__(cls)
+            exc.args = args
+            if state:
+                exc.__dict__.update(state)
+            return exc
+        except Exception:
+            if succeeds(loads_value, info["parts"]):
+                raise  # a signal handler's exception: the caller's
+    return None
+
+
+def succeeds(function, *args):
+    """Whether ``function(*args)`` succeeds on a second try.  Unpickling that
+    failed once, and works now, was cut short by a signal handler that
+    raised (an alarm, a framework's soft time limit): that exception is the
+    caller's to get, never to be mistaken for a value that can't travel."""
+    try:
+        function(*args)
+    except Exception:
+        return False
+    return True
 
 
 def _try_dumps(make):
@@ -1407,17 +1483,82 @@ class _Channel:
 
 
 def write_frame(fd, kind, parts=()):
-    """Write one frame, its body made of ``parts``, blocking until written."""
+    """Write one frame, its body made of ``parts``, whole or not at all.
+
+    A task's signal handler may raise at any moment (an alarm around a step
+    that logs): raised between two writes of one frame, it would leave half
+    a frame in the pipe, and the parent would read what follows as a header.
+    A frame the pipe takes in one write (PIPE_BUF) is written whole or, the
+    handler raising while the write waits, not at all.  A larger one is
+    written by a thread of its own -- handlers run in the main thread only
+    -- and the handler's exception is raised once the frame is whole.
+    """
     size = sum(len(part) for part in parts)
     header = FRAME_HEADER.pack(kind, size)
+    if size + FRAME_HEADER.size <= _ATOMIC_WRITE:
+        data = header + b"".join(parts)
+        written = os.write(fd, data)
+        if written != len(data):  # not a pipe, or not blocking: finish it
+            _write_all(fd, [memoryview(data)[written:]])
+        return
     if size < 65536:
         parts = [header + b"".join(parts)]
     else:  # no copy of a large body just to prepend a header
         parts = [header] + list(parts)
+    if threading.current_thread() is not threading.main_thread():
+        _write_all(fd, parts)
+        return
+    _write_uninterrupted(fd, parts)
+
+
+# A write of at most this many bytes to a pipe is never split.
+_ATOMIC_WRITE = getattr(__import__("select"), "PIPE_BUF", 512)
+
+
+def _write_all(fd, parts):
     for part in parts:
         view = memoryview(part)
         while view:
             view = view[os.write(fd, view):]
+
+
+def _write_uninterrupted(fd, parts):
+    """_write_all() in a thread no signal handler runs in; an exception a
+    handler raises meanwhile is raised once every byte is written."""
+    import _thread
+    done = _thread.allocate_lock()
+    done.acquire()
+    failed, finished = [], []
+
+    def write():
+        try:
+            _write_all(fd, parts)
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            finished.append(True)  # before the release: see below
+            done.release()
+
+    raised = None
+    try:
+        _thread.start_new_thread(write, ())
+    except RuntimeError as exc:
+        if "start new thread" in str(exc):
+            raise  # not started: nothing written
+        raised = exc
+    except BaseException as exc:  # a handler's, raised once it had started
+        raised = exc
+    # A handler may raise as acquire() returns, the lock taken: so the
+    # flag, not the lock, says when the frame is written.
+    while not finished:
+        try:
+            done.acquire()
+        except BaseException as exc:  # a signal handler's: after the frame
+            raised = raised or exc
+    if failed:
+        raise failed[0]
+    if raised is not None:
+        raise raised
 
 
 _applied_environ = {}  # id(context environ) -> os.environ's raw data after applying it
@@ -1475,30 +1616,85 @@ _forwarding = []  # the levels applied, once records are forwarded
 
 def forward_records(write, running):
     """Send this process's log records with ``write(kind, parts)`` (thread
-    safe); ``running()`` is the number of the task running."""
+    safe); ``running()`` is the number of the task running.
+
+    Processes the task forks inherit this, but not the result pipe (see
+    _protect_channel): what they log goes to stderr as text, as logging's
+    last resort would write it, never half into the pipe of the run."""
     import logging
     formatter = logging.Formatter()
 
     def handle(logger, record):
+        if FORKED_BY_TASK[0]:
+            return _log_as_text(record, formatter)
         try:
-            state = dict(record.__dict__)
-            state["msg"] = record.getMessage()
-            state["args"] = None
-            if record.exc_info:
-                state["exc_text"] = formatter.formatException(record.exc_info)
-            state["exc_info"] = None
-            try:
-                body = pickle.dumps((running(), state), pickle.HIGHEST_PROTOCOL)
-            except Exception:  # an extra attribute that can't travel: as text
-                state = {key: value if isinstance(value, (str, int, float, type(None)))
-                         else repr(value) for key, value in state.items()}
-                body = pickle.dumps((running(), state), pickle.HIGHEST_PROTOCOL)
+            message = record.getMessage()
+        except Exception:  # arguments that don't fit the format
+            return logging.Handler.handleError(None, record)
+        # Anything raised from here on is a signal handler's: the task's.
+        body = encode_record(running(), record, message, formatter)
+        try:
             write(b"L", [body])
-        except Exception:
+        except OSError:  # our pipe is gone: so is the parent, or its run
             logging.Handler.handleError(None, record)
 
     logging.Logger.handle = handle  # in this child only
     _forwarding[:] = [None]
+
+
+# Record attributes of these types travel as they are; the rest (an
+# ``extra`` of the task's) each on its own, as text where they can't.
+_PLAIN_RECORD_VALUES = frozenset([str, int, float, bool, type(None)])
+
+
+def encode_record(number, record, message, formatter):
+    """The body of a b"L" frame: the number of the task that logged, the
+    record's plain attributes (its ``message`` formatted, its exception as
+    text) and the others, each pickled alone with its text beside it."""
+    state = dict(record.__dict__)
+    state["msg"] = message
+    del state["args"]
+    if record.exc_info:
+        state["exc_text"] = formatter.formatException(record.exc_info)
+    state["exc_info"] = None
+    others = {}
+    for name, value in list(state.items()):
+        if type(value) not in _PLAIN_RECORD_VALUES:
+            del state[name]
+            try:
+                text = repr(value)
+            except Exception:
+                text = "<%s object>" % type(value).__name__
+            others[name] = (_try_dumps(lambda: value), text)
+    return pickle.dumps((number, state, others), pickle.HIGHEST_PROTOCOL)
+
+
+def decode_record(body):
+    """(task number, record attributes) of a b"L" frame: an attribute that
+    can't be rebuilt here comes as its text."""
+    number, state, others = pickle.loads(body)
+    state["args"] = ()
+    for name, (pickled, text) in others.items():
+        value = text
+        if pickled is not None:
+            try:
+                value = loads_value(pickled)
+            except Exception:
+                pass
+        state[name] = value
+    return number, state
+
+
+def _log_as_text(record, formatter):
+    try:
+        text = "%s:%s:%s" % (record.levelname, record.name, record.getMessage())
+        if record.exc_info:
+            text += "\n" + formatter.formatException(record.exc_info)
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    except Exception:
+        import logging
+        logging.Handler.handleError(None, record)
 
 
 def _forward_logging(levels, channel):
@@ -1524,7 +1720,30 @@ def _fresh_task_state(std_streams):
     its own __main__, no class of an earlier task's, the std streams."""
     sys.modules["__main__"] = types.ModuleType("__main__")
     forget_tracked_classes()
+    return usable_std_streams(std_streams)
+
+
+def usable_std_streams(std_streams):
+    """Give the next task the std streams ``std_streams``, reopened on their
+    descriptors where an earlier task closed them; returns what it got."""
+    # (None where the process started without that descriptor.)
+    if (getattr(std_streams[0], "closed", False) or getattr(std_streams[1], "closed", False)
+            or getattr(std_streams[2], "closed", False)):
+        std_streams = tuple(_reopened(stream, fd, mode) for stream, fd, mode
+                            in zip(std_streams, (0, 1, 2), ("r", "w", "w")))
+        sys.__stdin__, sys.__stdout__, sys.__stderr__ = std_streams
     sys.stdin, sys.stdout, sys.stderr = std_streams
+    return std_streams
+
+
+def _reopened(stream, fd, mode):
+    if not getattr(stream, "closed", False):
+        return stream
+    try:
+        return open(fd, mode, encoding=stream.encoding, errors=stream.errors,
+                    buffering=1 if stream.line_buffering else -1, closefd=False)
+    except (OSError, ValueError, AttributeError):
+        return stream  # its descriptor is gone too: nothing to write to
 
 
 def serve(task_fd, result_fd, idle_timeout, lend_min, claim_fd):
@@ -1551,7 +1770,7 @@ def serve(task_fd, result_fd, idle_timeout, lend_min, claim_fd):
             continue
         body = channel.task(number)
         channel.running = number
-        _fresh_task_state(std_streams)
+        std_streams = _fresh_task_state(std_streams)
         if channel.context is not None:
             _apply_context(channel.context, channel)
         try:
@@ -1565,6 +1784,72 @@ def serve(task_fd, result_fd, idle_timeout, lend_min, claim_fd):
         _restore_std_fds()
         sys.stdin, sys.stdout, sys.stderr = std_streams
         deliver(outcome, channel.write_frame, channel.await_reply)
+        del outcome
+
+
+def serve_forked(task_fd, result_fd, calls, context, in_context, lend_min):
+    """The loop of a child the fork driver forked for a run: run the task of
+    each index read from TASK_FD -- ``calls[index]``, inherited, nothing
+    serialized -- until the pipe's end; outcomes go to RESULT_FD.  Indices
+    may wait in the pipe: the parent can take them back (see serve), so
+    they are read one at a time.  ``in_context``: this process still has
+    the cwd, environment and sys.path of the call (it was forked as the run
+    started), which each later task gets back (``context``)."""
+    import select
+    replies = {number: code for code, number in FORK_REPLIES.items()}
+    waiting = select.poll()
+    waiting.register(task_fd, select.POLLIN)
+
+    def read_index():
+        while True:
+            try:
+                data = os.read(task_fd, CLAIM.size)
+            except BlockingIOError:
+                waiting.poll()
+                continue
+            if not data:
+                os._exit(0)  # the run is over
+            return CLAIM.unpack(data)[0]
+
+    early = collections.deque()  # task indices read while awaiting a reply
+
+    def await_reply():
+        while True:
+            index = read_index()
+            if index in replies:
+                return replies[index]
+            early.append(index)
+
+    writing = threading.Lock()  # log records may come from any thread
+
+    def write_locked(kind, parts):
+        with writing:
+            write_frame(result_fd, kind, parts)
+
+    def write(kind, parts):
+        write_frame(result_fd, kind, parts)
+
+    running = [None]
+    if "logging" in sys.modules:  # else nothing is configured to inherit
+        write = write_locked
+        forward_records(write, lambda: running[0])
+    # What a task may have closed or replaced for the next one here: the
+    # std streams and their descriptors, as in serve.
+    std_streams = (sys.stdin, sys.stdout, sys.stderr)
+    _save_std_fds()
+    while True:
+        index = early.popleft() if early else read_index()
+        running[0] = index
+        # Each task starts from the caller's cwd, environment and sys.path
+        # as at the call, whatever the last one changed.  (Not checked
+        # needlessly: the first touch of each page costs a fresh fork.)
+        if not in_context:
+            _apply_context(context)
+            _restore_std_fds()
+            std_streams = usable_std_streams(std_streams)
+        in_context = False
+        outcome = run_task(calls[index], lend_min)
+        deliver(outcome, write, await_reply)
         del outcome
 
 
