@@ -52,12 +52,12 @@ Data flow of the default ``process`` driver:
     run(tasks) --> _Batch ----------> payload per task: b"p" + C pickle (what
                    (validated keys,   the child can't import, by value), or
                     callables, shape) b"d" + dill's, for the rare rest
-                                            |  b"C" context (cwd, environ,
-                                            |  sys.path, argv), b"T" tasks
+                                            |  CONTEXT (cwd, environ,
+                                            |  sys.path, argv), TASK frames
                                             v
                                    worker.py "serve" (warm child)
                                             |  unserialize, call, pickle
-                                            |  b"R" value | b"E" error; large
+                                            |  RESULT | ERROR frame; large
                                             |  buffers stay in the child, and
                                             v  _copy_lent() reads them there
     results / first error  <-- _Outcomes <-- _Run: the parent's select() loop
@@ -156,7 +156,6 @@ import pickle
 import select
 import selectors
 import signal
-import struct
 import sys
 import threading
 import time
@@ -214,10 +213,6 @@ DASK_ADDRESS_ENV = "CONCURRENCY_DASK_ADDRESS"
 # How long the dask driver tries to reach a scheduler before it gives up.
 DEFAULT_DASK_CONNECT_TIMEOUT = 10.0
 _CONFIG_SECTION = "concurrency"
-
-_FRAME_HEADER = struct.Struct(">cQ")  # same as worker.FRAME_HEADER
-# Reads of frames larger than this go straight into their final buffer.
-_LARGE_FRAME = 1 << 20
 
 # Children lend large result buffers for us to copy out of their memory (see
 # worker.py) where process_vm_readv(2) exists; off for good once it fails.
@@ -1073,7 +1068,7 @@ class _Outcomes:
         return self.batch.keys[index]
 
     def arrived(self, index, kind, body, lent=None):
-        """A child's b"R" or b"E" frame for task ``index``."""
+        """A child's RESULT or ERROR frame for task ``index``."""
         _decode_outcome(self, index, kind, body, lent)
 
     def finish(self, return_exceptions):
@@ -1807,10 +1802,10 @@ def _memory_reader():
 
 
 def _decode_outcome(outcomes, index, kind, body, lent=None):
-    """Fill slot ``index`` from a worker's b"R" or b"E" frame body."""
+    """Fill slot ``index`` from a worker's RESULT or ERROR frame body."""
     key = outcomes.key(index)
     worker = _worker_module()
-    if kind == b"R":
+    if kind == worker.RESULT:
         try:
             value = worker.loads_value(body, lent)
         except Exception as exc:
@@ -2139,9 +2134,7 @@ class _Child:
                     _parent_fds.add(self.pidfd)
                 except OSError:
                     pass
-        self._buffer = bytearray()
-        self._large = None  # (kind, bytearray, filled) of a large frame in progress
-        self.eof = False
+        self.reader = _worker_module().FrameReader(result_fd)
         self.ended = False  # reaped; exitcode None then: something else reaped it
         self.exitcode = None
         self.served = False  # it has sent a frame: it is up and running
@@ -2163,62 +2156,26 @@ class _Child:
         except BlockingIOError:
             return []
         # Not the claim that lets a past run's buffers go (see
-        # _ProcessRun.finish): the b"D" frame does, when next read.
-        drop = _worker_module().DROP_SHARED
-        return [number for (number,) in _INDEX.iter_unpack(data) if number != drop]
+        # _ProcessRun.finish): the RUN_OVER frame does, when next read.
+        wire = _worker_module()
+        return [number for (number,) in wire.CLAIM.iter_unpack(data)
+                if number != wire.DROP_SHARED]
+
+    @property
+    def eof(self):
+        """Whether its result pipe has ended."""
+        return self.reader.eof
 
     def read_frames(self):
         """Read what the pipe holds now; return the complete frames."""
         frames = []
-        while not self.eof:
-            if self._large is not None:
-                kind, body, filled = self._large
-                try:
-                    n = os.readv(self.fd, [memoryview(body)[filled:]])
-                except BlockingIOError:
-                    break
-                if n == 0:
-                    self.eof = True
-                    break
-                filled += n
-                if filled == len(body):
-                    frames.append((kind, body))
-                    self._large = None
-                else:
-                    self._large = (kind, body, filled)
-                continue
+        reader = self.reader
+        while not reader.eof:
             try:
-                chunk = os.read(self.fd, 1 << 18)
+                frames += reader.read()
             except BlockingIOError:
                 break
-            if not chunk:
-                self.eof = True
-                break
-            self._buffer += chunk
-            self._parse(frames)
         return frames
-
-    def _parse(self, frames):
-        buffer = self._buffer
-        header = _FRAME_HEADER.size
-        end = len(buffer)
-        start = 0  # of the first frame not taken: cut from the buffer once, at the end
-        with memoryview(buffer) as view:
-            while end - start >= header:
-                kind, size = _FRAME_HEADER.unpack_from(buffer, start)
-                if end - start - header >= size:
-                    frames.append((kind, bytes(view[start + header:start + header + size])))
-                    start += header + size
-                elif size >= _LARGE_FRAME:
-                    body = bytearray(size)
-                    have = end - start - header
-                    body[:have] = view[start + header:]
-                    start = end
-                    self._large = (kind, body, have)
-                    break
-                else:
-                    break
-        del buffer[:start]
 
     def poll(self):
         """None while it runs; once it has ended, its exit code (negative:
@@ -2306,6 +2263,7 @@ class _Run:
         self.cpu_sample = None  # (when, {pid: CPU seconds}) of the last look
         self.stop = stop
         self.selector = None  # made as the run starts: see completions()
+        self.wire = _worker_module()  # frame kinds and their decoding
 
     def start_tasks(self):
         """Start pending tasks on free capacity."""
@@ -2313,15 +2271,16 @@ class _Run:
 
     def on_frame(self, child, index, kind, body):
         """Handle a frame; return True when the child has no task left."""
-        if kind == b"L":  # a record a task logged
-            number, state = _worker_module().decode_record(body)
+        wire = self.wire
+        if kind == wire.LOG:  # a record a task logged
+            number, state = wire.decode_record(body)
             index = self.task_numbered(child, number)
             _log_task_record(state, None if index is None else self.outcomes.key(index))
             return False
         self.progress = time.monotonic()
         child.served = child.spoke = True
         lent = None
-        if kind == b"R" and body[:1] == b"l":
+        if kind == wire.RESULT and body[:1] == wire.LENT:
             try:
                 lent = _copy_lent(child.pid, body)
             except OSError:
@@ -2720,24 +2679,26 @@ class _Worker(_Child):
         numbers = range(self.claims_sent, self.claims_sent + len(payloads))
         code = _worker_module()
         parts = []
+        header = code.FRAME_HEADER
         if self.context != context:
-            parts += [_FRAME_HEADER.pack(b"C", len(context)), context]
+            parts += [header.pack(code.CONTEXT, len(context)), context]
         for number, buffer, file in buffers:
             if file is not None:
                 fd, name = file
                 body = code.SHARED_FILE.pack(number, fd, len(buffer)) + name.encode()
-                parts += [_FRAME_HEADER.pack(b"M", len(body)), body]
+                parts += [header.pack(code.BUFFER_FILE, len(body)), body]
             else:
-                parts += [_FRAME_HEADER.pack(b"B", code.SHARED_HEADER.size + len(buffer)),
+                parts += [header.pack(code.BUFFER, code.SHARED_HEADER.size + len(buffer)),
                           code.SHARED_HEADER.pack(number), buffer]
+        task = code.TASK
         for payload in payloads:
-            parts += [_FRAME_HEADER.pack(b"T", len(payload)), payload]
+            parts += [header.pack(task, len(payload)), payload]
         if sum(len(part) for part in parts) <= 2 * _BATCH_BYTES:
             parts = [b"".join(parts)]
         try:
             # At most _BATCH_TASKS claims: one write of less than PIPE_BUF,
             # never split, into a pipe that holds thousands.
-            _write(self.claim_write_fd, b"".join(_INDEX.pack(number) for number in numbers))
+            _write(self.claim_write_fd, b"".join(code.CLAIM.pack(number) for number in numbers))
             self.claims_sent += len(payloads)
             for part in parts:
                 view = memoryview(part)
@@ -2753,7 +2714,7 @@ class _Worker(_Child):
 
     def reply(self, code):
         try:
-            _write(self.task_fd, _FRAME_HEADER.pack(code, 0))
+            _write(self.task_fd, _worker_module().FRAME_HEADER.pack(code, 0))
         except OSError:
             pass  # it died: the run notices that on its pipes
 
@@ -2976,8 +2937,8 @@ class _ProcessRun(_Run):
         for worker in self.has_buffers:
             if not worker.broken and worker.task_fd is not None:
                 try:
-                    _write(worker.task_fd, _FRAME_HEADER.pack(b"D", 0))
-                    _write(worker.claim_write_fd, _INDEX.pack(code.DROP_SHARED))
+                    _write(worker.task_fd, code.FRAME_HEADER.pack(code.RUN_OVER, 0))
+                    _write(worker.claim_write_fd, code.CLAIM.pack(code.DROP_SHARED))
                 except OSError:
                     pass  # it died: nothing to let go of
 
@@ -3013,15 +2974,16 @@ class _ProcessRun(_Run):
         return self.claims.get(worker, {}).get(number)
 
     def on_frame(self, worker, index, kind, body):
-        if kind == b"Q":
+        wire = self.wire
+        if kind == wire.LEAVING:
             worker.left_idle = True
             return False
-        if kind == b"U":  # started up: what it was sent waits for it alone
+        if kind == wire.UP:  # started up: what it was sent waits for it alone
             worker.served = worker.spoke = True
             return False
-        if kind == b"R" or kind == b"E":
+        if kind == wire.RESULT or kind == wire.ERROR:
             self.payloads.release(index)
-        if kind == b"N":  # it can't read our file: the buffer comes through the pipe
+        if kind == wire.BUFFER_WANTED:  # it can't read our file: the buffer comes by pipe
             _sharing_by_file[0] = False
             number = _worker_module().SHARED_HEADER.unpack_from(body)[0]
             try:
@@ -3103,7 +3065,8 @@ class _ForkChild(_Child):
 
     def reply(self, code):
         try:
-            _write(self.task_fd, _INDEX.pack(_REPLY_INDEX[code]))
+            wire = _worker_module()
+            _write(self.task_fd, wire.CLAIM.pack(wire.FORK_REPLIES[code]))
         except OSError:
             pass  # it died: the run notices that on its pipes
 
@@ -3123,11 +3086,6 @@ class _ForkChild(_Child):
         _kill_group(self.pid, only_group=True)
         self.close()
         return self.exitcode
-
-
-_INDEX = struct.Struct(">Q")
-# Replies to a lent result travel on the task pipe as indices no task has.
-_REPLY_INDEX = {b"F": (1 << 64) - 1, b"S": (1 << 64) - 2}
 
 
 class _ForkRun(_Run):
@@ -3185,9 +3143,10 @@ class _ForkRun(_Run):
         return super().take_back(after=0)
 
     def top_up(self, child):
-        indices = self.take_batch(self.size, lambda index: _INDEX.size)
+        claim = self.wire.CLAIM
+        indices = self.take_batch(self.size, lambda index: claim.size)
         try:
-            _write(child.task_fd, b"".join(_INDEX.pack(index) for index in indices))
+            _write(child.task_fd, b"".join(claim.pack(index) for index in indices))
         except OSError:  # it died: its pipes tell the run so
             self.pending.extendleft(reversed(indices))
             return
@@ -3212,7 +3171,8 @@ class _ForkRun(_Run):
         replies = [number for number in numbers if number >= len(self.calls)]
         if replies:
             try:
-                _write(child.task_fd, b"".join(_INDEX.pack(number) for number in replies))
+                _write(child.task_fd, b"".join(self.wire.CLAIM.pack(number)
+                                               for number in replies))
             except OSError:
                 pass  # it died: the run notices that on its pipes
         return [number for number in numbers if number < len(self.calls)]
@@ -3231,6 +3191,7 @@ class _ForkRun(_Run):
             self.starting = False
 
     def _start_tasks(self):
+        claim = self.wire.CLAIM
         while self.pending:
             if not self.free:
                 if len(self.live) >= self.limit:
@@ -3246,9 +3207,9 @@ class _ForkRun(_Run):
                     return
             child = self.free.pop()
             indices = self.take_batch(self.limit if self.solo_until else self.size,
-                                      lambda index: _INDEX.size)
+                                      lambda index: claim.size)
             try:
-                _write(child.task_fd, b"".join(_INDEX.pack(index) for index in indices))
+                _write(child.task_fd, b"".join(claim.pack(index) for index in indices))
             except OSError:  # it died while idle (killed from outside)
                 self.pending.extendleft(reversed(indices))
                 self._forget(child)
@@ -4050,7 +4011,7 @@ class _DaskRun:
     def decode(self, index, outcome):
         key = self.outcomes.key(index)
         kind, body = outcome
-        if kind != b"X":
+        if kind != _worker_module().LOST:
             self.outcomes.arrived(index, kind, body)
             exc = self.outcomes.values[index]
             if (self.outcomes.failed[index] and isinstance(exc, SerializationError)
@@ -4197,7 +4158,7 @@ class _RelayedOutcomes:
     def __init__(self, count):
         self.count = count
         self.completed = collections.deque()
-        self.encoded = [(b"X", pickle.dumps(("error", "cancelled")))] * count
+        self.encoded = [(_worker_module().LOST, pickle.dumps(("error", "cancelled")))] * count
 
     def key(self, index):
         return None
@@ -4213,7 +4174,7 @@ class _RelayedOutcomes:
             what = ("timeout", exc.timeout)
         else:
             what = ("error", "%s: %s" % (type(exc).__name__, exc))
-        self.encoded[index] = (b"X", pickle.dumps(what))
+        self.encoded[index] = (_worker_module().LOST, pickle.dumps(what))
         self.completed.append(index)
 
 

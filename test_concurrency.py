@@ -789,9 +789,9 @@ class ProcessDriverTest(ChildDriverTests, CleanTestCase):
         self.assertEqual(worker.take_back(), [first])  # it is not even up yet
         # The run ends as _ProcessRun.finish ends it; the next names its
         # own buffer 0, sent through the pipe.
-        concurrency._write(worker.task_fd, concurrency._FRAME_HEADER.pack(b"D", 0))
-        concurrency._write(worker.claim_write_fd, concurrency._INDEX.pack(
-            concurrency._worker_module().DROP_SHARED))
+        wire = concurrency._worker_module()
+        concurrency._write(worker.task_fd, wire.FRAME_HEADER.pack(b"D", 0))
+        concurrency._write(worker.claim_write_fd, wire.CLAIM.pack(wire.DROP_SHARED))
         worker.send_tasks(context, [payload], [(0, blob, None)])
         frames = []
         end = time.monotonic() + LONG_TIMEOUT

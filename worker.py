@@ -73,17 +73,192 @@ task unread, until the parent replies b"F" (fetched), or b"S" when it could
 not read them: then they follow through the pipe after all.
 """
 
+import collections
 import collections.abc
 import os
 import pickle
+import select
 import struct
 import sys
 import threading
 import time
 import types
 
+
+# -- The wire: frames between the parent and its children ---------------------
+#
+# Everything that crosses a pipe between concurrency.py and a child is a
+# frame: one kind byte, an 8-byte big-endian body length, then the body
+# (the table in this module's docstring says what each kind carries).
+# FrameReader cuts frames out of a pipe, at both ends; write_frame() puts
+# one in, whole or not at all.  Claims and fork task indices are CLAIM-sized
+# numbers on pipes of their own.
+
 FRAME_HEADER = struct.Struct(">cQ")
-CLAIM = struct.Struct(">Q")  # a task's claim on CLAIM_FD, see serve
+CLAIM = struct.Struct(">Q")  # a task's claim on CLAIM_FD (see serve), a fork index
+
+# Kinds of frame.  Parent -> worker:
+CONTEXT = b"C"
+TASK = b"T"
+BUFFER = b"B"
+BUFFER_FILE = b"M"
+RUN_OVER = b"D"
+FETCHED = b"F"      # the parent's replies to a lent result
+SEND_INLINE = b"S"
+# Worker (or fork child) -> parent:
+RESULT = b"R"
+ERROR = b"E"
+LEAVING = b"Q"
+UP = b"U"
+BUFFER_WANTED = b"N"
+LOG = b"L"
+# Never on a pipe: a dask_task() outcome for a task whose child crashed or
+# timed out.
+LOST = b"X"
+
+# The parent's replies to a fork child travel on its pipe of task indices,
+# as indices no task has.
+FORK_REPLIES = {FETCHED: (1 << 64) - 1, SEND_INLINE: (1 << 64) - 2}
+
+# Frames up to this size are cut out of what was read at once; a larger
+# body is read straight into a buffer of its own.
+_READ_AHEAD = 1 << 18
+
+
+class FrameReader:
+    """Cuts the frames out of what a pipe delivers, at either end: the
+    parent's non-blocking result pipes, a worker's blocking task pipe.  What
+    the pipe holds is read at once -- a run sends tiny tasks many to a
+    write -- and cut from the read buffer once per read."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.eof = False
+        self._pending = bytearray()
+        self._large = None  # (kind, body, bytes filled) of a large frame
+
+    def read(self):
+        """Read once: the frames that completed, in order ([] while none
+        has, and at the end of the pipe, when ``eof`` is set).  Raises
+        BlockingIOError on a non-blocking pipe with nothing to read."""
+        frames = []
+        if self._large is not None:
+            kind, body, filled = self._large
+            n = os.readv(self.fd, [memoryview(body)[filled:]])
+            if n == 0:
+                self.eof = True
+            elif filled + n == len(body):
+                frames.append((kind, body))
+                self._large = None
+            else:
+                self._large = (kind, body, filled + n)
+            return frames
+        chunk = os.read(self.fd, _READ_AHEAD)
+        if not chunk:
+            self.eof = True
+            return frames
+        pending = self._pending
+        pending += chunk
+        header = FRAME_HEADER.size
+        end = len(pending)
+        start = 0  # of the first frame not taken
+        with memoryview(pending) as view:
+            while end - start >= header:
+                kind, size = FRAME_HEADER.unpack_from(pending, start)
+                if end - start - header >= size:
+                    frames.append((kind, bytes(view[start + header:start + header + size])))
+                    start += header + size
+                elif size > _READ_AHEAD:
+                    body = bytearray(size)
+                    have = end - start - header
+                    body[:have] = view[start + header:]
+                    start = end
+                    self._large = (kind, body, have)
+                    break
+                else:
+                    break
+        del pending[:start]
+        return frames
+
+
+def write_frame(fd, kind, parts=()):
+    """Write one frame, its body made of ``parts``, whole or not at all.
+
+    A task's signal handler may raise at any moment (an alarm around a step
+    that logs): raised between two writes of one frame, it would leave half
+    a frame in the pipe, and the parent would read what follows as a header.
+    A frame the pipe takes in one write (PIPE_BUF) is written whole or, the
+    handler raising while the write waits, not at all.  A larger one is
+    written by a thread of its own -- handlers run in the main thread only
+    -- and the handler's exception is raised once the frame is whole.
+    """
+    size = sum(len(part) for part in parts)
+    header = FRAME_HEADER.pack(kind, size)
+    if size + FRAME_HEADER.size <= _ATOMIC_WRITE:
+        data = header + b"".join(parts)
+        written = os.write(fd, data)
+        if written != len(data):  # not a pipe, or not blocking: finish it
+            _write_all(fd, [memoryview(data)[written:]])
+        return
+    if size < 65536:
+        parts = [header + b"".join(parts)]
+    else:  # no copy of a large body just to prepend a header
+        parts = [header] + list(parts)
+    if threading.current_thread() is not threading.main_thread():
+        _write_all(fd, parts)
+        return
+    _write_uninterrupted(fd, parts)
+
+
+# A write of at most this many bytes to a pipe is never split.
+_ATOMIC_WRITE = getattr(select, "PIPE_BUF", 512)
+
+
+def _write_all(fd, parts):
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def _write_uninterrupted(fd, parts):
+    """_write_all() in a thread no signal handler runs in; an exception a
+    handler raises meanwhile is raised once every byte is written."""
+    import _thread
+    done = _thread.allocate_lock()
+    done.acquire()
+    failed, finished = [], []
+
+    def write():
+        try:
+            _write_all(fd, parts)
+        except BaseException as exc:
+            failed.append(exc)
+        finally:
+            finished.append(True)  # before the release: see below
+            done.release()
+
+    raised = None
+    try:
+        _thread.start_new_thread(write, ())
+    except RuntimeError as exc:
+        if "start new thread" in str(exc):
+            raise  # not started: nothing written
+        raised = exc
+    except BaseException as exc:  # a handler's, raised once it had started
+        raised = exc
+    # A handler may raise as acquire() returns, the lock taken: so the
+    # flag, not the lock, says when the frame is written.
+    while not finished:
+        try:
+            done.acquire()
+        except BaseException as exc:  # a signal handler's: after the frame
+            raised = raised or exc
+    if failed:
+        raise failed[0]
+    if raised is not None:
+        raise raised
+
 
 # Outcome bodies start with one of these to say how the rest was pickled:
 # the C pickle is much faster than dill, so dill only serves what pickle can't.
@@ -98,11 +273,6 @@ LENT_HEADER = struct.Struct(">QQ")
 LENT_BUFFER = struct.Struct(">QQ?")  # address, size, read-only
 LEND_MIN = 1 << 20  # smaller buffers go through the pipe: it is fast enough
 
-# The parent's replies to a lent result.
-FETCHED = b"F"
-SEND_INLINE = b"S"
-# The same to a fork child, on its pipe of task indices: indices no task has.
-FORK_REPLIES = {FETCHED: (1 << 64) - 1, SEND_INLINE: (1 << 64) - 2}
 
 # Kinds of error reported in an b"E" frame; the parent maps them to its errors.
 TASK_FAILED = "task"              # the task raised
@@ -145,14 +315,14 @@ def encode_result(value, lend_min=0):
     """
     try:
         if type(value) in _PLAIN_VALUES:  # nothing to lend nor to send by value
-            return b"R", [PICKLED, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)], None
+            return RESULT, [PICKLED, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)], None
         if lend_min:
             lending = dumps_lending(value, lend_min)
             if lending is not None:
                 return lending
-        return b"R", dumps_value(value), None
+        return RESULT, dumps_value(value), None
     except BaseException as exc:
-        return b"E", [encode_error(exc, RESULT_UNSERIALIZABLE)], None
+        return ERROR, [encode_error(exc, RESULT_UNSERIALIZABLE)], None
 
 
 # Results of these types pickle as they are, and fast: most tiny tasks'.
@@ -196,11 +366,11 @@ def dumps_lending(value, lend_min):
     except Exception:
         return None  # dumps_value() says what is wrong, or uses dill
     if not lent:
-        return b"R", [PICKLED, data], None
+        return RESULT, [PICKLED, data], None
     descriptors = b"".join(LENT_BUFFER.pack(address, view.nbytes, view.readonly)
                            for address, view in lent)
     header = LENT_HEADER.pack(len(lent), len(data)) + descriptors
-    return b"R", [LENT, header, data], [view for _address, view in lent]
+    return RESULT, [LENT, header, data], [view for _address, view in lent]
 
 
 def _expose_buffers(value, lend_min):
@@ -426,7 +596,7 @@ def run_task(fn, lend_min=0):
     except BaseException as exc:
         _leave_if_stray(exc)
         # Skip this frame: the user's traceback starts in their own code.
-        return b"E", [encode_error(exc, TASK_FAILED, skip_frames=1)], None
+        return ERROR, [encode_error(exc, TASK_FAILED, skip_frames=1)], None
     finally:
         _leave_if_stray()
         flush_std_streams()
@@ -1347,8 +1517,6 @@ def loads_task(body):
 
 # -- serve: a warm worker of the process driver -------------------------------
 
-_READ_AHEAD = 1 << 18  # bytes of small frames read from the task pipe at once
-
 
 class _Channel:
     """Frame reader and writer on the two pipes given by the parent."""
@@ -1358,23 +1526,12 @@ class _Channel:
         self.result_fd = result_fd
         self.claim_fd = claim_fd
         self.early = []  # frames read while waiting for a reply, in order
-        self.pending = bytearray()  # read from the task pipe, not yet a whole frame
+        self.reader = FrameReader(task_fd)
+        self.frames = collections.deque()  # read, not yet taken
         self.received = 0  # b"T" frames read: the next one's claim number
         self.context = None  # the last b"C" frame's, unpickled
         self.writing = threading.Lock()
         self.running = None  # the claim number of the task running
-
-    def read_exactly(self, buffer, got=0):
-        """Fill ``buffer`` from the task pipe, ``got`` bytes of it already
-        there; None at the pipe's end."""
-        view = memoryview(buffer)
-        size = len(buffer)
-        while got < size:
-            n = os.readv(self.task_fd, [view[got:]])
-            if n == 0:
-                return None
-            got += n
-        return buffer
 
     def read_frame(self):
         if self.early:
@@ -1401,28 +1558,28 @@ class _Channel:
             if frame is None:
                 os._exit(0)
             kind, body = frame
-            if kind == b"C":
+            if kind == CONTEXT:
                 self.context = pickle.loads(body)
-            elif number == DROP_SHARED and kind in (b"B", b"M"):
+            elif number == DROP_SHARED and (kind == BUFFER or kind == BUFFER_FILE):
                 # Of tasks taken back from us, in a run that is over: no
                 # task here needs them, and the parent no longer answers a
                 # b"N" for them.
                 continue
-            elif kind == b"B":
+            elif kind == BUFFER:
                 _shared[SHARED_HEADER.unpack_from(body)[0]] = \
                     memoryview(body)[SHARED_HEADER.size:]
-            elif kind == b"M":
+            elif kind == BUFFER_FILE:
                 shared, fd, size = SHARED_FILE.unpack_from(body)
                 data = _read_parent_file(fd, size, bytes(body[SHARED_FILE.size:]))
                 if data is None:  # not allowed here: ask for a b"B" frame
-                    self.write_frame(b"N", [SHARED_HEADER.pack(shared)])
+                    self.write_frame(BUFFER_WANTED, [SHARED_HEADER.pack(shared)])
                     data = self._await_buffer(shared)
                 _shared[shared] = data
-            elif kind == b"D":  # the run is over: its buffers go
+            elif kind == RUN_OVER:  # its buffers go
                 _shared.clear()
                 if number == DROP_SHARED:
                     return None
-            elif kind == b"T":
+            elif kind == TASK:
                 self.received += 1
                 if self.received - 1 == number:
                     return body
@@ -1435,7 +1592,7 @@ class _Channel:
             if frame is None:
                 os._exit(0)
             kind, body = frame
-            if kind == b"B" and SHARED_HEADER.unpack_from(body)[0] == number:
+            if kind == BUFFER and SHARED_HEADER.unpack_from(body)[0] == number:
                 return memoryview(body)[SHARED_HEADER.size:]
             self.early.append(frame)
 
@@ -1451,114 +1608,18 @@ class _Channel:
             self.early.append(frame)
 
     def _read_frame(self):
-        # What the pipe holds is read at once: a run sends tiny tasks many
-        # to a write, and two reads for each were a fifth of their cost here.
-        pending = self.pending
-        header = FRAME_HEADER.size
-        while True:
-            if len(pending) >= header:
-                kind, size = FRAME_HEADER.unpack_from(pending)
-                if len(pending) >= header + size:
-                    with memoryview(pending) as view:
-                        body = bytes(view[header:header + size])
-                    del pending[:header + size]
-                    return kind, body
-                if size > _READ_AHEAD:  # a large buffer: read straight into its own
-                    got = len(pending) - header
-                    body = bytearray(size)
-                    body[:got] = pending[header:]
-                    del pending[:]
-                    if self.read_exactly(body, got) is None:
-                        return None
-                    return kind, body
-            chunk = os.read(self.task_fd, _READ_AHEAD)
-            if not chunk:
+        """The next frame from the task pipe; None at its end."""
+        frames = self.frames
+        while not frames:
+            if self.reader.eof:
                 return None
-            pending += chunk
+            frames.extend(self.reader.read())
+        return frames.popleft()
 
     def write_frame(self, kind, parts=()):
         # Log records may be sent from any thread a task starts.
         with self.writing:
             write_frame(self.result_fd, kind, parts)
-
-
-def write_frame(fd, kind, parts=()):
-    """Write one frame, its body made of ``parts``, whole or not at all.
-
-    A task's signal handler may raise at any moment (an alarm around a step
-    that logs): raised between two writes of one frame, it would leave half
-    a frame in the pipe, and the parent would read what follows as a header.
-    A frame the pipe takes in one write (PIPE_BUF) is written whole or, the
-    handler raising while the write waits, not at all.  A larger one is
-    written by a thread of its own -- handlers run in the main thread only
-    -- and the handler's exception is raised once the frame is whole.
-    """
-    size = sum(len(part) for part in parts)
-    header = FRAME_HEADER.pack(kind, size)
-    if size + FRAME_HEADER.size <= _ATOMIC_WRITE:
-        data = header + b"".join(parts)
-        written = os.write(fd, data)
-        if written != len(data):  # not a pipe, or not blocking: finish it
-            _write_all(fd, [memoryview(data)[written:]])
-        return
-    if size < 65536:
-        parts = [header + b"".join(parts)]
-    else:  # no copy of a large body just to prepend a header
-        parts = [header] + list(parts)
-    if threading.current_thread() is not threading.main_thread():
-        _write_all(fd, parts)
-        return
-    _write_uninterrupted(fd, parts)
-
-
-# A write of at most this many bytes to a pipe is never split.
-_ATOMIC_WRITE = getattr(__import__("select"), "PIPE_BUF", 512)
-
-
-def _write_all(fd, parts):
-    for part in parts:
-        view = memoryview(part)
-        while view:
-            view = view[os.write(fd, view):]
-
-
-def _write_uninterrupted(fd, parts):
-    """_write_all() in a thread no signal handler runs in; an exception a
-    handler raises meanwhile is raised once every byte is written."""
-    import _thread
-    done = _thread.allocate_lock()
-    done.acquire()
-    failed, finished = [], []
-
-    def write():
-        try:
-            _write_all(fd, parts)
-        except BaseException as exc:
-            failed.append(exc)
-        finally:
-            finished.append(True)  # before the release: see below
-            done.release()
-
-    raised = None
-    try:
-        _thread.start_new_thread(write, ())
-    except RuntimeError as exc:
-        if "start new thread" in str(exc):
-            raise  # not started: nothing written
-        raised = exc
-    except BaseException as exc:  # a handler's, raised once it had started
-        raised = exc
-    # A handler may raise as acquire() returns, the lock taken: so the
-    # flag, not the lock, says when the frame is written.
-    while not finished:
-        try:
-            done.acquire()
-        except BaseException as exc:  # a signal handler's: after the frame
-            raised = raised or exc
-    if failed:
-        raise failed[0]
-    if raised is not None:
-        raise raised
 
 
 _applied_environ = {}  # id(context environ) -> os.environ's raw data after applying it
@@ -1634,7 +1695,7 @@ def forward_records(write, running):
         # Anything raised from here on is a signal handler's: the task's.
         body = encode_record(running(), record, message, formatter)
         try:
-            write(b"L", [body])
+            write(LOG, [body])
         except OSError:  # our pipe is gone: so is the parent, or its run
             logging.Handler.handleError(None, record)
 
@@ -1754,7 +1815,7 @@ def serve(task_fd, result_fd, idle_timeout, lend_min, claim_fd):
     waiting.register(claim_fd, select.POLLIN)
     wait_ms = idle_timeout * 1000 if idle_timeout > 0 else None
     std_streams = (sys.stdin, sys.stdout, sys.stderr)
-    channel.write_frame(b"U")
+    channel.write_frame(UP)
     while True:
         number = channel.claim()
         if number is None:
@@ -1762,7 +1823,7 @@ def serve(task_fd, result_fd, idle_timeout, lend_min, claim_fd):
                 # Unused for IDLE_TIMEOUT: give the memory back.  Say so
                 # first: a task the parent sent meanwhile was never
                 # claimed, and runs elsewhere.
-                channel.write_frame(b"Q")
+                channel.write_frame(LEAVING)
                 os._exit(0)
             continue
         if number == DROP_SHARED:
@@ -1776,7 +1837,7 @@ def serve(task_fd, result_fd, idle_timeout, lend_min, claim_fd):
         try:
             fn = loads_task(body)
         except BaseException as exc:
-            outcome = (b"E", [encode_error(exc, TASK_UNLOADABLE)], None)
+            outcome = (ERROR, [encode_error(exc, TASK_UNLOADABLE)], None)
         else:
             outcome = run_task(fn, lend_min)
             del fn
@@ -1820,18 +1881,18 @@ def serve_forked(task_fd, result_fd, calls, context, in_context, lend_min):
                 return replies[index]
             early.append(index)
 
-    writing = threading.Lock()  # log records may come from any thread
+    # Log records may come from any thread, once they are forwarded (only
+    # where logging is in use: else nothing is configured to inherit).
+    writing = threading.Lock() if "logging" in sys.modules else None
 
-    def write_locked(kind, parts):
+    def write(kind, parts):
+        if writing is None:
+            return write_frame(result_fd, kind, parts)
         with writing:
             write_frame(result_fd, kind, parts)
 
-    def write(kind, parts):
-        write_frame(result_fd, kind, parts)
-
     running = [None]
-    if "logging" in sys.modules:  # else nothing is configured to inherit
-        write = write_locked
+    if writing is not None:
         forward_records(write, lambda: running[0])
     # What a task may have closed or replaced for the next one here: the
     # std streams and their descriptors, as in serve.
@@ -2196,7 +2257,7 @@ def dask_release():
 
 def report_outcome(key, outcome):
     kind, body = outcome
-    if kind == b"E":
+    if kind == ERROR:
         info = pickle.loads(body)
         if info["kind"] == TASK_FAILED:
             _report(key, "failed:\n" + info["traceback"])
@@ -2204,7 +2265,7 @@ def report_outcome(key, outcome):
             _report(key, "could not be %s:\n%s" % (
                 "serialized" if info["kind"] == RESULT_UNSERIALIZABLE else "unserialized",
                 info["traceback"]))
-    elif kind == b"X":
+    elif kind == LOST:
         what, detail = pickle.loads(body)
         if what == "timeout":
             _report_timeout(key, detail)
