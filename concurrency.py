@@ -214,13 +214,6 @@ DASK_ADDRESS_ENV = "CONCURRENCY_DASK_ADDRESS"
 DEFAULT_DASK_CONNECT_TIMEOUT = 10.0
 _CONFIG_SECTION = "concurrency"
 
-# Children lend large result buffers for us to copy out of their memory (see
-# worker.py) where process_vm_readv(2) exists; off for good once it fails.
-_lending = [sys.platform.startswith("linux") and not _PORTABLE]
-# Large buffers tasks share go to workers in an anonymous file they read
-# through /proc (see worker.py) where that works; off for good once it fails.
-_sharing_by_file = [sys.platform.startswith("linux") and hasattr(os, "memfd_create")
-                    and not _PORTABLE]
 
 
 # -- Errors -------------------------------------------------------------------
@@ -1778,11 +1771,8 @@ _COPY_PIECE = 8 << 20
 _COPY_THREADS = min(4, _CORES)
 
 
-_memory_readers = []
-
-
 def _memory_reader():
-    if not _memory_readers:
+    if _state.memory_reader is None:
         import ctypes
 
         class iovec(ctypes.Structure):
@@ -1797,8 +1787,8 @@ def _memory_reader():
         reader.new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
         reader.new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
         reader.new_bytes.restype = ctypes.py_object
-        _memory_readers.append(reader)
-    return _memory_readers[0]
+        _state.memory_reader = reader
+    return _state.memory_reader
 
 
 def _decode_outcome(outcomes, index, kind, body, lent=None):
@@ -1866,7 +1856,6 @@ def _current_context():
     return cwd, dict(os.environ), _sys_path(cwd), list(sys.argv), sys.getrecursionlimit()
 
 
-_imported_from_cwd = {}  # (sys.path, cwd, module count) -> the directories
 
 
 # -- Logging from tasks ---------------------------------------------------------
@@ -1877,7 +1866,7 @@ _imported_from_cwd = {}  # (sys.path, cwd, module count) -> the directories
 # back (see worker._forward_logging), to be handled here by the logger of
 # its name.  (fork children inherit the logging set-up itself.)
 
-_LEVELS_MARK = object()  # in logging.root._cache while _levels[0] is current
+_LEVELS_MARK = object()  # in logging.root._cache while _state.logging_levels is current
 
 
 def _logging_levels():
@@ -1890,19 +1879,17 @@ def _logging_levels():
         return None
     root = logging.root
     cache = getattr(root, "_cache", None)
-    if cache is not None and cache.get(_LEVELS_MARK) and _levels:
-        return _levels[0]
+    if cache is not None and cache.get(_LEVELS_MARK) and _state.logging_levels is not None:
+        return _state.logging_levels
     levels = {"": root.level, None: root.manager.disable}
     for name, logger in list(root.manager.loggerDict.items()):
         if isinstance(logger, logging.Logger) and logger.level:
             levels[name] = logger.level
-    _levels[:] = [levels]
+    _state.logging_levels = levels
     if cache is not None:
         cache[_LEVELS_MARK] = True
     return levels
 
-
-_levels = []
 
 
 def _log_task_record(state, key):
@@ -1930,7 +1917,7 @@ def _sys_path(cwd):
     if "" not in path or cwd is None:
         return path
     key = (tuple(path), cwd, len(sys.modules))
-    found = _imported_from_cwd.get(key)
+    found = _state.imported_from_cwd.get(key)
     if found is None:
         searched = {os.path.abspath(entry or cwd) for entry in path if isinstance(entry, str)}
         found = []
@@ -1943,13 +1930,12 @@ def _sys_path(cwd):
                 directory = os.path.dirname(directory)
             if directory not in searched and directory not in found:
                 found.append(directory)
-        _imported_from_cwd.clear()
-        _imported_from_cwd[key] = found
+        _state.imported_from_cwd.clear()
+        _state.imported_from_cwd[key] = found
     index = path.index("")
     return path[:index + 1] + found + path[index + 1:]
 
 
-_worker_modules = []
 
 # Runs worker.py by path under a private name.  Not `python worker.py`: a
 # script is compiled anew at every start (~6 ms a worker), a module loaded
@@ -1991,9 +1977,6 @@ def _worker_fds():
     return _worker_file()[1]
 
 
-_worker_files = []
-
-
 def _worker_source():
     """worker.py's source, where it is no file of its own (concurrency.py
     imported from a zip: a zipapp, a zipped vendor folder); None when it is
@@ -2012,15 +1995,15 @@ def _worker_file():
     from: the file beside us, where its bytecode is cached; else the code we
     compiled, marshalled into an anonymous file the child inherits (Linux;
     elsewhere a file of ours removed at exit): see _BOOTSTRAP_COMPILED."""
-    if not _worker_files:
+    if _state.worker_file is None:
         if os.path.isfile(_WORKER_PATH) and not sys.dont_write_bytecode:
-            _worker_files.append((_WORKER_PATH, (), False))
-            return _worker_files[0]
+            _state.worker_file = (_WORKER_PATH, (), False)
+            return _state.worker_file
         data = marshal.dumps(_worker_code())
         if hasattr(os, "memfd_create"):
             fd = _above_std(os.memfd_create("worker.py", os.MFD_CLOEXEC))
             _write_all(fd, data)
-            _worker_files.append(("/proc/self/fd/%d" % fd, (fd,), True))
+            _state.worker_file = ("/proc/self/fd/%d" % fd, (fd,), True)
         else:
             import tempfile
             folder = tempfile.mkdtemp(prefix="concurrency-")
@@ -2028,8 +2011,8 @@ def _worker_file():
             with open(path, "wb") as file:
                 file.write(data)
             atexit.register(_remove_tree, folder)
-            _worker_files.append((path, (), True))
-    return _worker_files[0]
+            _state.worker_file = (path, (), True)
+    return _state.worker_file
 
 
 def _write_all(fd, data):
@@ -2043,16 +2026,13 @@ def _remove_tree(folder):
     shutil.rmtree(folder, ignore_errors=True)
 
 
-_flags = []
-
-
 def _interpreter_flags():
     """The caller's -I, -E, -s, -O, -B, -W and -X options: a worker runs
     tasks as isolated, as optimized and with the warnings the caller has."""
-    if not _flags:
+    if _state.interpreter_flags is None:
         import subprocess
-        _flags.append(subprocess._args_from_interpreter_flags())
-    return _flags[0]
+        _state.interpreter_flags = subprocess._args_from_interpreter_flags()
+    return _state.interpreter_flags
 
 
 # execve(2) refuses one variable over 128 KiB (MAX_ARG_STRLEN) and an
@@ -2084,37 +2064,39 @@ def _worker_environ():
 def _worker_module():
     """worker.py loaded by path under a private name, never as ``worker``:
     a user's own worker.py must not be picked up."""
-    if not _worker_modules:
+    if _state.worker_module is None:
         running = sys.modules.get(_WORKER_NAME)
         if running is not None and getattr(running, "__file__", None) == _WORKER_PATH:
             # In a worker (a task using the library): the worker.py that runs,
             # whose functions pickles here and in our workers name.
-            _worker_modules.append(running)
+            _state.worker_module = running
             return running
         module = types.ModuleType(_WORKER_NAME)
         module.__file__ = _WORKER_PATH
         exec(_worker_code(), vars(module))
         # Registered, as in workers, so that pickle finds its functions.
-        sys.modules.setdefault(_WORKER_NAME, module)
-        _worker_modules.append(module)
-    return _worker_modules[0]
-
-
-_worker_codes = []
+        # Two threads loading it at once (run_async() twice) both take the
+        # one registered first: pickle must find the very functions we use.
+        registered = sys.modules.setdefault(_WORKER_NAME, module)
+        if registered is not module and getattr(registered, "__file__", None) == _WORKER_PATH:
+            module = registered
+        if _state.worker_module is None:
+            _state.worker_module = module
+    return _state.worker_module
 
 
 def _worker_code():
     """worker.py's code object: its cached bytecode where there is some,
     else compiled, once."""
-    if not _worker_codes:
+    if _state.worker_code is None:
         source = _worker_source()
         if source is not None:  # inside a zip
             code = compile(source, _WORKER_PATH, "exec")
         else:
             from importlib.machinery import SourceFileLoader
             code = SourceFileLoader(_WORKER_NAME, _WORKER_PATH).get_code(_WORKER_NAME)
-        _worker_codes.append(code)
-    return _worker_codes[0]
+        _state.worker_code = code
+    return _state.worker_code
 
 
 # -- Children and the run loop ------------------------------------------------
@@ -2128,10 +2110,10 @@ class _Child:
         os.set_blocking(result_fd, False)
         self.pidfd = None
         if _HAVE_PIDFD:
-            with _fds_lock:
+            with _state.fds_lock:
                 try:
                     self.pidfd = _above_std(os.pidfd_open(pid))
-                    _parent_fds.add(self.pidfd)
+                    _state.parent_fds.add(self.pidfd)
                 except OSError:
                     pass
         self.reader = _worker_module().FrameReader(result_fd)
@@ -2289,7 +2271,7 @@ class _Run:
                 # Not allowed here (a hardened kernel, a seccomp filter,
                 # whatever errno it answers): the buffers come through the
                 # pipe, now and from now on.
-                _lending[0] = False
+                _state.lending = False
                 child.reply(_worker_module().SEND_INLINE)
                 return False
             except BaseException:
@@ -2640,7 +2622,7 @@ class _Worker(_Child):
             _widen_pipe(result_r)
             self.process = subprocess.Popen(
                 _worker_command("serve", str(task_r), str(result_w), repr(idle_timeout),
-                                str(_worker_module().LEND_MIN if lend and _lending[0] else 0),
+                                str(_worker_module().LEND_MIN if lend and _state.lending else 0),
                                 str(claim_r)),
                 stdin=subprocess.DEVNULL,
                 pass_fds=(task_r, result_w, claim_r) + _worker_fds(),
@@ -2667,7 +2649,7 @@ class _Worker(_Child):
         self.left_idle = False  # it said it leaves, unused for idle_timeout
         self.broken = False  # killed or dead: not to be reused
         self.idle_since = time.monotonic()
-        _live_workers.add(self)
+        _state.live_workers.add(self)
 
     def send_tasks(self, context, payloads, buffers=()):
         """Send task frames, and the context first if it has another, and
@@ -2744,7 +2726,7 @@ class _Worker(_Child):
                 _close_parent_fd(fd)
         self.task_fd = self.claim_write_fd = None
         self.close()
-        _live_workers.discard(self)
+        _state.live_workers.discard(self)
 
 
 class _WorkerPool:
@@ -2757,7 +2739,7 @@ class _WorkerPool:
         self._idle = []  # most recently used last: it is the warmest
         self._live = 0
         self._changed = threading.Condition()
-        _pools.add(self)
+        _state.pools.add(self)
         # A driver that is dropped must not leave its warm workers running.
         weakref.finalize(self, _retire_workers, self._idle)
 
@@ -2830,8 +2812,8 @@ class _WorkerPool:
                     worker.idle_since = time.monotonic()
                     self._idle.append(worker)
             self._changed.notify_all()
-        if self._idle and _reaper.thread is None:
-            _reaper.start()  # to reap them once idle for idle_timeout
+        if self._idle and _state.reaper.thread is None:
+            _state.reaper.start()  # to reap them once idle for idle_timeout
 
     def _drop_stale(self):
         # Workers that exited (idle timeout, killed from outside) or are
@@ -2854,7 +2836,7 @@ class _WorkerPool:
         self._changed = threading.Condition()
         # Kept referenced: a collected Popen of a process that is not ours
         # would warn that it is "still running".
-        _not_ours.extend(self._idle)
+        _state.not_ours.extend(self._idle)
         del self._idle[:]
         self._live = 0
 
@@ -2913,7 +2895,7 @@ class _ProcessRun(_Run):
         """(descriptor, name) of the anonymous file holding shared buffer
         ``number``, written once for all the workers; None where that is not
         to be had (they get it through their pipe)."""
-        if number not in self.shared_files and _sharing_by_file[0]:
+        if number not in self.shared_files and _state.sharing_by_file:
             name = "concurrency-shared-%s" % os.urandom(8).hex()
             fd = None
             try:
@@ -2984,7 +2966,7 @@ class _ProcessRun(_Run):
         if kind == wire.RESULT or kind == wire.ERROR:
             self.payloads.release(index)
         if kind == wire.BUFFER_WANTED:  # it can't read our file: the buffer comes by pipe
-            _sharing_by_file[0] = False
+            _state.sharing_by_file = False
             number = _worker_module().SHARED_HEADER.unpack_from(body)[0]
             try:
                 worker.send_tasks(self.context, [], [(number, self.payloads.buffers[number],
@@ -3119,14 +3101,14 @@ class _ForkRun(_Run):
         self.starting = True  # forks now inherit the state self.context holds
         self.worker = _worker_module()
         self.worker.preload_libc()
-        self.lend_min = self.worker.LEND_MIN if _lending[0] else 0
+        self.lend_min = self.worker.LEND_MIN if _state.lending else 0
         # finish() ends the children; should a signal handler raise just
         # as it was due, the next run or the exit ends them.  (Not a
         # weakref.finalize: a handler raising in there would be lost.)
         _end_dropped_fork_runs()
         # Whether it keeps the reaper paused for its forks: see begin().
         self.paused = {"reaper": False}
-        _fork_runs.append((weakref.ref(self), self.live, self.running, self.paused))
+        _state.fork_runs.append((weakref.ref(self), self.live, self.running, self.paused))
 
     def may_grow(self):
         return self.limit < self.size
@@ -3181,7 +3163,7 @@ class _ForkRun(_Run):
         # The reaper thread stopped once for all its forks, not at each (see
         # _Reaper); finish() lets it go on.  Both steps or neither.
         with _SignalsHeld():
-            _reaper.pause()
+            _state.reaper.pause()
             self.paused["reaper"] = True
 
     def start_tasks(self):
@@ -3236,10 +3218,10 @@ class _ForkRun(_Run):
             _widen_pipe(result_r)
             lifeline = _lifeline_read_fd()
             devnull = _devnull_fd()
-            with _fds_lock:  # no pipe is half-registered while we fork
+            with _state.fds_lock:  # no pipe is half-registered while we fork
                 pid = os.fork()
                 if pid:
-                    _parent_fds.add(task_r)
+                    _state.parent_fds.add(task_r)
         except BaseException:
             for fd in (task_w, result_r):
                 _close_parent_fd(fd)
@@ -3249,7 +3231,7 @@ class _ForkRun(_Run):
         if pid == 0:  # child: never returns into the caller's code
             code = 0
             try:
-                # (_forget_workers_in_child closed every parent end we hold.)
+                # (_state.forget_after_fork closed every parent end we hold.)
                 _in_fork_child(devnull)
                 self.worker._protect_channel(task_r, result_w)
                 self.worker.FORKED_BY_TASK[0] = False  # it runs tasks: no stray
@@ -3291,15 +3273,14 @@ class _ForkRun(_Run):
         _reap_exited()
 
 
-_fork_runs = []  # (weak reference to a _ForkRun, its live children, its running ones)
 
 
 def _end_dropped_fork_runs():
-    for entry in list(_fork_runs):
+    for entry in list(_state.fork_runs):
         run, live, running, paused = entry
         if run() is None:
             try:
-                _fork_runs.remove(entry)
+                _state.fork_runs.remove(entry)
             except ValueError:
                 continue  # another thread's run took it
             _end_fork_children(live, running, paused)
@@ -3320,12 +3301,12 @@ def _end_fork_children(live, running, paused):
             if fd is not None:
                 _close_parent_fd(fd)
         child.pidfd = child.claim_fd = None
-    with _exiting_lock:
-        _exiting.extend(live)
+    with _state.exiting_lock:
+        _state.exiting.extend(live)
     del live[:]
     if paused["reaper"]:
         paused["reaper"] = False
-        _reaper.unpause()
+        _state.reaper.unpause()
     # The reaper thread is started for them after a run that came alone; in
     # a quick succession of runs each reaps the last one's children as it
     # starts: a thread started and stopped again at every run would cost it
@@ -3333,18 +3314,15 @@ def _end_fork_children(live, running, paused):
     # reaped by the next run, by the reaper if it runs for warm workers, or
     # at exit.)
     now = time.monotonic()
-    if now - _last_fork_finish[0] >= _BURST_GAP:
-        _reaper.start()
-    _last_fork_finish[0] = now
+    if now - _state.last_fork_finish >= _BURST_GAP:
+        _state.reaper.start()
+    _state.last_fork_finish = now
 
 
-_last_fork_finish = [0.0]
 # Fork runs that end within this of each other are a burst (see above).
 _BURST_GAP = 0.05
 
 
-_exiting = []  # fork children told to exit, not reaped yet
-_exiting_lock = threading.RLock()
 
 
 class _Reaper:
@@ -3372,7 +3350,7 @@ class _Reaper:
     def start(self):
         """Have the thread look again (new children to reap), starting it
         if it is not running."""
-        with _exiting_lock:  # the thread decides to end under it too
+        with _state.exiting_lock:  # the thread decides to end under it too
             if self.paused or self.closed:
                 return
             if self.thread is not None and self.thread.is_alive():
@@ -3380,7 +3358,7 @@ class _Reaper:
                 return
             if self.wake_fds is None:
                 self.wake_fds = _parent_pipe(keep="r")
-                _parent_fds.add(self.wake_fds[1])
+                _state.parent_fds.add(self.wake_fds[1])
                 os.set_blocking(self.wake_fds[0], False)
             self.stopping = False
             self._bury(self.thread)
@@ -3415,12 +3393,12 @@ class _Reaper:
 
     def pause(self):
         """A fork run starts: no thread while it forks (see above)."""
-        with _exiting_lock:
+        with _state.exiting_lock:
             self.paused += 1
         self.stop()
 
     def unpause(self):
-        with _exiting_lock:
+        with _state.exiting_lock:
             self.paused -= 1
 
     def _wake(self):
@@ -3435,8 +3413,8 @@ class _Reaper:
         # stop() returns within a moment.
         exited = set()  # children whose result pipe is at its end
         while not self.stopping:
-            with _exiting_lock:
-                watched = {child.fd: child for child in _exiting
+            with _state.exiting_lock:
+                watched = {child.fd: child for child in _state.exiting
                            if child.fd is not None and child not in exited}
                 due = _idle_workers_due()
                 if not watched and not exited and due is None:
@@ -3460,7 +3438,7 @@ class _Reaper:
                 pass
             except OSError:
                 return  # our descriptors were closed: the interpreter is ending
-            with _exiting_lock:  # not reaped and closed by a run meanwhile
+            with _state.exiting_lock:  # not reaped and closed by a run meanwhile
                 for fd, _event in events:
                     child = watched.get(fd)
                     if child is not None and child.fd is not None:
@@ -3468,14 +3446,13 @@ class _Reaper:
                         if child.eof:
                             exited.add(child)
                 _reap_exited()
-                exited &= set(_exiting)
-            for pool in list(_pools):
+                exited &= set(_state.exiting)
+            for pool in list(_state.pools):
                 if pool._idle:
                     with pool._changed:
                         pool._drop_stale()
 
 
-_reaper = _Reaper()
 
 
 def _idle_workers_due():
@@ -3485,7 +3462,7 @@ def _idle_workers_due():
     now, so that nobody has to wake the reaper when one is."""
     due = None
     now = time.monotonic()
-    for pool in list(_pools):
+    for pool in list(_state.pools):
         if not (pool._live and 0 < pool.idle_timeout < _FOREVER):
             continue
         stale_after = pool.idle_timeout * 0.9 + 0.001
@@ -3497,19 +3474,19 @@ def _idle_workers_due():
 
 def _pause_reaper():
     """Before an os.fork() (see _Reaper)."""
-    if _reaper.stop():
-        _reaper.resume = True
+    if _state.reaper.stop():
+        _state.reaper.resume = True
 
 
 def _resume_reaper():
-    if _reaper.resume:
-        _reaper.resume = False
-        _reaper.start()
+    if _state.reaper.resume:
+        _state.reaper.resume = False
+        _state.reaper.start()
 
 
 # Signals whose handlers may raise at any moment (Ctrl-C, alarms, a
 # framework's soft time limit), as opposed to the faults of the code running.
-_ASYNC_SIGNALS = set(signal.valid_signals()) - {
+_ASYNC_SIGNALS = frozenset(signal.valid_signals()) - {
     getattr(signal, name) for name in ("SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE",
                                        "SIGILL", "SIGTRAP", "SIGABRT", "SIGSYS")
     if hasattr(signal, name)}
@@ -3576,15 +3553,15 @@ def _uninterrupted(cleanup):
 
 
 def _reap_exited(block=False):
-    with _exiting_lock:
-        for child in list(_exiting):
+    with _state.exiting_lock:
+        for child in list(_state.exiting):
             if block:
                 child.wait()
             elif child.poll() is None:
                 continue
             else:
                 child.close()
-            _exiting.remove(child)
+            _state.exiting.remove(child)
 
 
 def _in_fork_child(devnull):
@@ -3601,17 +3578,14 @@ def _in_fork_child(devnull):
         os.dup2(devnull, 0)
 
 
-_devnull = []
-
-
 def _devnull_fd():
     """A read-only /dev/null, opened once: fork children take it as stdin."""
-    if not _devnull:
+    if _state.devnull == -1:
         try:
-            _devnull.append(_above_std(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)))
+            _state.devnull = _above_std(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
         except OSError:
-            _devnull.append(None)
-    return _devnull[0]
+            _state.devnull = None
+    return _state.devnull
 
 
 def _write(fd, data):
@@ -3691,15 +3665,11 @@ def _distributed():
     return distributed
 
 
-_dask_lock = threading.RLock()
-_dask_clients = {}  # address -> the Client we connected to it
-_dask_local = []    # (cluster, client) of the local cluster, once started
-_dask_uploaded = weakref.WeakKeyDictionary()  # client -> digest of the files it got
 
 
 def _dask_client_at(address, connect_timeout):
-    with _dask_lock:
-        client = _dask_clients.get(address)
+    with _state.dask_lock:
+        client = _state.dask_clients.get(address)
         if client is not None and client.status in ("running", "connecting"):
             return client
         distributed = _distributed()
@@ -3711,7 +3681,7 @@ def _dask_client_at(address, connect_timeout):
             raise ConcurrencyError("cannot reach the Dask scheduler at %s within %g s: "
                                    "%s: %s" % (address, connect_timeout,
                                                type(exc).__name__, exc)) from exc
-        _dask_clients[address] = client
+        _state.dask_clients[address] = client
         return client
 
 
@@ -3730,8 +3700,8 @@ def _local_dask_client(threads):
     caller's script again in each, and a script without an ``if __name__ ==
     "__main__"`` guard would start clusters without end.  Each task still
     runs in a child process of its own (see _run_for_dask)."""
-    with _dask_lock:
-        if not _dask_local:
+    with _state.dask_lock:
+        if _state.dask_local is None:
             distributed = _distributed()
             _close_dask_at_exit()
             # No dashboard; the scheduler's HTTP server (health checks) on a
@@ -3740,27 +3710,25 @@ def _local_dask_client(threads):
                 n_workers=1, threads_per_worker=threads, processes=False,
                 dashboard_address=None,
                 scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
-            _dask_local.append((cluster, distributed.Client(cluster, set_as_default=False)))
-        return _dask_local[0][1]
+            _state.dask_local = (cluster, distributed.Client(cluster, set_as_default=False))
+        return _state.dask_local[1]
 
 
 def _close_dask_at_exit():
     # Registered once distributed is imported, so it runs before
     # distributed's own exit handlers.
-    if not _dask_exit_registered:
-        _dask_exit_registered.append(True)
+    if not _state.dask_exit_registered:
+        _state.dask_exit_registered = True
         atexit.register(_close_dask)
 
 
-_dask_exit_registered = []
-
-
 def _close_dask():
-    with _dask_lock:
-        clients = list(_dask_clients.values()) + [client for _cluster, client in _dask_local]
-        clusters = [cluster for cluster, _client in _dask_local]
-        _dask_clients.clear()
-        del _dask_local[:]
+    with _state.dask_lock:
+        local = [_state.dask_local] if _state.dask_local is not None else []
+        clients = list(_state.dask_clients.values()) + [client for _cluster, client in local]
+        clusters = [cluster for cluster, _client in local]
+        _state.dask_clients.clear()
+        _state.dask_local = None
     for closable in clients + clusters:
         try:
             closable.close(timeout=_REAP_TIMEOUT)
@@ -3785,7 +3753,7 @@ def _upload_to_dask(client):
     cluster, present and future, under the private names worker.dask_task
     imports them by: a Dask worker plugin, registered once per client (a
     second registration under the same name replaces the first)."""
-    if client in _dask_uploaded:
+    if client in _state.dask_uploaded:
         return
     worker = _worker_module()
     files = {worker.DASK_WORKER_FILE: _source_of(_WORKER_PATH),
@@ -3807,7 +3775,7 @@ def _upload_to_dask(client):
             except TypeError:  # distributed < 2024.9 has no load=
                 plugin = UploadFile(path)
             register(plugin, name="concurrency-%s-%s" % (name, digest))
-    _dask_uploaded[client] = digest
+    _state.dask_uploaded[client] = digest
 
 
 # The cluster's own limit on a task stops it this much after the caller's,
@@ -4045,17 +4013,16 @@ class _DaskRun:
             pass  # the scheduler is gone: so are its tasks
 
 
-_dask_thread_counts = weakref.WeakKeyDictionary()  # client -> (when, threads)
 
 
 def _dask_threads(client):
     """The cluster's thread count, asked again every few seconds (it costs
     a round trip to the scheduler, which a short run would feel)."""
     now = time.monotonic()
-    known = _dask_thread_counts.get(client)
+    known = _state.dask_thread_counts.get(client)
     if known is None or now - known[0] > 5.0:
         known = (now, max(1, sum(client.nthreads().values())))
-        _dask_thread_counts[client] = known
+        _state.dask_thread_counts[client] = known
     return known[1]
 
 
@@ -4114,19 +4081,16 @@ def _report_deferred_on_dask(key, future):
 
 # -- On a Dask worker ---
 
-_dask_pools = []
-
-
 def _run_for_dask(payloads, timeout):
     """On a Dask worker: run a chunk of tasks one after another in a warm
     child, as the process driver does, and return their outcomes still
     encoded, with the seconds they took (see worker.dask_task)."""
-    with _dask_lock:
-        if not _dask_pools:
+    with _state.dask_lock:
+        if _state.dask_pool is None:
             # Without lending: the outcome goes on over the network, so
             # copying it out of the child saves nothing.
-            _dask_pools.append(_WorkerPool(_MAX_WORKERS_MAX, DEFAULT_IDLE_TIMEOUT, lend=False))
-    pool = _dask_pools[0]
+            _state.dask_pool = _WorkerPool(_MAX_WORKERS_MAX, DEFAULT_IDLE_TIMEOUT, lend=False)
+    pool = _state.dask_pool
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
     outcomes = _RelayedOutcomes(len(payloads))
@@ -4145,9 +4109,9 @@ def _run_for_dask(payloads, timeout):
 
 
 def _release_dask_workers():
-    with _dask_lock:
-        pools = _dask_pools[:]
-    for pool in pools:
+    with _state.dask_lock:
+        pool = _state.dask_pool
+    if pool is not None:
         pool.shutdown()
 
 
@@ -4228,7 +4192,6 @@ _DASK_WATCH_INTERVAL = 0.1
 
 # -- Deferred tasks in detached processes -------------------------------------
 
-_detached = []  # Popen objects of detached deferred tasks, reaped when done
 
 
 def _spawn_detached(payload):
@@ -4238,7 +4201,7 @@ def _spawn_detached(payload):
     the child inherits: nothing is left on disk if we die, and neither keys
     nor anything else of the tasks shows on its command line.
     """
-    _detached[:] = [process for process in _detached if process.poll() is None]
+    _state.detached[:] = [process for process in _state.detached if process.poll() is None]
     import subprocess
     path = None
     if hasattr(os, "memfd_create"):
@@ -4266,7 +4229,7 @@ def _spawn_detached(payload):
         raise
     finally:
         os.close(fd)
-    _detached.append(process)
+    _state.detached.append(process)
 
 
 def _fork_detached(jobs, timeout, limit):
@@ -4330,28 +4293,102 @@ def _let_go_of_descriptors():
     os.close(dead)
 
 
-# -- Process hygiene ----------------------------------------------------------
+# -- Process-wide state ---------------------------------------------------------
 
-_pools = weakref.WeakSet()
-_not_ours = []  # the parent's workers, in a fork child
-_live_workers = weakref.WeakSet()
+class _ProcessState:
+    """All this process holds for the library, in one place: its children
+    and our pipe ends to them, the reaper, the fast paths still on, and the
+    caches.  A fork child starts from forget_after_fork(): none of that is
+    its own."""
+
+    def __init__(self):
+        # Linux's fast paths, off for good once one fails here: children
+        # lend large result buffers for us to copy out of their memory
+        # (process_vm_readv), and large buffers tasks share go to workers in
+        # an anonymous file they read through /proc (see worker.py).
+        self.lending = sys.platform.startswith("linux") and not _PORTABLE
+        self.sharing_by_file = (sys.platform.startswith("linux")
+                                and hasattr(os, "memfd_create") and not _PORTABLE)
+        # Made on first use.
+        self.worker_module = None  # worker.py, loaded by path (_worker_module)
+        self.worker_code = None
+        self.worker_file = None  # (path, descriptors to pass, compiled)
+        self.interpreter_flags = None
+        self.memory_reader = None  # process_vm_readv by ctypes
+        self.devnull = -1  # a read-only /dev/null; None when it can't be had
+        self.lifeline = None  # (read end, write end) of the pipe fork children watch
+        self.logging_levels = None  # see _logging_levels
+        self.imported_from_cwd = {}  # (sys.path, cwd, module count) -> the directories
+        self.config = None  # (signature of the file, its settings)
+        # Children.
+        self.pools = weakref.WeakSet()
+        self.live_workers = weakref.WeakSet()
+        self.not_ours = []  # the parent's workers, in a fork child
+        self.fork_runs = []  # (weak ref to a _ForkRun, its live children, running ones, paused)
+        self.last_fork_finish = 0.0
+        self.exiting = []  # fork children told to exit, not reaped yet
+        self.exiting_lock = threading.RLock()
+        self.reaper = _Reaper()
+        self.detached = []  # Popen objects of detached deferred tasks, reaped when done
+        # Our ends of the pipes to children (and their pidfds).  A fork child
+        # -- of the fork driver, or of user code -- must not keep them open:
+        # a worker or fork child whose task pipe is held open by another
+        # process would never see its end, nor its parent die.  Registered
+        # under fds_lock, which forks take.  Reentrant: a signal handler
+        # running run() lands between our bytecodes, maybe while this thread
+        # holds it around os.fork().
+        self.parent_fds = set()
+        self.fds_lock = threading.RLock()
+        # The dask driver's.
+        self.dask_lock = threading.RLock()
+        self.dask_clients = {}  # address -> the Client we connected to it
+        self.dask_local = None  # (cluster, client) of the local cluster, once started
+        self.dask_uploaded = weakref.WeakKeyDictionary()  # client -> digest of the files it got
+        self.dask_thread_counts = weakref.WeakKeyDictionary()  # client -> (when, threads)
+        self.dask_exit_registered = False
+        self.dask_pool = None  # on a Dask worker: the warm children of dask_task()
+
+    def forget_after_fork(self):
+        """In a fork child: close every parent end of ours; the workers are
+        not the child's own either: a run in the child starts workers of
+        its own.  It keeps the read end of our lifeline: a fork child
+        watches it."""
+        for fd in list(self.parent_fds):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.parent_fds.clear()
+        self.fds_lock = threading.RLock()  # whoever held it is not in this process
+        for worker in list(self.live_workers):
+            worker.task_fd = worker.fd = worker.pidfd = None
+            worker.claim_fd = worker.claim_write_fd = None
+        self.live_workers.clear()
+        for pool in list(self.pools):
+            pool.forget_after_fork()
+        del self.detached[:]
+        # The reaper thread is not in this process, nor its pipe (closed above).
+        self.reaper.thread = self.reaper.wake_fds = None
+        self.reaper.resume = False
+        self.reaper.paused = 0
+        del self.fork_runs[:]  # the parent's runs, not this process's
+        self.not_ours.extend(self.exiting)
+        del self.exiting[:]
+        self.exiting_lock = threading.RLock()
+        # Its lifeline's write end was ours (closed above); the child makes
+        # its own when it forks children.
+        self.lifeline = None
 
 
-# Our ends of the pipes to children (and their pidfds).  A fork child -- of
-# the fork driver, or of user code -- must not keep them open: a worker or
-# fork child whose task pipe is held open by another process would never see
-# its end, nor its parent die.  Registered under _fds_lock, which forks take.
-_parent_fds = set()
-# Reentrant: a signal handler running run() lands between our bytecodes,
-# maybe while this thread holds it around os.fork().
-_fds_lock = threading.RLock()
+_state = _ProcessState()
+
 
 
 def _parent_pipe(keep):
     """os.pipe(), with our end (``keep``: "r" or "w") registered as such."""
-    with _fds_lock:
+    with _state.fds_lock:
         read_fd, write_fd = _pipe()
-        _parent_fds.add(read_fd if keep == "r" else write_fd)
+        _state.parent_fds.add(read_fd if keep == "r" else write_fd)
     return read_fd, write_fd
 
 
@@ -4404,66 +4441,30 @@ def _claim_pipe():
     read end non-blocking, so that we can take back what it has not read
     (see _Run.take_back)."""
     read_fd, write_fd = _parent_pipe(keep="w")
-    with _fds_lock:
-        _parent_fds.add(read_fd)
+    with _state.fds_lock:
+        _state.parent_fds.add(read_fd)
     os.set_blocking(read_fd, False)
     return read_fd, write_fd
 
 
 def _close_parent_fd(fd):
-    _parent_fds.discard(fd)
+    _state.parent_fds.discard(fd)
     try:
         os.close(fd)
     except OSError:
         pass
 
 
-_lifeline = []  # (read end, write end) of the pipe fork children watch
-
-
 def _lifeline_read_fd():
     """The read end of this process's lifeline pipe, made on first use."""
-    if not _lifeline:
-        _lifeline.extend(_parent_pipe(keep="w"))
-    return _lifeline[0]
-
-
-def _forget_workers_in_child():
-    # Close every parent end of ours (see _parent_fds); the workers are not
-    # the child's own either: a run in the child starts workers of its own.
-    # It keeps the read end of our lifeline: a fork child watches it.
-    global _fds_lock
-    for fd in list(_parent_fds):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _parent_fds.clear()
-    _fds_lock = threading.RLock()  # whoever held it is not in this process
-    for worker in list(_live_workers):
-        worker.task_fd = worker.fd = worker.pidfd = None
-        worker.claim_fd = worker.claim_write_fd = None
-    _live_workers.clear()
-    for pool in list(_pools):
-        pool.forget_after_fork()
-    del _detached[:]
-    # The reaper thread is not in this process, nor its pipe (closed above).
-    _reaper.thread = _reaper.wake_fds = None
-    _reaper.resume = False
-    _reaper.paused = 0
-    del _fork_runs[:]  # the parent's runs, not this process's
-    global _exiting_lock
-    _not_ours.extend(_exiting)
-    del _exiting[:]
-    _exiting_lock = threading.RLock()
-    # Its lifeline's write end was ours (closed above); the child makes its
-    # own when it forks children.
-    del _lifeline[:]
+    if _state.lifeline is None:
+        _state.lifeline = _parent_pipe(keep="w")
+    return _state.lifeline[0]
 
 
 def _shutdown():
-    _reaper.stop()
-    for pool in list(_pools):
+    _state.reaper.stop()
+    for pool in list(_state.pools):
         pool.shutdown()
     _end_dropped_fork_runs()
     _reap_exited(block=True)
@@ -4471,11 +4472,11 @@ def _shutdown():
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_pause_reaper, after_in_parent=_resume_reaper,
-                        after_in_child=_forget_workers_in_child)
+                        after_in_child=_state.forget_after_fork)
 
 
 def _at_exit():
-    _reaper.closed = True  # no thread can be started now (3.12+): we reap
+    _state.reaper.closed = True  # no thread can be started now (3.12+): we reap
     _shutdown()
 
 
@@ -4512,9 +4513,6 @@ timeout = none
 ; dask_address = tcp://scheduler:8786
 """
 
-_config_cache = {}
-
-
 # A config file is a few lines; one larger than this is not one.
 _CONFIG_MAX_BYTES = 64 * 1024
 # A timeout shorter than this fails every task (a process takes longer to
@@ -4545,7 +4543,7 @@ def _read_config():
     # Owner and mode too: a chmod or chown changes neither mtime nor size.
     signature = (os.path.abspath(path), stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size,
                  stat.st_ino, stat.st_uid, stat.st_mode)
-    cached = _config_cache.get("config")
+    cached = _state.config
     if cached is not None and cached[0] == signature:
         return cached[1]
     try:
@@ -4615,7 +4613,7 @@ def _read_config():
         else:
             raise ConfigError("%s: unknown key %r in [%s]; allowed keys: default, "
                               "max_workers, timeout, dask_address" % (path, name, _CONFIG_SECTION))
-    _config_cache["config"] = (signature, config)
+    _state.config = (signature, config)
     return config
 
 

@@ -693,8 +693,8 @@ class ChildDriverTests(DriverTests):
         got["bytearray"][0] = ord("z")  # still writable
         # Copied out of the child's memory, where that is to be had.
         if sys.platform.startswith("linux") and not concurrency._PORTABLE:
-            self.assertTrue(concurrency._lending[0])
-            self.assertTrue(concurrency._memory_readers)
+            self.assertTrue(concurrency._state.lending)
+            self.assertTrue(concurrency._state.memory_reader)
 
     def test_large_results_with_tasks_queued_behind_them(self):
         # Two children, many tasks: tasks wait in each child's pipe while it
@@ -751,9 +751,9 @@ class ProcessDriverTest(ChildDriverTests, CleanTestCase):
 
     def test_a_shared_buffer_a_worker_cannot_read_from_our_file_comes_through_its_pipe(self):
         blob = os.urandom(3 << 20)
-        if not concurrency._sharing_by_file[0]:
+        if not concurrency._state.sharing_by_file:
             self.skipTest("shared buffers go through the pipe here anyway")
-        self.addCleanup(concurrency._sharing_by_file.__setitem__, 0, True)
+        self.addCleanup(setattr, concurrency._state, "sharing_by_file", True)
         # A file of another name where the worker looks: it must not be
         # read (a descriptor the worker was told of may be another file by
         # the time it looks); the worker asks for the bytes instead.
@@ -764,7 +764,7 @@ class ProcessDriverTest(ChildDriverTests, CleanTestCase):
                                lambda run, number: (decoy, "concurrency-shared-decoy")):
             result = self.d.run([lambda: blob[:5] + blob[-5:], lambda: len(blob)])
         self.assertEqual(result, [blob[:5] + blob[-5:], len(blob)])
-        self.assertFalse(concurrency._sharing_by_file[0])  # through the pipe from now on
+        self.assertFalse(concurrency._state.sharing_by_file)  # through the pipe from now on
         self.assertEqual(self.d.run([lambda: blob[7]]), [blob[7]])
 
     @unittest.skipUnless(hasattr(os, "memfd_create"), "needs memfd_create")
@@ -1470,7 +1470,7 @@ class ScriptTest(ScriptTestCase):
                     results.append([len(out[0]), out[0] == b"x" * (3 << 20),
                                     type(out[1][0]).__name__, len(out[1][0]), out[1][1]])
             print(json.dumps({"denied": denied, "results": results,
-                              "lending": concurrency._lending[0]}))
+                              "lending": concurrency._state.lending}))
             """
         expected = [3 << 20, True, "bytearray", 2 << 20, 5]
         # EPERM as a hardened kernel answers; ESRCH, as some filters do, must
@@ -3139,7 +3139,7 @@ class RegistryTest(CleanTestCase):
         for line, message in cases:
             with self.subTest(line=line):
                 write_file("concurrency.ini", "[concurrency]\n%s\n" % line)
-                concurrency._config_cache.clear()
+                concurrency._state.config = None
                 with self.assertRaisesRegex(concurrency.ConfigError, message):
                     concurrency.default_driver()
                     concurrency.ProcessDriver()
@@ -3148,7 +3148,7 @@ class RegistryTest(CleanTestCase):
         def case(make, message):
             os.path.lexists("concurrency.ini") and os.remove("concurrency.ini")
             make()
-            concurrency._config_cache.clear()
+            concurrency._state.config = None
             started = time.monotonic()
             with self.assertRaisesRegex(concurrency.ConfigError, message):
                 concurrency.default_driver()

@@ -336,7 +336,7 @@ class FaultTests:
         self.assertIs(table["me"], table)
         self.assertStillServes()
 
-    @unittest.skipUnless(concurrency._lending[0], "lending is Linux's, and on")
+    @unittest.skipUnless(concurrency._state.lending, "lending is Linux's, and on")
     def test_a_signal_handler_raising_while_large_results_are_copied_propagates(self):
         class Alarm(Exception):
             pass
@@ -360,7 +360,7 @@ class FaultTests:
             for _ in range(20):
                 self.d.run(big, timeout=LONG_TIMEOUT)
         signal.setitimer(signal.ITIMER_REAL, 0)
-        self.assertTrue(concurrency._lending[0], "lending was switched off")
+        self.assertTrue(concurrency._state.lending, "lending was switched off")
         self.assertEqual([thread.name for thread in threading.enumerate()
                           if thread.name == "concurrency-copy"], [])
         first, second = self.d.run(big, timeout=LONG_TIMEOUT)
