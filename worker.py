@@ -1787,9 +1787,11 @@ def _fresh_task_state(std_streams):
 def usable_std_streams(std_streams):
     """Give the next task the std streams ``std_streams``, reopened on their
     descriptors where an earlier task closed them; returns what it got."""
-    # (None where the process started without that descriptor.)
-    if (getattr(std_streams[0], "closed", False) or getattr(std_streams[1], "closed", False)
-            or getattr(std_streams[2], "closed", False)):
+    try:
+        stale = std_streams[0].closed or std_streams[1].closed or std_streams[2].closed
+    except AttributeError:  # None: the process started without that descriptor
+        stale = any(getattr(stream, "closed", False) for stream in std_streams)
+    if stale:
         std_streams = tuple(_reopened(stream, fd, mode) for stream, fd, mode
                             in zip(std_streams, (0, 1, 2), ("r", "w", "w")))
         sys.__stdin__, sys.__stdout__, sys.__stderr__ = std_streams
