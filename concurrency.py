@@ -1846,14 +1846,9 @@ def _add_note(exc, note):
         pass
 
 
-def _current_context():
-    """The caller's cwd, environment, sys.path, sys.argv and recursion
-    limit, which every task gets."""
-    try:
-        cwd = os.getcwd()
-    except OSError:
-        cwd = None
-    return cwd, dict(os.environ), _sys_path(cwd), list(sys.argv), sys.getrecursionlimit()
+def _current_context(logging_levels=None):
+    """The caller's worker.TaskContext, which every task gets."""
+    return _worker_module().current_context(_sys_path, logging_levels)
 
 
 
@@ -2869,7 +2864,7 @@ class _ProcessRun(_Run):
         self.size = size  # most workers it may use
         self.free = list(workers)
         self.payloads = payloads
-        self.context = pickle.dumps(_current_context() + (_logging_levels(),),
+        self.context = pickle.dumps(_current_context(_logging_levels()),
                                     pickle.HIGHEST_PROTOCOL)
         self.retried = set()
         self.claims = {}  # worker -> {claim number: index} of the tasks sent to it

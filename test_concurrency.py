@@ -779,7 +779,7 @@ class ProcessDriverTest(ChildDriverTests, CleanTestCase):
         self.assertEqual(payload[:1], b"s")
         decoy = os.memfd_create("not-ours", os.MFD_CLOEXEC)  # unreadable for it, by name
         self.addCleanup(os.close, decoy)
-        context = pickle.dumps(concurrency._current_context() + (None,), pickle.HIGHEST_PROTOCOL)
+        context = pickle.dumps(concurrency._current_context(), pickle.HIGHEST_PROTOCOL)
         worker = concurrency._Worker(LONG_TIMEOUT)
         self.addCleanup(worker.close)
         self.addCleanup(worker.wait)

@@ -33,30 +33,32 @@ runs a chunk of serialized tasks in a warm ``serve`` child of that Dask
 worker, through concurrency.py (uploaded beside it), and returns their
 outcome frames for the caller to decode.
 
-Frames are one kind byte, an 8-byte big-endian length, then the body:
+Frames are one kind byte, an 8-byte big-endian length, then the body (see
+"The wire" below, where each kind is named):
 
-    parent -> worker   b"C" context: pickled (cwd, environ, sys.path, argv,
-                       recursion limit, logging levels or None)
-                       b"T" task: a serialized callable, see loads_task()
-                       b"B" a large buffer the run's tasks share: its
-                       number (8 bytes), then its bytes; b"M" the same in
-                       a file of the parent's: number, descriptor, size
-                       (8 bytes each), then the file's name; b"D" (empty) the
-                       run is over, its buffers go (with a claim of
-                       DROP_SHARED, read at once).  See SharedBuffers.
-                       b"F" / b"S" reply to a lent result (empty body)
-    worker -> parent   b"R" result: encode_result()
-                       b"E" error: encode_error()
-                       b"Q" leaving after IDLE_TIMEOUT unused (empty body)
-                       b"U" up: ready to take claims (empty body, sent once)
-                       b"N" a b"M" frame's file could not be read: the
-                       buffer's number; the parent sends a b"B" frame
-                       b"L" a record a task logged: pickled (claim number,
-                       record attributes), see _forward_logging()
+    parent -> worker   CONTEXT (C): a pickled TaskContext (cwd, environ,
+                       sys.path, argv, recursion limit, logging levels)
+                       TASK (T): a serialized callable, see loads_task()
+                       BUFFER (B): a large buffer the run's tasks share:
+                       its number (8 bytes), then its bytes; BUFFER_FILE
+                       (M): the same in a file of the parent's: number,
+                       descriptor, size (8 bytes each), then the file's
+                       name; RUN_OVER (D, empty): the run is over, its
+                       buffers go (with a claim of DROP_SHARED, read at
+                       once).  See SharedBuffers.
+                       FETCHED (F) / SEND_INLINE (S): reply to a lent result
+    worker -> parent   RESULT (R): encode_result()
+                       ERROR (E): encode_error()
+                       LEAVING (Q, empty): leaving after IDLE_TIMEOUT unused
+                       UP (U, empty): ready to take claims, sent once
+                       BUFFER_WANTED (N): a BUFFER_FILE frame's file could
+                       not be read: the buffer's number; the parent sends a
+                       BUFFER frame
+                       LOG (L): a record a task logged, see encode_record()
 
-Several b"T" frames may wait in the pipe; they are run in order, and each
-gets its b"R" or b"E".  Each b"T" frame comes with a claim: its number
-among the b"T" frames this worker was sent (from 0), 8 bytes big-endian, on
+Several TASK frames may wait in the pipe; they are run in order, and each
+gets its RESULT or ERROR.  Each TASK frame comes with a claim: its number
+among the TASK frames this worker was sent (from 0), 8 bytes big-endian, on
 CLAIM_FD, a non-blocking pipe the parent can read too.  The worker takes
 one claim before each task and runs the task of that number, skipping the
 frames of lower numbers: the parent took their claims back, to run them
@@ -65,11 +67,11 @@ the task (a pipe read of 8 bytes is atomic), so a task never runs twice
 nor waits behind a slow one while another worker is idle.
 
 Large results are lent, not sent: a result's big buffers (bytes, bytearray,
-arrays that pickle with protocol 5) stay where the task left them, the b"R"
+arrays that pickle with protocol 5) stay where the task left them, the RESULT
 body says where, and the parent copies them straight out of this process's
 memory (Linux process_vm_readv): one copy instead of the four a pipe costs
 (pickle, write, read, unpickle).  The worker keeps them and waits, its next
-task unread, until the parent replies b"F" (fetched), or b"S" when it could
+task unread, until the parent replies FETCHED, or SEND_INLINE when it could
 not read them: then they follow through the pipe after all.
 """
 
@@ -1622,15 +1624,33 @@ class _Channel:
             write_frame(self.result_fd, kind, parts)
 
 
+class TaskContext(collections.namedtuple(
+        "TaskContext", "cwd environ path argv recursion_limit logging_levels")):
+    """What every task of a run gets of the caller's process: its cwd (None
+    when it has none), environment, sys.path, sys.argv, recursion limit and,
+    for a worker, the levels of its loggers (see forward_records)."""
+
+
+def current_context(path=None, logging_levels=None):
+    """This process's TaskContext; ``path``: the sys.path tasks are to get,
+    given the cwd (as concurrency's _sys_path makes it)."""
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        cwd = None
+    return TaskContext(cwd, dict(os.environ), list(sys.path) if path is None else path(cwd),
+                       list(sys.argv), sys.getrecursionlimit(), logging_levels)
+
+
 _applied_environ = {}  # id(context environ) -> os.environ's raw data after applying it
 
 
 def _apply_context(context, channel=None):
     """Give the next task the caller's cwd, environment, sys.path, sys.argv
     and recursion limit, and, sent on ``channel``, its logging levels."""
-    cwd, environ, path, argv, recursion_limit = context[:5]
-    if len(context) > 5 and context[5] is not None and channel is not None:
-        _forward_logging(context[5], channel)
+    cwd, environ, path, argv, recursion_limit, levels = context
+    if levels is not None and channel is not None:
+        _forward_logging(levels, channel)
     if cwd is not None:
         try:
             # getcwd() costs half a chdir(), and most tasks change nothing.
