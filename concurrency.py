@@ -256,7 +256,8 @@ class WorkerCrashed(ConcurrencyError):
     def __init__(self, key, exitcode):
         self.key = key
         self.exitcode = exitcode
-        self.signal = _signal_name(-exitcode) if exitcode is not None and exitcode < 0 else None
+        self.signal = (_worker_module().signal_name(-exitcode)
+                       if exitcode is not None and exitcode < 0 else None)
         if self.signal:
             how = "was killed by %s" % self.signal
         elif exitcode is None:
@@ -1320,8 +1321,7 @@ def _call(fn):
 def _report_deferred_failure(key, exc):
     import traceback
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    sys.stderr.write("concurrency: deferred task %r failed:\n%s" % (key, text))
-    sys.stderr.flush()
+    _worker_module().report_deferred(repr(key), "failed:\n" + text)
 
 
 # -- Serialization ------------------------------------------------------------
@@ -2198,8 +2198,14 @@ class _Child:
         raise NotImplementedError
 
     def wait(self):
-        """Reap the child, killing it if it does not exit in time."""
-        raise NotImplementedError
+        """Reap the child, killing it if it does not exit in time; then what
+        its last task started, which must not outlive it.  (Safe after the
+        reap: a pid stays reserved while its process group has members.)"""
+        if not self.wait_ended(_REAP_TIMEOUT):
+            self.kill()
+            self.wait_ended(None)
+        _kill_group(self.pid, only_group=True)
+        return self.exitcode
 
     def close(self):
         for fd in (self.fd, self.pidfd, self.claim_fd):
@@ -2704,15 +2710,6 @@ class _Worker(_Child):
         self.broken = True
         _kill_group(self.pid)
 
-    def wait(self):
-        if not self.wait_ended(_REAP_TIMEOUT):
-            self.kill()
-            self.wait_ended(None)
-        # What its last task started must not outlive it.  Safe after the
-        # reap: a pid stays reserved while its process group has members.
-        _kill_group(self.pid, only_group=True)
-        return self.exitcode
-
     def retire(self):
         """Close our ends: the worker sees end-of-file and exits."""
         self.broken = True
@@ -3054,15 +3051,11 @@ class _ForkChild(_Child):
             self.task_fd = None
 
     def wait(self):
-        # The child was killed, has exited or is about to: reap it, and kill
-        # it if it does not exit in time.
+        # Killed, exited or about to: told to exit, then reaped like any child.
         self.retire()
-        if not self.wait_ended(_REAP_TIMEOUT):
-            self.kill()
-            self.wait_ended(None)
-        _kill_group(self.pid, only_group=True)
+        exitcode = super().wait()
         self.close()
-        return self.exitcode
+        return exitcode
 
 
 class _ForkRun(_Run):
@@ -3631,13 +3624,7 @@ def _own_group(pid):
 
 
 def _kill_group(pid, only_group=False):
-    """SIGKILL the process group led by ``pid`` (and ``pid`` itself)."""
-    kills = (os.killpg,) if only_group else (os.killpg, os.kill)
-    for kill in kills:
-        try:
-            kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    _worker_module().kill_group(pid, only_group)
 
 
 # -- dask driver internals ----------------------------------------------------
@@ -4070,8 +4057,7 @@ def _report_deferred_on_dask(key, future):
         except Exception as exc:
             cause = exc
         error = _dask_failure(key, cause or ConcurrencyError("cancelled on the cluster"))
-        sys.stderr.write("concurrency: deferred task %s failed: %s\n" % (key, error))
-        sys.stderr.flush()
+        _worker_module().report_deferred(key, "failed: %s\n" % error)
 
 
 # -- On a Dask worker ---
@@ -4756,13 +4742,6 @@ def _main(argv):
 
 _registry = _Registry({"process": ProcessDriver, "fork": ForkDriver, "sync": SyncDriver,
                        "dask": DaskDriver})
-
-
-def _signal_name(number):
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return "signal %d" % number
 
 
 if __name__ == "__main__":

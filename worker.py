@@ -2107,14 +2107,16 @@ def run_reporting(fn, key):
     try:
         call(fn)
     except BaseException as exc:
-        _report(key, "failed:\n" + _safe_format(type(exc), exc, exc.__traceback__))
+        report_deferred(key, "failed:\n" + _safe_format(type(exc), exc, exc.__traceback__))
         return 1
     finally:
         flush_std_streams()
     return 0
 
 
-def _report(key, what):
+def report_deferred(key, what):
+    """Report on stderr what became of a deferred task, which nobody waits
+    for: ``key`` as text (its repr), ``what`` ends with a newline."""
     try:
         sys.stderr.write("concurrency: deferred task %s %s" % (key, what))
         sys.stderr.flush()
@@ -2123,14 +2125,14 @@ def _report(key, what):
 
 
 def _report_timeout(key, timeout):
-    _report(key, "did not finish within %g s; it was killed\n" % timeout)
+    report_deferred(key, "did not finish within %g s; it was killed\n" % timeout)
 
 
 def _report_crash(key, code):
     if code is not None and code < 0:
-        _report(key, "crashed: its process was killed by %s\n" % _signal_name(-code))
+        report_deferred(key, "crashed: its process was killed by %s\n" % signal_name(-code))
     else:
-        _report(key, "crashed: its process exited with code %s\n" % code)
+        report_deferred(key, "crashed: its process exited with code %s\n" % code)
 
 
 def supervise(jobs, timeout, limit):
@@ -2138,7 +2140,6 @@ def supervise(jobs, timeout, limit):
     at once, and report a crash or timeout on stderr, since nobody waits for
     them.  Returns the exit code to leave with: 0 when every job succeeded.
     A job's processes go with it."""
-    import signal
     pending = list(reversed(jobs))
     running = {}  # pid -> (key, deadline or None)
     failed = False
@@ -2162,7 +2163,7 @@ def supervise(jobs, timeout, limit):
         now = time.monotonic()
         for pid, (key, deadline) in list(running.items()):
             if deadline is not None and now >= deadline:
-                _kill_group(pid, signal.SIGKILL)
+                kill_group(pid, only_group=True)
                 os.waitpid(pid, 0)
                 del running[pid]
                 failed = True
@@ -2182,7 +2183,7 @@ def supervise(jobs, timeout, limit):
         if pid not in running:
             continue
         key, _deadline = running.pop(pid)
-        _kill_group(pid, signal.SIGKILL)
+        kill_group(pid, only_group=True)
         code = os.waitstatus_to_exitcode(status)
         if code not in (0, 1):  # 1: failed, and run() reported it
             _report_crash(key, code)
@@ -2190,14 +2191,18 @@ def supervise(jobs, timeout, limit):
     return 1 if failed else 0
 
 
-def _kill_group(pid, signum):
-    try:
-        os.killpg(pid, signum)
-    except OSError:
-        pass
+def kill_group(pid, only_group=False):
+    """SIGKILL the process group led by ``pid``, and ``pid`` itself unless
+    ``only_group``."""
+    import signal
+    for kill in (os.killpg,) if only_group else (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
-def _signal_name(number):
+def signal_name(number):
     import signal
     try:
         return signal.Signals(number).name
@@ -2231,7 +2236,7 @@ def run_deferred(source):
         try:
             fn = loads_task(task)
         except BaseException as exc:
-            _report(key, "could not be unserialized:\n"
+            report_deferred(key, "could not be unserialized:\n"
                     + _safe_format(type(exc), exc, exc.__traceback__))
             continue
         jobs.append((key, lambda fn=fn, key=key: run_reporting(fn, key)))
@@ -2282,9 +2287,9 @@ def report_outcome(key, outcome):
     if kind == ERROR:
         info = pickle.loads(body)
         if info["kind"] == TASK_FAILED:
-            _report(key, "failed:\n" + info["traceback"])
+            report_deferred(key, "failed:\n" + info["traceback"])
         else:
-            _report(key, "could not be %s:\n%s" % (
+            report_deferred(key, "could not be %s:\n%s" % (
                 "serialized" if info["kind"] == RESULT_UNSERIALIZABLE else "unserialized",
                 info["traceback"]))
     elif kind == LOST:
@@ -2294,7 +2299,7 @@ def report_outcome(key, outcome):
         elif what == "crashed":
             _report_crash(key, detail)
         else:
-            _report(key, "failed: %s\n" % (detail,))
+            report_deferred(key, "failed: %s\n" % (detail,))
 
 
 def _ignore_sigint():
