@@ -49,9 +49,9 @@ Internals
 
 Data flow of the default ``process`` driver:
 
-    run(tasks) --> _Batch ----------> payload per task: b"p" + C pickle (what
+    run(tasks) --> _Batch ----------> payload per task: "p" + C pickle (what
                    (validated keys,   the child can't import, by value), or
-                    callables, shape) b"d" + dill's, for the rare rest
+                    callables, shape) "d" + dill's, for the rare rest
                                             |  CONTEXT (cwd, environ,
                                             |  sys.path, argv), TASK frames
                                             v
@@ -61,6 +61,15 @@ Data flow of the default ``process`` driver:
                                             |  buffers stay in the child, and
                                             v  _copy_lent() reads them there
     results / first error  <-- _Outcomes <-- _Run: the parent's select() loop
+
+The sections below follow that flow: errors, the facade, the registry and
+the drivers; input and outcomes (_Batch, _Outcomes); serialization; the
+outcomes children send, decoded; the task context and the logging that
+travels with it; starting workers; children and the run loop; the
+processes, pipes and signals both child drivers use; each driver's own
+internals; detached deferred tasks; the process-wide state (_ProcessState);
+the config file; the command line.  The wire itself -- frames, their kinds,
+reading and writing them, encoding and decoding values -- is worker.py's.
 
 _Batch
     Checks the input before anything starts and remembers its shape: a
@@ -213,7 +222,6 @@ DASK_ADDRESS_ENV = "CONCURRENCY_DASK_ADDRESS"
 # How long the dask driver tries to reach a scheduler before it gives up.
 DEFAULT_DASK_CONNECT_TIMEOUT = 10.0
 _CONFIG_SECTION = "concurrency"
-
 
 
 # -- Errors -------------------------------------------------------------------
@@ -1675,6 +1683,8 @@ def _culprit(fn, worker, depth=4):
         return None
 
 
+# -- Outcomes: what children send, decoded -----------------------------------
+
 def _copy_lent(pid, body):
     """Copy the buffers lent in a b"l" body out of process ``pid``: bytes
     where the child had bytes (or any read-only buffer), bytearrays where it
@@ -1846,11 +1856,39 @@ def _add_note(exc, note):
         pass
 
 
+# -- The task context ----------------------------------------------------------
+
 def _current_context(logging_levels=None):
     """The caller's worker.TaskContext, which every task gets."""
     return _worker_module().current_context(_sys_path, logging_levels)
 
 
+def _sys_path(cwd):
+    """sys.path as the child must see it.  With "" on it (a Python shell,
+    python -c), a module imported before an os.chdir() came from the
+    directory that was current then: that directory follows "", so that the
+    child imports the module by name from where the caller got it."""
+    path = list(sys.path)
+    if "" not in path or cwd is None:
+        return path
+    key = (tuple(path), cwd, len(sys.modules))
+    found = _state.imported_from_cwd.get(key)
+    if found is None:
+        searched = {os.path.abspath(entry or cwd) for entry in path if isinstance(entry, str)}
+        found = []
+        for name, module in list(sys.modules.items()):
+            origin = getattr(module, "__file__", None)
+            if "." in name or not isinstance(origin, str) or not os.path.isabs(origin):
+                continue
+            directory = os.path.dirname(origin)
+            if getattr(module, "__path__", None) is not None:  # a package
+                directory = os.path.dirname(directory)
+            if directory not in searched and directory not in found:
+                found.append(directory)
+        _state.imported_from_cwd.clear()
+        _state.imported_from_cwd[key] = found
+    index = path.index("")
+    return path[:index + 1] + found + path[index + 1:]
 
 
 # -- Logging from tasks ---------------------------------------------------------
@@ -1886,7 +1924,6 @@ def _logging_levels():
     return levels
 
 
-
 def _log_task_record(state, key):
     """Handle a record a task logged in a worker as if logged here."""
     import logging
@@ -1903,34 +1940,7 @@ def _log_task_record(state, key):
             logging.Handler.handleError(None, record)
 
 
-def _sys_path(cwd):
-    """sys.path as the child must see it.  With "" on it (a Python shell,
-    python -c), a module imported before an os.chdir() came from the
-    directory that was current then: that directory follows "", so that the
-    child imports the module by name from where the caller got it."""
-    path = list(sys.path)
-    if "" not in path or cwd is None:
-        return path
-    key = (tuple(path), cwd, len(sys.modules))
-    found = _state.imported_from_cwd.get(key)
-    if found is None:
-        searched = {os.path.abspath(entry or cwd) for entry in path if isinstance(entry, str)}
-        found = []
-        for name, module in list(sys.modules.items()):
-            origin = getattr(module, "__file__", None)
-            if "." in name or not isinstance(origin, str) or not os.path.isabs(origin):
-                continue
-            directory = os.path.dirname(origin)
-            if getattr(module, "__path__", None) is not None:  # a package
-                directory = os.path.dirname(directory)
-            if directory not in searched and directory not in found:
-                found.append(directory)
-        _state.imported_from_cwd.clear()
-        _state.imported_from_cwd[key] = found
-    index = path.index("")
-    return path[:index + 1] + found + path[index + 1:]
-
-
+# -- Starting workers ---------------------------------------------------------
 
 # Runs worker.py by path under a private name.  Not `python worker.py`: a
 # script is compiled anew at every start (~6 ms a worker), a module loaded
@@ -2608,6 +2618,374 @@ class _Run:
         """The child was killed by this run (timeout or interrupt)."""
 
 
+# -- Processes, pipes and signals (both drivers) ------------------------------
+
+def _parent_pipe(keep):
+    """os.pipe(), with our end (``keep``: "r" or "w") registered as such."""
+    with _state.fds_lock:
+        read_fd, write_fd = _pipe()
+        _state.parent_fds.add(read_fd if keep == "r" else write_fd)
+    return read_fd, write_fd
+
+
+def _pipe():
+    """os.pipe(), both ends above the std descriptors (see _above_std)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        read_fd = _above_std(read_fd)
+    except BaseException:
+        os.close(write_fd)
+        raise
+    try:
+        write_fd = _above_std(write_fd)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    return read_fd, write_fd
+
+
+def _above_std(fd):
+    """``fd``, moved above 0, 1 and 2 if it is one of them.  A caller run with
+    stdout or stderr closed (prog >&- 2>&-) must not find our pipes there:
+    its own writes to 2 would reach a worker's task stream, and a worker
+    given fd 1 would print into its own pipe."""
+    if fd > 2:
+        return fd
+    import fcntl
+    try:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    finally:
+        os.close(fd)
+
+
+def _pipe_pair():
+    """Two pipes for a child: (task read, task write, result read, result
+    write), ours the task write and result read ends; none left open when
+    the second can't be made (no descriptors left)."""
+    task_r, task_w = _parent_pipe(keep="w")
+    try:
+        result_r, result_w = _parent_pipe(keep="r")
+    except BaseException:
+        _close_parent_fd(task_w)
+        os.close(task_r)
+        raise
+    return task_r, task_w, result_r, result_w
+
+
+def _claim_pipe():
+    """The pipe a child takes its tasks' claims from: both ends ours, the
+    read end non-blocking, so that we can take back what it has not read
+    (see _Run.take_back)."""
+    read_fd, write_fd = _parent_pipe(keep="w")
+    with _state.fds_lock:
+        _state.parent_fds.add(read_fd)
+    os.set_blocking(read_fd, False)
+    return read_fd, write_fd
+
+
+def _close_parent_fd(fd):
+    _state.parent_fds.discard(fd)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _lifeline_read_fd():
+    """The read end of this process's lifeline pipe, made on first use."""
+    if _state.lifeline is None:
+        _state.lifeline = _parent_pipe(keep="w")
+    return _state.lifeline[0]
+
+
+class _Reaper:
+    """Reaps, within a moment, the warm workers that leave after
+    idle_timeout and the children of a fork run that came alone (see
+    _end_fork_children), so that none stays <defunct>.  Not a SIGCHLD
+    handler, which is the application's: a thread, that runs while a pool
+    has workers or fork children are to be reaped.  It waits for the moment
+    an idle worker is due to retire, and for the end of file on a fork
+    child's result pipe (portable, no pidfd needed).
+
+    Python 3.12+ warns about os.fork() in a process with threads, and a
+    fork child would get none of it: the thread is stopped before every
+    os.fork() of this process (at-fork hook) and started again after."""
+
+    def __init__(self):
+        self.thread = None
+        self.wake_fds = None  # (read, write), ours, made on first use
+        self.stopping = False
+        self.paused = 0  # runs forking now: they start it again when done
+        self.resume = False  # stopped for an os.fork(): start it again after
+        self.dead = []  # ended threads (see _bury)
+        self.closed = False  # the interpreter is exiting: _shutdown reaps
+
+    def start(self):
+        """Have the thread look again (new children to reap), starting it
+        if it is not running."""
+        with _state.exiting_lock:  # the thread decides to end under it too
+            if self.paused or self.closed:
+                return
+            if self.thread is not None and self.thread.is_alive():
+                self._wake()
+                return
+            if self.wake_fds is None:
+                self.wake_fds = _parent_pipe(keep="r")
+                _state.parent_fds.add(self.wake_fds[1])
+                os.set_blocking(self.wake_fds[0], False)
+            self.stopping = False
+            self._bury(self.thread)
+            self.thread = threading.Thread(target=self._loop, name="concurrency-reaper",
+                                           daemon=True)
+            # Signals held: a handler raising mid-start would leave a thread
+            # half registered; and the thread takes the mask, so that no
+            # signal is ever delivered to it.
+            with _SignalsHeld():
+                self.thread.start()
+
+    def stop(self):
+        """Stop the thread and wait for it to end; True if it was running."""
+        thread = self.thread
+        if thread is None or thread is threading.current_thread():
+            return False
+        self.thread = None
+        if not thread.is_alive():
+            return False
+        self.stopping = True
+        self._wake()
+        thread.join(_REAP_TIMEOUT)
+        self._bury(thread)
+        return True
+
+    def _bury(self, thread):
+        # A Thread object that dies runs a weakref callback of threading's;
+        # a signal handler raising in there would be lost.  Dead ones are
+        # let go by the next thread, where no handler runs.
+        if thread is not None:
+            self.dead.append(thread)
+
+    def pause(self):
+        """A fork run starts: no thread while it forks (see above)."""
+        with _state.exiting_lock:
+            self.paused += 1
+        self.stop()
+
+    def unpause(self):
+        with _state.exiting_lock:
+            self.paused -= 1
+
+    def _wake(self):
+        try:
+            os.write(self.wake_fds[1], b"x")
+        except (OSError, TypeError):
+            pass  # full (it will look anyway), or closed in a fork child
+
+    def _loop(self):
+        del self.dead[:]
+        # It only ever blocks in poll(), which its wake-up pipe interrupts:
+        # stop() returns within a moment.
+        exited = set()  # children whose result pipe is at its end
+        while not self.stopping:
+            with _state.exiting_lock:
+                watched = {child.fd: child for child in _state.exiting
+                           if child.fd is not None and child not in exited}
+                due = _idle_workers_due()
+                if not watched and not exited and due is None:
+                    # Nothing left to reap: started again when there is.
+                    if self.thread is threading.current_thread():
+                        self._bury(self.thread)
+                        self.thread = None
+                    return
+            if exited:  # ended, not yet reaped: a look again in a moment
+                due = _POLL_INTERVAL if due is None else min(due, _POLL_INTERVAL)
+            waiting = select.poll()
+            waiting.register(self.wake_fds[0], select.POLLIN)
+            for fd in watched:
+                waiting.register(fd, select.POLLIN)
+            timeout = None if due is None else max(0.0, min(due, _LONGEST_WAIT)) * 1000 + 1
+            try:
+                events = waiting.poll(timeout)
+                while os.read(self.wake_fds[0], 64):
+                    pass
+            except BlockingIOError:
+                pass
+            except OSError:
+                return  # our descriptors were closed: the interpreter is ending
+            with _state.exiting_lock:  # not reaped and closed by a run meanwhile
+                for fd, _event in events:
+                    child = watched.get(fd)
+                    if child is not None and child.fd is not None:
+                        child.read_frames()  # what it had left to say: no one listens
+                        if child.eof:
+                            exited.add(child)
+                _reap_exited()
+                exited &= set(_state.exiting)
+            for pool in list(_state.pools):
+                if pool._idle:
+                    with pool._changed:
+                        pool._drop_stale()
+
+
+def _idle_workers_due():
+    """Seconds until the first idle worker is due to retire (see
+    _WorkerPool._drop_stale), or None when no pool has a worker that may.
+    A pool whose workers are all busy: the idle_timeout of one released
+    now, so that nobody has to wake the reaper when one is."""
+    due = None
+    now = time.monotonic()
+    for pool in list(_state.pools):
+        if not (pool._live and 0 < pool.idle_timeout < _FOREVER):
+            continue
+        stale_after = pool.idle_timeout * 0.9 + 0.001
+        at = min([worker.idle_since + stale_after - now for worker in list(pool._idle)]
+                 or [stale_after])
+        due = at if due is None else min(due, at)
+    return due
+
+
+def _pause_reaper():
+    """Before an os.fork() (see _Reaper)."""
+    if _state.reaper.stop():
+        _state.reaper.resume = True
+
+
+def _resume_reaper():
+    if _state.reaper.resume:
+        _state.reaper.resume = False
+        _state.reaper.start()
+
+
+# Signals whose handlers may raise at any moment (Ctrl-C, alarms, a
+# framework's soft time limit), as opposed to the faults of the code running.
+_ASYNC_SIGNALS = frozenset(signal.valid_signals()) - {
+    getattr(signal, name) for name in ("SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE",
+                                       "SIGILL", "SIGTRAP", "SIGABRT", "SIGSYS")
+    if hasattr(signal, name)}
+# The C function: signal.pthread_sigmask() turns every mask it returns into
+# a set of enums, at 30 times the cost.
+_sigmask = getattr(getattr(signal, "_signal", signal), "pthread_sigmask", None)
+
+
+class _SignalsHeld:
+    """``with _SignalsHeld():`` blocks the asynchronous signals in this
+    thread, for what a handler raising must not cut short half done; the
+    ones that came meanwhile are delivered on leaving, and their handlers
+    run (and may raise) then."""
+
+    def __enter__(self):
+        if _sigmask is None:
+            self.mask = None
+            return self
+        # The mask as it is, first: the call that blocks runs the handlers
+        # of signals that came just before it, and one may raise; the mask
+        # is put back then too.  (In a program with other threads, a signal
+        # they take still runs its handler here: that much can't be held.)
+        self.mask = _sigmask(signal.SIG_BLOCK, ())
+        try:
+            _sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+        except BaseException:
+            self.restore()
+            raise
+        return self
+
+    def restore(self):
+        if self.mask is not None:
+            _sigmask(signal.SIG_SETMASK, self.mask)
+
+    def __exit__(self, *exc_info):
+        self.restore()
+
+
+def _flush_std_streams():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass  # None (pythonw), closed, or a reader that went away
+
+
+def _uninterrupted(cleanup):
+    """Run ``cleanup()`` to its end with the asynchronous signals held.  A
+    handler raising as they are being held (a Ctrl-C that came just then)
+    has its exception raised after the cleanup, not instead of it."""
+    started = False
+    interrupted = None
+    while not started:
+        try:
+            with _SignalsHeld():
+                started = True
+                cleanup()
+        except BaseException as exc:
+            if started:
+                raise
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+
+
+def _reap_exited(block=False):
+    with _state.exiting_lock:
+        for child in list(_state.exiting):
+            if block:
+                child.wait()
+            elif child.poll() is None:
+                continue
+            else:
+                child.close()
+            _state.exiting.remove(child)
+
+
+def _write(fd, data):
+    """os.write() to a child's pipe.  Where the application set SIGPIPE back
+    to its default (CLI tools do, for `| head`), writing to a child that has
+    just exited would end the whole process: the signal is held back for
+    the write, which fails with BrokenPipeError instead."""
+    if not _HAVE_SIGPIPE or signal.getsignal(signal.SIGPIPE) != signal.SIG_DFL:
+        return os.write(fd, data)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGPIPE,))
+    try:
+        return os.write(fd, data)
+    finally:
+        if signal.SIGPIPE not in held:
+            while signal.sigtimedwait((signal.SIGPIPE,), 0) is not None:
+                pass  # the one our write raised, taken before unblocking
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+_HAVE_SIGPIPE = hasattr(signal, "SIGPIPE") and hasattr(signal, "sigtimedwait")
+
+
+def _cpu_seconds(pid):
+    """CPU time process ``pid`` has taken, or None where /proc can't tell."""
+    try:
+        with open("/proc/%d/schedstat" % pid, "rb") as file:
+            return int(file.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _widen_pipe(fd):
+    # Linux pipes hold 64 KiB: a large result would cost a thousand
+    # write/read round trips per 64 MiB.  1 MiB is the unprivileged maximum.
+    if sys.platform.startswith("linux"):
+        try:
+            import fcntl
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+        except OSError:
+            pass
+
+
+def _own_group(pid):
+    try:
+        os.setpgid(pid, pid)
+    except OSError:  # already exited, or already done by the other side
+        pass
+
+
+def _kill_group(pid, only_group=False):
+    _worker_module().kill_group(pid, only_group)
+
+
 # -- process driver internals -------------------------------------------------
 
 class _Worker(_Child):
@@ -3261,8 +3639,6 @@ class _ForkRun(_Run):
         _reap_exited()
 
 
-
-
 def _end_dropped_fork_runs():
     for entry in list(_state.fork_runs):
         run, live, running, paused = entry
@@ -3311,247 +3687,6 @@ def _end_fork_children(live, running, paused):
 _BURST_GAP = 0.05
 
 
-
-
-class _Reaper:
-    """Reaps, within a moment, the warm workers that leave after
-    idle_timeout and the children of a fork run that came alone (see
-    _end_fork_children), so that none stays <defunct>.  Not a SIGCHLD
-    handler, which is the application's: a thread, that runs while a pool
-    has workers or fork children are to be reaped.  It waits for the moment
-    an idle worker is due to retire, and for the end of file on a fork
-    child's result pipe (portable, no pidfd needed).
-
-    Python 3.12+ warns about os.fork() in a process with threads, and a
-    fork child would get none of it: the thread is stopped before every
-    os.fork() of this process (at-fork hook) and started again after."""
-
-    def __init__(self):
-        self.thread = None
-        self.wake_fds = None  # (read, write), ours, made on first use
-        self.stopping = False
-        self.paused = 0  # runs forking now: they start it again when done
-        self.resume = False  # stopped for an os.fork(): start it again after
-        self.dead = []  # ended threads (see _bury)
-        self.closed = False  # the interpreter is exiting: _shutdown reaps
-
-    def start(self):
-        """Have the thread look again (new children to reap), starting it
-        if it is not running."""
-        with _state.exiting_lock:  # the thread decides to end under it too
-            if self.paused or self.closed:
-                return
-            if self.thread is not None and self.thread.is_alive():
-                self._wake()
-                return
-            if self.wake_fds is None:
-                self.wake_fds = _parent_pipe(keep="r")
-                _state.parent_fds.add(self.wake_fds[1])
-                os.set_blocking(self.wake_fds[0], False)
-            self.stopping = False
-            self._bury(self.thread)
-            self.thread = threading.Thread(target=self._loop, name="concurrency-reaper",
-                                           daemon=True)
-            # Signals held: a handler raising mid-start would leave a thread
-            # half registered; and the thread takes the mask, so that no
-            # signal is ever delivered to it.
-            with _SignalsHeld():
-                self.thread.start()
-
-    def stop(self):
-        """Stop the thread and wait for it to end; True if it was running."""
-        thread = self.thread
-        if thread is None or thread is threading.current_thread():
-            return False
-        self.thread = None
-        if not thread.is_alive():
-            return False
-        self.stopping = True
-        self._wake()
-        thread.join(_REAP_TIMEOUT)
-        self._bury(thread)
-        return True
-
-    def _bury(self, thread):
-        # A Thread object that dies runs a weakref callback of threading's;
-        # a signal handler raising in there would be lost.  Dead ones are
-        # let go by the next thread, where no handler runs.
-        if thread is not None:
-            self.dead.append(thread)
-
-    def pause(self):
-        """A fork run starts: no thread while it forks (see above)."""
-        with _state.exiting_lock:
-            self.paused += 1
-        self.stop()
-
-    def unpause(self):
-        with _state.exiting_lock:
-            self.paused -= 1
-
-    def _wake(self):
-        try:
-            os.write(self.wake_fds[1], b"x")
-        except (OSError, TypeError):
-            pass  # full (it will look anyway), or closed in a fork child
-
-    def _loop(self):
-        del self.dead[:]
-        # It only ever blocks in poll(), which its wake-up pipe interrupts:
-        # stop() returns within a moment.
-        exited = set()  # children whose result pipe is at its end
-        while not self.stopping:
-            with _state.exiting_lock:
-                watched = {child.fd: child for child in _state.exiting
-                           if child.fd is not None and child not in exited}
-                due = _idle_workers_due()
-                if not watched and not exited and due is None:
-                    # Nothing left to reap: started again when there is.
-                    if self.thread is threading.current_thread():
-                        self._bury(self.thread)
-                        self.thread = None
-                    return
-            if exited:  # ended, not yet reaped: a look again in a moment
-                due = _POLL_INTERVAL if due is None else min(due, _POLL_INTERVAL)
-            waiting = select.poll()
-            waiting.register(self.wake_fds[0], select.POLLIN)
-            for fd in watched:
-                waiting.register(fd, select.POLLIN)
-            timeout = None if due is None else max(0.0, min(due, _LONGEST_WAIT)) * 1000 + 1
-            try:
-                events = waiting.poll(timeout)
-                while os.read(self.wake_fds[0], 64):
-                    pass
-            except BlockingIOError:
-                pass
-            except OSError:
-                return  # our descriptors were closed: the interpreter is ending
-            with _state.exiting_lock:  # not reaped and closed by a run meanwhile
-                for fd, _event in events:
-                    child = watched.get(fd)
-                    if child is not None and child.fd is not None:
-                        child.read_frames()  # what it had left to say: no one listens
-                        if child.eof:
-                            exited.add(child)
-                _reap_exited()
-                exited &= set(_state.exiting)
-            for pool in list(_state.pools):
-                if pool._idle:
-                    with pool._changed:
-                        pool._drop_stale()
-
-
-
-
-def _idle_workers_due():
-    """Seconds until the first idle worker is due to retire (see
-    _WorkerPool._drop_stale), or None when no pool has a worker that may.
-    A pool whose workers are all busy: the idle_timeout of one released
-    now, so that nobody has to wake the reaper when one is."""
-    due = None
-    now = time.monotonic()
-    for pool in list(_state.pools):
-        if not (pool._live and 0 < pool.idle_timeout < _FOREVER):
-            continue
-        stale_after = pool.idle_timeout * 0.9 + 0.001
-        at = min([worker.idle_since + stale_after - now for worker in list(pool._idle)]
-                 or [stale_after])
-        due = at if due is None else min(due, at)
-    return due
-
-
-def _pause_reaper():
-    """Before an os.fork() (see _Reaper)."""
-    if _state.reaper.stop():
-        _state.reaper.resume = True
-
-
-def _resume_reaper():
-    if _state.reaper.resume:
-        _state.reaper.resume = False
-        _state.reaper.start()
-
-
-# Signals whose handlers may raise at any moment (Ctrl-C, alarms, a
-# framework's soft time limit), as opposed to the faults of the code running.
-_ASYNC_SIGNALS = frozenset(signal.valid_signals()) - {
-    getattr(signal, name) for name in ("SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS", "SIGFPE",
-                                       "SIGILL", "SIGTRAP", "SIGABRT", "SIGSYS")
-    if hasattr(signal, name)}
-# The C function: signal.pthread_sigmask() turns every mask it returns into
-# a set of enums, at 30 times the cost.
-_sigmask = getattr(getattr(signal, "_signal", signal), "pthread_sigmask", None)
-
-
-class _SignalsHeld:
-    """``with _SignalsHeld():`` blocks the asynchronous signals in this
-    thread, for what a handler raising must not cut short half done; the
-    ones that came meanwhile are delivered on leaving, and their handlers
-    run (and may raise) then."""
-
-    def __enter__(self):
-        if _sigmask is None:
-            self.mask = None
-            return self
-        # The mask as it is, first: the call that blocks runs the handlers
-        # of signals that came just before it, and one may raise; the mask
-        # is put back then too.  (In a program with other threads, a signal
-        # they take still runs its handler here: that much can't be held.)
-        self.mask = _sigmask(signal.SIG_BLOCK, ())
-        try:
-            _sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
-        except BaseException:
-            self.restore()
-            raise
-        return self
-
-    def restore(self):
-        if self.mask is not None:
-            _sigmask(signal.SIG_SETMASK, self.mask)
-
-    def __exit__(self, *exc_info):
-        self.restore()
-
-
-def _flush_std_streams():
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass  # None (pythonw), closed, or a reader that went away
-
-
-def _uninterrupted(cleanup):
-    """Run ``cleanup()`` to its end with the asynchronous signals held.  A
-    handler raising as they are being held (a Ctrl-C that came just then)
-    has its exception raised after the cleanup, not instead of it."""
-    started = False
-    interrupted = None
-    while not started:
-        try:
-            with _SignalsHeld():
-                started = True
-                cleanup()
-        except BaseException as exc:
-            if started:
-                raise
-            interrupted = exc
-    if interrupted is not None:
-        raise interrupted
-
-
-def _reap_exited(block=False):
-    with _state.exiting_lock:
-        for child in list(_state.exiting):
-            if block:
-                child.wait()
-            elif child.poll() is None:
-                continue
-            else:
-                child.close()
-            _state.exiting.remove(child)
-
-
 def _in_fork_child(devnull):
     """Make a fresh fork child independent of the parent's state."""
     # Its own process group, so a kill takes what its task started too (the
@@ -3576,57 +3711,6 @@ def _devnull_fd():
     return _state.devnull
 
 
-def _write(fd, data):
-    """os.write() to a child's pipe.  Where the application set SIGPIPE back
-    to its default (CLI tools do, for `| head`), writing to a child that has
-    just exited would end the whole process: the signal is held back for
-    the write, which fails with BrokenPipeError instead."""
-    if not _HAVE_SIGPIPE or signal.getsignal(signal.SIGPIPE) != signal.SIG_DFL:
-        return os.write(fd, data)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGPIPE,))
-    try:
-        return os.write(fd, data)
-    finally:
-        if signal.SIGPIPE not in held:
-            while signal.sigtimedwait((signal.SIGPIPE,), 0) is not None:
-                pass  # the one our write raised, taken before unblocking
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-_HAVE_SIGPIPE = hasattr(signal, "SIGPIPE") and hasattr(signal, "sigtimedwait")
-
-
-def _cpu_seconds(pid):
-    """CPU time process ``pid`` has taken, or None where /proc can't tell."""
-    try:
-        with open("/proc/%d/schedstat" % pid, "rb") as file:
-            return int(file.read().split()[0]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _widen_pipe(fd):
-    # Linux pipes hold 64 KiB: a large result would cost a thousand
-    # write/read round trips per 64 MiB.  1 MiB is the unprivileged maximum.
-    if sys.platform.startswith("linux"):
-        try:
-            import fcntl
-            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
-        except OSError:
-            pass
-
-
-def _own_group(pid):
-    try:
-        os.setpgid(pid, pid)
-    except OSError:  # already exited, or already done by the other side
-        pass
-
-
-def _kill_group(pid, only_group=False):
-    _worker_module().kill_group(pid, only_group)
-
-
 # -- dask driver internals ----------------------------------------------------
 #
 # The caller serializes tasks as the process driver does and submits each,
@@ -3645,8 +3729,6 @@ def _distributed():
             "here (%s); install it with: pip install 'concurrency[dask]' (from a checkout: "
             "pip install '.[dask]'; or: pip install dask distributed)" % exc) from None
     return distributed
-
-
 
 
 def _dask_client_at(address, connect_timeout):
@@ -3995,8 +4077,6 @@ class _DaskRun:
             pass  # the scheduler is gone: so are its tasks
 
 
-
-
 def _dask_threads(client):
     """The cluster's thread count, asked again every few seconds (it costs
     a round trip to the scheduler, which a short run would feel)."""
@@ -4172,7 +4252,6 @@ _DASK_WATCH_INTERVAL = 0.1
 
 
 # -- Deferred tasks in detached processes -------------------------------------
-
 
 
 def _spawn_detached(payload):
@@ -4362,85 +4441,6 @@ class _ProcessState:
 
 
 _state = _ProcessState()
-
-
-
-def _parent_pipe(keep):
-    """os.pipe(), with our end (``keep``: "r" or "w") registered as such."""
-    with _state.fds_lock:
-        read_fd, write_fd = _pipe()
-        _state.parent_fds.add(read_fd if keep == "r" else write_fd)
-    return read_fd, write_fd
-
-
-def _pipe():
-    """os.pipe(), both ends above the std descriptors (see _above_std)."""
-    read_fd, write_fd = os.pipe()
-    try:
-        read_fd = _above_std(read_fd)
-    except BaseException:
-        os.close(write_fd)
-        raise
-    try:
-        write_fd = _above_std(write_fd)
-    except BaseException:
-        os.close(read_fd)
-        raise
-    return read_fd, write_fd
-
-
-def _above_std(fd):
-    """``fd``, moved above 0, 1 and 2 if it is one of them.  A caller run with
-    stdout or stderr closed (prog >&- 2>&-) must not find our pipes there:
-    its own writes to 2 would reach a worker's task stream, and a worker
-    given fd 1 would print into its own pipe."""
-    if fd > 2:
-        return fd
-    import fcntl
-    try:
-        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-    finally:
-        os.close(fd)
-
-
-def _pipe_pair():
-    """Two pipes for a child: (task read, task write, result read, result
-    write), ours the task write and result read ends; none left open when
-    the second can't be made (no descriptors left)."""
-    task_r, task_w = _parent_pipe(keep="w")
-    try:
-        result_r, result_w = _parent_pipe(keep="r")
-    except BaseException:
-        _close_parent_fd(task_w)
-        os.close(task_r)
-        raise
-    return task_r, task_w, result_r, result_w
-
-
-def _claim_pipe():
-    """The pipe a child takes its tasks' claims from: both ends ours, the
-    read end non-blocking, so that we can take back what it has not read
-    (see _Run.take_back)."""
-    read_fd, write_fd = _parent_pipe(keep="w")
-    with _state.fds_lock:
-        _state.parent_fds.add(read_fd)
-    os.set_blocking(read_fd, False)
-    return read_fd, write_fd
-
-
-def _close_parent_fd(fd):
-    _state.parent_fds.discard(fd)
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def _lifeline_read_fd():
-    """The read end of this process's lifeline pipe, made on first use."""
-    if _state.lifeline is None:
-        _state.lifeline = _parent_pipe(keep="w")
-    return _state.lifeline[0]
 
 
 def _shutdown():
