@@ -3306,7 +3306,11 @@ class _ProcessRun(_Run):
                                             self.buffers_for(worker, indices))
             except OSError:  # the worker is gone (it may have just left idle)
                 worker.wait()
-                worker.read_frames()
+                # What it said before it went: LEAVING, when its idle time
+                # ran out after we checked it out (a slow serialization).
+                for kind, _body in worker.read_frames():
+                    if kind == self.wire.LEAVING:
+                        worker.left_idle = True
                 self.on_died(worker, indices[0])
                 continue
             # Idle, it takes the first claim at once, and skips the frames

@@ -999,6 +999,29 @@ class ScriptFaultTest(ScriptTestCase):
         self.assertEqual(task, parent)
         self.assertNotIn("sitecustomize ran", done.stdout)
 
+    def test_a_worker_whose_idle_time_runs_out_as_it_is_handed_a_task_fails_nothing(self):
+        # Checked out while idle (not yet near its idle_timeout), it leaves
+        # while a capture takes long to pickle: the task runs on another.
+        for sigpipe in ("ignored", "default"):
+            with self.subTest(sigpipe=sigpipe):
+                done = self.run_script("""\
+                    import json, signal, sys, time
+                    import concurrency
+                    if sys.argv[1] == "default":
+                        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+                    class SlowToPickle:
+                        def __reduce__(self):
+                            time.sleep(0.6)
+                            return (str, ("captured",))
+                    slow = SlowToPickle()
+                    d = concurrency.ProcessDriver(max_workers=1, idle_timeout=0.3)
+                    d.run([lambda: 0])
+                    time.sleep(0.2)  # idle, and taken: 0.27 s is its limit for that
+                    print(json.dumps(d.run([lambda: slow, lambda: 2])))
+                    """, argv_extra=[sigpipe])
+                self.assertSucceeded(done)
+                self.assertEqual(json.loads(done.stdout.splitlines()[-1]), ["captured", 2])
+
     def test_sigpipe_at_its_default_never_kills_the_caller(self):
         # As CLI tools set it (for `| head`): a write to a child that just
         # exited -- crashed, or left idle -- must not end the caller.
