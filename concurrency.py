@@ -2218,10 +2218,13 @@ class _Child:
         return self.exitcode
 
     def close(self):
-        for fd in (self.fd, self.pidfd, self.claim_fd):
+        # Forgotten before they are closed: a run from a signal handler that
+        # closes it again meanwhile must not close a number reused since.
+        fds = self.fd, self.pidfd, self.claim_fd
+        self.fd = self.pidfd = self.claim_fd = None
+        for fd in fds:
             if fd is not None:
                 _close_parent_fd(fd)
-        self.fd = self.pidfd = self.claim_fd = None
 
 
 # At most this many tasks, and bytes of them, are sent to a child at once
@@ -2924,15 +2927,23 @@ def _uninterrupted(cleanup):
 
 
 def _reap_exited(block=False):
+    # A run from a signal handler may land in here while this thread is in
+    # here too (the lock is reentrant): a child it reaped is gone from the
+    # list when we come back to it.
     with _state.exiting_lock:
         for child in list(_state.exiting):
+            if child not in _state.exiting:
+                continue
             if block:
                 child.wait()
             elif child.poll() is None:
                 continue
             else:
                 child.close()
-            _state.exiting.remove(child)
+            try:
+                _state.exiting.remove(child)
+            except ValueError:
+                pass
 
 
 def _write(fd, data):

@@ -1206,6 +1206,37 @@ class ScriptFaultTest(ScriptTestCase):
         self.assertSucceeded(done)
         self.assertEqual(json.loads(done.stdout.splitlines()[-1]), [[1, 2], [41]])
 
+    def test_fork_runs_from_a_signal_handler_amid_back_to_back_fork_runs(self):
+        # An alarm every 2 ms runs a fork run from its handler, landing at
+        # any moment of the runs under it: as one reaps the children of the
+        # last, as it forks, as it ends.
+        done = self.run_script("""\
+            import json, signal
+            import concurrency
+            nested, busy = [], []
+            def handler(signum, frame):
+                if busy:
+                    return  # one nested run at a time: the alarm keeps coming
+                busy.append(1)
+                try:
+                    nested.append(concurrency.driver("fork").run([lambda: 41])[0])
+                finally:
+                    busy.clear()
+            signal.signal(signal.SIGALRM, handler)
+            signal.setitimer(signal.ITIMER_REAL, 0.002, 0.002)
+            try:
+                outer = [concurrency.driver("fork").run([lambda: 1, lambda: 2])
+                         for _ in range(500)]
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            print(json.dumps([outer == [[1, 2]] * 500, len(nested), sorted(set(nested))]))
+            """, timeout=LONG_TIMEOUT)
+        self.assertSucceeded(done)
+        same, count, values = json.loads(done.stdout.splitlines()[-1])
+        self.assertTrue(same)
+        self.assertGreater(count, 0)
+        self.assertEqual(values, [41])
+
     def test_huge_payloads_intact_within_three_times_their_size(self):
         for driver in ("process", "fork"):
             for case in ("capture", "result", "objects"):
