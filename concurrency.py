@@ -3119,6 +3119,7 @@ class _WorkerPool:
         self.lend = lend  # whether its workers lend large results (see worker.py)
         self._idle = []  # most recently used last: it is the warmest
         self._live = 0
+        self._held = {}  # thread ident -> workers it has checked out
         self._changed = threading.Condition()
         _state.pools.add(self)
         # A driver that is dropped must not leave its warm workers running.
@@ -3130,6 +3131,7 @@ class _WorkerPool:
         free, until ``deadline``; not at all if ``deadline`` has passed.
         Raises _Stopped once ``stop`` is set (a cancelled run_async)."""
         start = wanted if start is None else start
+        me = threading.get_ident()
         with self._changed:
             while True:
                 if stop is not None and stop.is_set():
@@ -3143,6 +3145,14 @@ class _WorkerPool:
                 wait = None if deadline is None else deadline - time.monotonic()
                 if wait is not None and wait <= 0:
                     return []
+                if self._held.get(me):
+                    # This thread holds workers already: its run is under
+                    # this one (which a signal handler started, or the loop
+                    # of an as_completed() it iterates), and can give none
+                    # back before this one returns.  Workers of its own,
+                    # beyond max_workers, retired again as they come back.
+                    spawn = start - len(take)
+                    break
                 if wait is not None:
                     wait = min(wait, _LONGEST_WAIT)
                 if stop is not None:  # looked at again every so often
@@ -3150,6 +3160,7 @@ class _WorkerPool:
                 self._changed.wait(wait)
             self._live += max(spawn, 0)
         workers = list(take)
+        self._hold(me, len(take))
         for _ in range(max(spawn, 0)):
             try:
                 workers.append(_Worker(self.idle_timeout, self.lend))
@@ -3162,13 +3173,22 @@ class _WorkerPool:
                     return workers
                 self.release(workers)
                 raise
+            self._hold(me, 1)
         return workers
+
+    def _hold(self, thread, count):
+        held = self._held.get(thread, 0) + count
+        if held > 0:
+            self._held[thread] = held
+        else:
+            self._held.pop(thread, None)
 
     def forget(self, worker):
         """A dead worker of a run that gets no replacement."""
         worker.retire()
         with self._changed:
             self._live -= 1
+            self._hold(threading.get_ident(), -1)
             self._changed.notify_all()
 
     def replace(self, workers, worker):
@@ -3180,13 +3200,14 @@ class _WorkerPool:
 
     def release(self, workers):
         with self._changed:
+            self._hold(threading.get_ident(), -len(workers))
             for worker in workers:
                 if worker.busy:
                     # Its run was cut short before it could end the task
                     # (a signal handler raising at that moment): the outcome
                     # it will send belongs to no run.
                     worker.kill()
-                if worker.broken or worker.task_fd is None:
+                if worker.broken or worker.task_fd is None or self._live > self.max_workers:
                     worker.retire()
                     self._live -= 1
                 else:
@@ -3215,6 +3236,7 @@ class _WorkerPool:
         # Only the forking thread survives in the child: the lock may be held
         # by a thread that no longer exists.
         self._changed = threading.Condition()
+        self._held = {}
         # Kept referenced: a collected Popen of a process that is not ours
         # would warn that it is "still running".
         _state.not_ours.extend(self._idle)

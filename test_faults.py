@@ -1206,6 +1206,28 @@ class ScriptFaultTest(ScriptTestCase):
         self.assertSucceeded(done)
         self.assertEqual(json.loads(done.stdout.splitlines()[-1]), [[1, 2], [41]])
 
+    def test_a_process_run_under_a_run_of_the_same_thread_that_holds_every_worker(self):
+        # From a signal handler, and from the loop of an as_completed(): the
+        # run under it can give no worker back before it returns.
+        done = self.run_script("""\
+            import json, signal, threading, time
+            import concurrency
+            d = concurrency.ProcessDriver(max_workers=2)
+            nested = []
+            def handler(signum, frame):
+                nested.append(d.run([lambda: 41, lambda: 42], timeout=30))
+            signal.signal(signal.SIGALRM, handler)
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            outer = d.run([lambda: (time.sleep(1.5), 1)[1], lambda: (time.sleep(1.5), 2)[1]])
+            looped = []
+            for key, value in d.as_completed([lambda: 3, lambda: (time.sleep(1), 4)[1]]):
+                looped.append([key, value, d.run([lambda: 5], timeout=30)])
+            print(json.dumps([outer, nested, sorted(looped)]))
+            """, timeout=60)
+        self.assertSucceeded(done)
+        self.assertEqual(json.loads(done.stdout.splitlines()[-1]),
+                         [[1, 2], [[41, 42]], [[0, 3, [5]], [1, 4, [5]]]])
+
     def test_fork_runs_from_a_signal_handler_amid_back_to_back_fork_runs(self):
         # An alarm every 2 ms runs a fork run from its handler, landing at
         # any moment of the runs under it: as one reaps the children of the
