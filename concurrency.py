@@ -3775,15 +3775,58 @@ def _dask_client_at(address, connect_timeout):
             return client
         distributed = _distributed()
         _close_dask_at_exit()
+    # Connected outside the lock (other callers are not held meanwhile), in
+    # a thread of its own that we wait for no longer than connect_timeout:
+    # Dask's own timeout does not cover a scheduler that accepts the
+    # connection and never answers (a stopped process, a port that is not
+    # Dask's), where Client() would wait for good.
+    made, abandoned = [], []
+
+    def connect():
         try:
             client = distributed.Client(address, timeout=connect_timeout,
                                         set_as_default=False)
-        except Exception as exc:  # OSError, TimeoutError, a malformed address...
-            raise ConcurrencyError("cannot reach the Dask scheduler at %s within %g s: "
-                                   "%s: %s" % (address, connect_timeout,
-                                               type(exc).__name__, exc)) from exc
+        except BaseException as exc:
+            made.append(exc)
+            return
+        made.append(client)
+        if abandoned:  # answered after all, too late: nobody uses it
+            _close_quietly(client)
+
+    thread = threading.Thread(target=connect, name="concurrency-dask-connect", daemon=True)
+    with _SignalsHeld():  # see _Reaper.start
+        thread.start()
+    thread.join(connect_timeout + _DASK_CONNECT_GRACE)
+    if not made:
+        abandoned.append(True)
+        raise ConcurrencyError("the Dask scheduler at %s did not answer within %g s: it "
+                               "accepts connections, but nothing there speaks Dask (a "
+                               "stopped scheduler, or a port that is not Dask's)"
+                               % (address, connect_timeout))
+    client = made[0]
+    if isinstance(client, BaseException):  # OSError, TimeoutError, a malformed address...
+        raise ConcurrencyError("cannot reach the Dask scheduler at %s within %g s: %s: %s"
+                               % (address, connect_timeout, type(client).__name__,
+                                  client)) from client
+    with _state.dask_lock:
+        known = _state.dask_clients.get(address)
+        if known is not None and known.status in ("running", "connecting"):
+            _close_quietly(client)  # another thread connected meanwhile
+            return known
         _state.dask_clients[address] = client
-        return client
+    return client
+
+
+# What a connection to a Dask scheduler may take beyond connect_timeout
+# before we stop waiting for it.
+_DASK_CONNECT_GRACE = 1.0
+
+
+def _close_quietly(client):
+    try:
+        client.close(timeout=_REAP_TIMEOUT)
+    except Exception:
+        pass
 
 
 def _default_dask_client():
@@ -3856,6 +3899,7 @@ def _upload_to_dask(client):
     second registration under the same name replaces the first)."""
     if client in _state.dask_uploaded:
         return
+    _check_dask_pythons(client)
     worker = _worker_module()
     files = {worker.DASK_WORKER_FILE: _source_of(_WORKER_PATH),
              worker.DASK_RUNNER_NAME + ".py": _source_of(os.path.abspath(__file__))}
@@ -3877,6 +3921,28 @@ def _upload_to_dask(client):
                 plugin = UploadFile(path)
             register(plugin, name="concurrency-%s-%s" % (name, digest))
     _state.dask_uploaded[client] = digest
+
+
+def _check_dask_pythons(client):
+    """Refuse a cluster whose workers run another Python than ours (by
+    major.minor): tasks travel as this Python's code, which another one
+    can't run (its interpreter crashes on it).  Asked once per client;
+    workers that join later are checked by dask_task() itself."""
+    import platform
+    ours = platform.python_version()
+    try:
+        theirs = client.run(platform.python_version)
+    except Exception:
+        return  # no answer now: dask_task() checks each worker as it runs
+    other = {address: version for address, version in theirs.items()
+             if version.split(".")[:2] != ours.split(".")[:2]}
+    if other:
+        shown = ", ".join("%s runs Python %s" % item for item in sorted(other.items())[:3])
+        more = " (and %d more)" % (len(other) - 3) if len(other) > 3 else ""
+        raise ConcurrencyError(
+            "the Dask cluster's workers run another Python than this process (Python %s): "
+            "%s%s; tasks travel as this Python's code and can't run there: run the "
+            "workers on Python %s" % (ours, shown, more, ".".join(ours.split(".")[:2])))
 
 
 # The cluster's own limit on a task stops it this much after the caller's,
@@ -4027,7 +4093,8 @@ class _DaskRun:
         dask_task = _worker_module().dask_task
         calls = _dask_arguments(self.client, [
             _remote_call(dask_task, [self.payloads[i] for i in chunk],
-                         _remote_timeout(self.timeout)) for chunk in chunks])
+                         _remote_timeout(self.timeout), None, sys.implementation.cache_tag)
+            for chunk in chunks])
         futures = self.client.map(pickle.loads, calls, key=_dask_keys(len(chunks)), pure=False)
         for future, chunk in zip(futures, chunks):
             self.chunks[future] = chunk
@@ -4148,7 +4215,8 @@ def _defer_on_dask(client, payloads, keys, timeout):
     import distributed
     dask_task = _worker_module().dask_task
     calls = _dask_arguments(client, [
-        _remote_call(dask_task, [payload], _remote_timeout(timeout), [key])
+        _remote_call(dask_task, [payload], _remote_timeout(timeout), [key],
+                     sys.implementation.cache_tag)
         for payload, key in zip(payloads, keys)])
     futures = client.map(pickle.loads, calls, key=_dask_keys(len(calls)), pure=False)
     distributed.fire_and_forget(futures)

@@ -12,6 +12,9 @@ import asyncio
 import hashlib
 import json
 import os
+import pickle
+import platform
+import select
 import shutil
 import signal
 import socket
@@ -125,6 +128,17 @@ def write_pid(folder, name):
 def pids_of(folder):
     return [int(read_file(os.path.join(folder, name))) for name in os.listdir(folder)
             if not name.endswith(".tmp")]
+
+
+_PYTHON_VERSION = platform.python_version
+
+
+def python_version_of_workers():
+    """platform.python_version() as if the local cluster's workers (threads
+    of this process) ran another Python."""
+    if threading.current_thread() is threading.main_thread():
+        return _PYTHON_VERSION()
+    return "3.2.1"
 
 
 def free_port():
@@ -409,6 +423,98 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
                                     % address):
             driver.run([lambda: 1])
         self.assertLess(time.monotonic() - started, 10)
+
+    def check_no_answer(self, address, connect_timeout, listener=None):
+        """A run against ``address`` is a ConcurrencyError within its
+        connect timeout and a small margin, and holds no other caller
+        (the dask driver's lock) while it waits."""
+        driver = concurrency.DaskDriver(address=address, connect_timeout=connect_timeout)
+        outcome = []
+
+        def run():
+            try:
+                outcome.append(driver.run([lambda: 1], timeout=5))
+            except Exception as exc:
+                outcome.append(exc)
+
+        started = time.monotonic()
+        caller = threading.Thread(target=run, daemon=True)
+        caller.start()
+        if listener is not None:  # it is connecting once its connection arrives
+            self.assertTrue(select.select([listener], [], [], SHORT_TIMEOUT)[0])
+            self.assertTrue(concurrency._state.dask_lock.acquire(timeout=1),
+                            "the dask driver's lock is held while it connects")
+            concurrency._state.dask_lock.release()
+        caller.join(connect_timeout + concurrency._DASK_CONNECT_GRACE + SHORT_TIMEOUT)
+        self.assertFalse(caller.is_alive(), "run() still waits for the scheduler")
+        self.assertLess(time.monotonic() - started,
+                        connect_timeout + concurrency._DASK_CONNECT_GRACE + 5)
+        [error] = outcome
+        self.assertIsInstance(error, concurrency.ConcurrencyError)
+        self.assertIn("the Dask scheduler at %s did not answer within %g s"
+                      % (address, connect_timeout), str(error))
+
+    def test_a_port_that_accepts_and_never_answers_is_an_error_within_the_connect_timeout(self):
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        self.check_no_answer("tcp://127.0.0.1:%d" % listener.getsockname()[1], 2,
+                             listener=listener)
+
+    def test_a_stopped_scheduler_is_an_error_within_the_connect_timeout(self):
+        folder = tempfile.mkdtemp(prefix="concurrency-dask-")
+        self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
+        scheduler_file = os.path.join(folder, "scheduler.json")
+        scheduler = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+             "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file],
+            cwd=folder, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+
+        def end():
+            os.killpg(scheduler.pid, signal.SIGKILL)
+            scheduler.wait()
+        self.addCleanup(end)
+        wait_until(lambda: os.path.exists(scheduler_file), CLUSTER_START_TIMEOUT,
+                   "the scheduler to start")
+        address = json.loads(read_file(scheduler_file))["address"]
+        # Up and answering, then stopped, as a suspended or swapped-out one.
+        with distributed.Client(address, timeout=CLUSTER_START_TIMEOUT,
+                                set_as_default=False):
+            pass
+        os.killpg(scheduler.pid, signal.SIGSTOP)
+        self.check_no_answer(address, 2)
+
+    def test_workers_on_another_python_are_refused_before_any_task_is_sent(self):
+        real = platform.python_version
+        ran = []
+        cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                           dashboard_address=None,
+                                           scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+        self.addCleanup(cluster.close)
+        client = distributed.Client(cluster, set_as_default=False)
+        self.addCleanup(client.close)
+        driver = concurrency.DaskDriver(client=client)
+        with mock.patch.object(platform, "python_version", python_version_of_workers):
+            with self.assertRaises(concurrency.ConcurrencyError) as caught:
+                driver.run([lambda: ran.append(1)])
+        message = str(caught.exception)
+        self.assertIn("run the workers on Python %s" % real().rsplit(".", 1)[0], message)
+        self.assertIn("runs Python 3.2.1", message)
+        self.assertIn("(Python %s)" % real(), message)
+        self.assertEqual(ran, [])
+
+    def test_a_worker_on_another_python_runs_none_of_the_caller_s_tasks(self):
+        # One that joined after the check: dask_task() refuses the chunk.
+        worker = concurrency._worker_module()
+        payloads = concurrency._dumps_tasks([0, 1], [lambda: 1, lambda: 2])
+        outcomes, _seconds = worker.dask_task(payloads, None, None, "cpython-32")
+        self.assertEqual([kind for kind, _body in outcomes], [worker.LOST] * 2)
+        what, detail = pickle.loads(outcomes[0][1])
+        self.assertEqual(what, "error")
+        self.assertIn("runs %s, this process's tasks need cpython-32"
+                      % sys.implementation.cache_tag, detail)
 
     def test_bad_arguments_are_refused(self):
         with self.assertRaisesRegex(ValueError, "a client or an address, not both"):

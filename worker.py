@@ -2254,7 +2254,7 @@ DASK_WORKER_FILE = "_concurrency_worker.py"
 DASK_RUNNER_NAME = "_concurrency_on_dask"
 
 
-def dask_task(payloads, timeout, report_as=None):
+def dask_task(payloads, timeout, report_as=None, python=None):
     """A task of the ``dask`` driver, called by a Dask worker: a chunk of
     the caller's tasks.
 
@@ -2266,10 +2266,19 @@ def dask_task(payloads, timeout, report_as=None):
     the child sent it, or (b"X", pickled (what, detail)) when the child
     crashed or timed out -- for the caller, who has the classes, to decode.
     ``report_as``: the keys of deferred tasks, whose failures nobody waits
-    for; they go to stderr."""
-    import importlib
-    runner = importlib.import_module(DASK_RUNNER_NAME)
-    outcomes, seconds = runner._run_for_dask(payloads, timeout)
+    for; they go to stderr.  ``python``: the caller's
+    sys.implementation.cache_tag; on another Python (a worker that joined
+    the cluster later) no task is unpickled: this one would crash on the
+    caller's code."""
+    if python is not None and python != sys.implementation.cache_tag:
+        detail = ("its Dask worker runs %s, this process's tasks need %s: run the "
+                  "workers on the caller's Python" % (sys.implementation.cache_tag, python))
+        outcomes = [(LOST, pickle.dumps(("error", detail)))] * len(payloads)
+        seconds = 0.0
+    else:
+        import importlib
+        runner = importlib.import_module(DASK_RUNNER_NAME)
+        outcomes, seconds = runner._run_for_dask(payloads, timeout)
     for key, outcome in zip(report_as or (), outcomes):
         report_outcome(key, outcome)
     return outcomes, seconds
