@@ -2873,30 +2873,85 @@ class _SignalsHeld:
     """``with _SignalsHeld():`` blocks the asynchronous signals in this
     thread, for what a handler raising must not cut short half done; the
     ones that came meanwhile are delivered on leaving, and their handlers
-    run (and may raise) then."""
+    run (and may raise) then.
+
+    A signal that another thread takes -- one of the program's, not
+    blocking it -- still runs its Python handler in the main thread, at
+    once: so in the main thread, while other threads run, the handlers are
+    swapped for one that notes the signal, and the noted ones are raised
+    again on leaving."""
 
     def __enter__(self):
+        self.swapped = None
         if _sigmask is None:
             self.mask = None
             return self
         # The mask as it is, first: the call that blocks runs the handlers
         # of signals that came just before it, and one may raise; the mask
-        # is put back then too.  (In a program with other threads, a signal
-        # they take still runs its handler here: that much can't be held.)
+        # is put back then too.
         self.mask = _sigmask(signal.SIG_BLOCK, ())
         try:
             _sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+            if _other_threads_take_signals():
+                self._note_handlers()
         except BaseException:
-            self.restore()
+            self.restore(replay=False)
             raise
         return self
 
-    def restore(self):
+    def _note_handlers(self):
+        self.swapped, self.came = {}, []
+        for number in _ASYNC_SIGNAL_NUMBERS:
+            handler = _getsignal(number)
+            if callable(handler):
+                self.swapped[number] = handler  # first: restore() puts it back
+                # (signal.signal() runs the handlers of signals pending
+                # before it swaps: one may raise here.)
+                signal.signal(number, self._note)
+
+    def _note(self, number, frame):
+        self.came.append(number)
+
+    def restore(self, replay=True):
+        """Unblock, and put the handlers back; ``replay``: raise the signals
+        they missed (not in a fork child: they were the parent's)."""
         if self.mask is not None:
-            _sigmask(signal.SIG_SETMASK, self.mask)
+            _sigmask(signal.SIG_SETMASK, self.mask)  # the blocked ones arrive: noted
+        if not self.swapped:
+            return
+        swapped, self.swapped = self.swapped, None
+        for number, handler in swapped.items():
+            signal.signal(number, handler)
+        if not replay:
+            return
+        raised = None
+        for number in dict.fromkeys(self.came):
+            try:
+                signal.raise_signal(number)  # its handler runs now
+            except BaseException as exc:
+                raised = raised or exc
+        if raised is not None:
+            raise raised
 
     def __exit__(self, *exc_info):
         self.restore()
+
+
+_ASYNC_SIGNAL_NUMBERS = tuple(sorted(int(number) for number in _ASYNC_SIGNALS))
+# The C function: signal.getsignal() makes an enum of each answer, at 20
+# times the cost.
+_getsignal = getattr(getattr(signal, "_signal", signal), "getsignal")
+
+
+def _other_threads_take_signals():
+    """Whether this is the main thread, where Python handlers run, and
+    another thread may take a signal: one of the program's (ours, the
+    reaper and copy threads, hold them all)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    reaper = _state.reaper.thread
+    ours = 2 if reaper is not None and reaper.is_alive() else 1
+    return threading.active_count() > ours
 
 
 def _flush_std_streams():
@@ -3641,7 +3696,7 @@ class _ForkRun(_Run):
                 self.worker.die_with_parent(lifeline)
                 self.worker.become_subreaper()
                 self.worker.show_as_worker()
-                held.restore()
+                held.restore(replay=False)
                 self.worker.serve_forked(task_r, result_w, self.calls, self.context,
                                          self.starting, self.lend_min)
             except BaseException:
@@ -4414,7 +4469,7 @@ def _fork_detached(jobs, timeout, limit):
             try:
                 os.setsid()
                 if os.fork() == 0:
-                    held.restore()
+                    held.restore(replay=False)
                     _in_fork_child(devnull)
                     _let_go_of_descriptors()
                     # The supervisor waits for its children: SIGCHLD ignored

@@ -1138,6 +1138,46 @@ class ScriptFaultTest(ScriptTestCase):
         self.assertEqual((report["lost"], report["fd_growth"], report["children"], report["later"]),
                          (0, 0, [], [[2]]), report)
 
+    def test_ctrl_c_from_another_thread_amid_back_to_back_fork_runs_leaks_nothing(self):
+        # A Ctrl-C that another thread of the program takes (it does not
+        # block it) runs its handler in the main thread even while the run
+        # holds signals there: e.g. between making a pipe and noting it.
+        done = self.run_script("""\
+            import json, os, random, signal, threading, time
+            import concurrency
+            d = concurrency.driver("fork")
+            d.run([lambda: 0] * 2)
+            concurrency._reap_exited(block=True)
+            def fds():
+                return sorted(os.listdir("/proc/self/fd"))
+            before = fds()
+            started = time.monotonic()
+            for _ in range(50):
+                d.run([lambda: 0] * 2)  # quick runs: the next starts with one child
+            span = (time.monotonic() - started) / 50
+            caught = 0
+            for _ in range(200):
+                ctrl_c = threading.Timer(random.uniform(1e-5, span),
+                                         lambda: os.kill(os.getpid(), signal.SIGINT))
+                try:
+                    try:
+                        ctrl_c.start()
+                        d.run([lambda: 0] * 2)
+                    finally:
+                        ctrl_c.cancel()
+                        ctrl_c.join()
+                except KeyboardInterrupt:
+                    caught += 1
+            d.run([lambda: 0] * 2)
+            concurrency._reap_exited(block=True)
+            from test_concurrency import own_children
+            print(json.dumps([caught, len(fds()) - len(before), own_children()]))
+            """)
+        self.assertSucceeded(done)
+        caught, grown, children = json.loads(done.stdout.splitlines()[-1])
+        self.assertGreater(caught, 0)
+        self.assertEqual((grown, children), (0, []))
+
     def test_interrupted_while_sending_a_large_task_the_worker_is_not_reused(self):
         done = self.run_script("""\
             import json, signal, sys
