@@ -399,6 +399,10 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
         log = read_file(self.cluster.worker_log)
         self.assertIn("concurrency: deferred task 'fails' failed:", log)
         self.assertIn("ValueError: deferred failure 41", log)
+        # Both Dask tasks over, so that no warm child is started after the
+        # workers' children are let go at the end of the test.
+        wait_until(lambda: not any(self.cluster.client.processing().values()),
+                   LONG_TIMEOUT, "the deferred Dask tasks to end")
 
     def test_the_given_client_then_the_default_client_are_used(self):
         client = distributed.Client(self.cluster.address, set_as_default=False)
