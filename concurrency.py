@@ -3355,17 +3355,19 @@ class _ProcessRun(_Run):
         to be had (they get it through their pipe)."""
         if number not in self.shared_files and _state.sharing_by_file:
             name = "concurrency-shared-%s" % os.urandom(8).hex()
-            fd = None
             try:
-                fd = _above_std(os.memfd_create(name, os.MFD_CLOEXEC))
-                _write_all(fd, self.payloads.buffers[number])
+                # Registered as it is made, so that finish() closes it
+                # whatever a signal handler raises from here on.
+                with _SignalsHeld():
+                    self.shared_files[number] = (
+                        _above_std(os.memfd_create(name, os.MFD_CLOEXEC)), name)
+                _write_all(self.shared_files[number][0], self.payloads.buffers[number])
             except BaseException as exc:
-                if fd is not None:
-                    os.close(fd)
+                if number in self.shared_files:
+                    _uninterrupted(lambda: os.close(self.shared_files.pop(number)[0]))
                 if isinstance(exc, OSError):  # no memory, no descriptor: the pipe will do
                     return None
                 raise  # Ctrl-C, a signal handler's exception: the caller's
-            self.shared_files[number] = (fd, name)
         return self.shared_files.get(number)
 
     def finish(self):
