@@ -1365,6 +1365,7 @@ class _TaskSerializer:
         self.shared = self.worker.SharedBuffers() if share else None
         self.sharing = False
         self.named = frozenset()
+        self.pinned = set()  # shared buffers that templates name
         self.large_globals = {}  # (code, id(globals)) -> whether they hold one
         functions = {id(fn): fn for fn in calls if type(fn) is types.FunctionType}
         codes = collections.Counter(fn.__code__ for fn in functions.values()
@@ -1504,6 +1505,8 @@ class _TaskSerializer:
             else:
                 # The template's STOP becomes POP: the task's pickle follows.
                 self.templates[key] = (template[:-1] + pickle.POP, pickler, frozenset(named))
+                # Every later task of that code names them: kept to the end.
+                self.pinned |= named
         return self.templates[key]
 
     def _error(self, key, fn, exc):
@@ -1550,6 +1553,7 @@ class _Payloads:
         self.serializer = None
         self.serialized = {}  # index -> payload, until its task has ended
         self.needs = {}  # index -> the shared buffers it names (see buffers_for)
+        self.users = {}  # shared buffer number -> tasks serialized, not ended, naming it
         self.buffers = {}
         self.made = 0  # the tasks before this one are serialized, or failed
         self.failed = []  # (index, SerializationError) not yet reported
@@ -1582,6 +1586,8 @@ class _Payloads:
             self.serialized[index] = payload
             if self.serializer.named:
                 self.needs[index] = self.serializer.named
+                for number in self.serializer.named:
+                    self.users[number] = self.users.get(number, 0) + 1
 
     def ahead(self, pending, count, outcomes):
         """Have the first ``count`` pending tasks serialized; those that
@@ -1600,10 +1606,20 @@ class _Payloads:
             del self.failed[:]
 
     def release(self, index):
-        """Its task has ended: its payload is not needed again."""
-        if self.serializer is not None:
-            self.serialized.pop(index, None)
-            self.needs.pop(index, None)
+        """Its task has ended: its payload is not needed again.  Returns the
+        numbers of the shared buffers no task still to run names now."""
+        if self.serializer is None:
+            return ()
+        self.serialized.pop(index, None)
+        gone = []
+        for number in self.needs.pop(index, ()):
+            self.users[number] -= 1
+            if not self.users[number]:
+                del self.users[number]
+                if number not in self.serializer.pinned:
+                    self.serializer.shared.forget(number)
+                    gone.append(number)
+        return gone
 
 
 # Runs of up to this many tasks are serialized whole before any starts.
@@ -3370,6 +3386,29 @@ class _ProcessRun(_Run):
                 raise  # Ctrl-C, a signal handler's exception: the caller's
         return self.shared_files.get(number)
 
+    def release(self, index):
+        """Task ``index`` has ended: the shared buffers no task still to run
+        names go, here (their files) and in the workers that have them."""
+        gone = self.payloads.release(index)
+        if not gone:
+            return
+        wire = self.wire
+        for number in gone:
+            with _SignalsHeld():  # not forgotten and left open
+                file = self.shared_files.pop(number, None)
+                if file is not None:
+                    os.close(file[0])
+            done = wire.FRAME_HEADER.pack(wire.BUFFER_DONE, wire.SHARED_HEADER.size) \
+                + wire.SHARED_HEADER.pack(number)
+            for worker, has in self.has_buffers.items():
+                if number in has:
+                    has.discard(number)
+                    if not worker.broken and worker.task_fd is not None:
+                        try:
+                            _write(worker.task_fd, done)
+                        except OSError:
+                            pass  # it died: the run notices on its pipes
+
     def finish(self):
         for fd, _name in self.shared_files.values():
             os.close(fd)
@@ -3428,13 +3467,18 @@ class _ProcessRun(_Run):
             worker.served = worker.spoke = True
             return False
         if kind == wire.RESULT or kind == wire.ERROR:
-            self.payloads.release(index)
+            self.release(index)
         if kind == wire.BUFFER_WANTED:  # it can't read our file: the buffer comes by pipe
-            _state.sharing_by_file = False
-            number = _worker_module().SHARED_HEADER.unpack_from(body)[0]
+            number = wire.SHARED_HEADER.unpack_from(body)[0]
+            # One let go since (its file closed): no task it will run needs
+            # it, and nothing says files can't be read here.
+            buffer = self.payloads.buffers.get(number)
+            if buffer is None:
+                buffer = b""
+            else:
+                _state.sharing_by_file = False
             try:
-                worker.send_tasks(self.context, [], [(number, self.payloads.buffers[number],
-                                                      None)])
+                worker.send_tasks(self.context, [], [(number, buffer, None)])
             except OSError:
                 pass  # it died: the run notices on its pipes
             return False
@@ -3481,7 +3525,7 @@ class _ProcessRun(_Run):
             self.pending.appendleft(index)
         else:
             self.outcomes.fail(index, WorkerCrashed(self.outcomes.key(index), worker.exitcode))
-            self.payloads.release(index)
+            self.release(index)
         if self.pending:
             try:
                 self.free.append(self.pool.replace(self.workers, worker))

@@ -1299,6 +1299,48 @@ class ScriptFaultTest(ScriptTestCase):
         self.assertGreater(count, 0)
         self.assertEqual(values, [41])
 
+    def test_shared_buffers_go_once_no_task_still_to_run_names_them(self):
+        # 200 tasks of 12,000 (serialized as workers need them) each capture
+        # 2 MB of their own: neither the caller's files of them nor the
+        # workers' copies may pile up until the run ends.
+        done = self.run_script("""\
+            import json, os, sys
+            import concurrency
+            MB = 1 << 20
+            def probe(i, data=None):
+                worker = sys.modules["_concurrency_worker"]
+                parent, files = os.getppid(), 0
+                for fd in os.listdir("/proc/%d/fd" % parent):
+                    try:
+                        link = os.readlink("/proc/%d/fd/%s" % (parent, fd))
+                    except OSError:
+                        continue
+                    files += "concurrency-shared" in link
+                return (i if data is None else len(data)), len(worker._shared), files
+            def task(i):
+                if i % 60 == 0:
+                    data = bytes([i % 256]) * (2 * MB)
+                    return lambda: probe(i, data)
+                return lambda: probe(i)
+            shared = b"s" * (2 * MB)  # and one all tasks of one code share: kept
+            def uses_shared(i):
+                return len(shared) + i
+            tasks = [task(i) for i in range(12000)]
+            tasks += [lambda i=i: uses_shared(i) for i in range(100)]
+            out = concurrency.ProcessDriver(max_workers=2).run(tasks, timeout=600)
+            right = all(value[0] == (2 * MB if i % 60 == 0 else i)
+                        for i, value in enumerate(out[:12000]))
+            right = right and out[12000:] == [2 * MB + i for i in range(100)]
+            print(json.dumps([right, max(v[1] for v in out[:12000]),
+                              max(v[2] for v in out[:12000])]))
+            """, timeout=LONG_TIMEOUT)
+        self.assertSucceeded(done)
+        right, worker_most, files_most = json.loads(done.stdout.splitlines()[-1])
+        self.assertTrue(right)
+        # What a worker's queued and running tasks need, not all 200.
+        self.assertLessEqual(worker_most, 20)
+        self.assertLessEqual(files_most, 40)
+
     def test_huge_payloads_intact_within_three_times_their_size(self):
         for driver in ("process", "fork"):
             for case in ("capture", "result", "objects"):

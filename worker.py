@@ -45,7 +45,8 @@ Frames are one kind byte, an 8-byte big-endian length, then the body (see
                        descriptor, size (8 bytes each), then the file's
                        name; RUN_OVER (D, empty): the run is over, its
                        buffers go (with a claim of DROP_SHARED, read at
-                       once).  See SharedBuffers.
+                       once); BUFFER_DONE (G): no task still to run names
+                       that buffer number any more.  See SharedBuffers.
                        FETCHED (F) / SEND_INLINE (S): reply to a lent result
     worker -> parent   RESULT (R): encode_result()
                        ERROR (E): encode_error()
@@ -104,6 +105,7 @@ CONTEXT = b"C"
 TASK = b"T"
 BUFFER = b"B"
 BUFFER_FILE = b"M"
+BUFFER_DONE = b"G"
 RUN_OVER = b"D"
 FETCHED = b"F"      # the parent's replies to a lent result
 SEND_INLINE = b"S"
@@ -993,14 +995,23 @@ class SharedBuffers:
         self.buffers = {}  # number -> the bytes or bytearray
         self.numbers = {}  # id(buffer) -> number
         self.named = set()  # numbers named by the pickle being made
+        self.made = 0  # numbers given: never one twice in a run
 
     def number(self, obj):
         number = self.numbers.get(id(obj))
         if number is None:
-            number = self.numbers[id(obj)] = len(self.buffers)
+            number = self.numbers[id(obj)] = self.made
+            self.made += 1
             self.buffers[number] = obj
         self.named.add(number)
         return number
+
+    def forget(self, number):
+        """No task still to run names it: a task serialized later that
+        captures the same object names it anew, by another number."""
+        obj = self.buffers.pop(number, None)
+        if obj is not None:
+            self.numbers.pop(id(obj), None)
 
 
 class SharingValuePickler(ValuePickler):
@@ -1577,6 +1588,8 @@ class _Channel:
                     self.write_frame(BUFFER_WANTED, [SHARED_HEADER.pack(shared)])
                     data = self._await_buffer(shared)
                 _shared[shared] = data
+            elif kind == BUFFER_DONE:  # no task left to run here names it
+                _shared.pop(SHARED_HEADER.unpack_from(body)[0], None)
             elif kind == RUN_OVER:  # its buffers go
                 _shared.clear()
                 if number == DROP_SHARED:
