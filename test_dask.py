@@ -480,9 +480,14 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
             os.killpg(scheduler.pid, signal.SIGKILL)
             scheduler.wait()
         self.addCleanup(end)
-        wait_until(lambda: os.path.exists(scheduler_file), CLUSTER_START_TIMEOUT,
+        def scheduler_address():  # once the file is written whole
+            try:
+                return json.loads(read_file(scheduler_file))["address"]
+            except (OSError, ValueError, KeyError):
+                return None
+        wait_until(lambda: scheduler_address() is not None, CLUSTER_START_TIMEOUT,
                    "the scheduler to start")
-        address = json.loads(read_file(scheduler_file))["address"]
+        address = scheduler_address()
         # Up and answering, then stopped, as a suspended or swapped-out one.
         with distributed.Client(address, timeout=CLUSTER_START_TIMEOUT,
                                 set_as_default=False):
