@@ -171,6 +171,13 @@ import time
 import types
 import weakref
 
+try:
+    # At import, not on first use: imported first in a run with no
+    # descriptor left, its shared library would fail to load (ImportError).
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
+
 # Enough workers that I/O-bound tasks (the common case: queries, HTTP calls)
 # all run at once even on a small machine: four one-second sleeps take one
 # second on two cores.  The same default as ThreadPoolExecutor.
@@ -2670,7 +2677,6 @@ def _above_std(fd):
     given fd 1 would print into its own pipe."""
     if fd > 2:
         return fd
-    import fcntl
     try:
         return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
     finally:
@@ -2749,7 +2755,12 @@ class _Reaper:
                 self._wake()
                 return
             if self.wake_fds is None:
-                self.wake_fds = _parent_pipe(keep="r")
+                try:
+                    self.wake_fds = _parent_pipe(keep="r")
+                except OSError:
+                    # No descriptor left: the next run reaps what it would
+                    # have, or the exit does; a run that is over stays so.
+                    return
                 _state.parent_fds.add(self.wake_fds[1])
                 os.set_blocking(self.wake_fds[0], False)
             self.stopping = False
@@ -3051,7 +3062,6 @@ def _widen_pipe(fd):
     # write/read round trips per 64 MiB.  1 MiB is the unprivileged maximum.
     if sys.platform.startswith("linux"):
         try:
-            import fcntl
             fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
         except OSError:
             pass
@@ -3841,11 +3851,11 @@ def _in_fork_child(devnull):
 
 def _devnull_fd():
     """A read-only /dev/null, opened once: fork children take it as stdin."""
-    if _state.devnull == -1:
+    if _state.devnull is None:
         try:
             _state.devnull = _above_std(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
         except OSError:
-            _state.devnull = None
+            return None  # no descriptor left now: tried again next time
     return _state.devnull
 
 
@@ -4581,7 +4591,7 @@ class _ProcessState:
         self.worker_file = None  # (path, descriptors to pass, compiled)
         self.interpreter_flags = None
         self.memory_reader = None  # process_vm_readv by ctypes
-        self.devnull = -1  # a read-only /dev/null; None when it can't be had
+        self.devnull = None  # a read-only /dev/null, opened on first use
         self.lifeline = None  # (read end, write end) of the pipe fork children watch
         self.logging_levels = None  # see _logging_levels
         self.imported_from_cwd = {}  # (sys.path, cwd, module count) -> the directories

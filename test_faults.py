@@ -1082,6 +1082,42 @@ class ScriptFaultTest(ScriptTestCase):
                 # With room for a child or two: every result, nothing leaked.
                 self.assertEqual(some_room, [list(range(6)), 0])
 
+    def test_a_first_fork_run_short_of_descriptors_fails_cleanly_and_costs_nothing_later(self):
+        # Descriptors run out at every step of the process's first fork
+        # runs: each fails with EMFILE or runs; once there is room again, a
+        # task's stdin is /dev/null as ever, never the caller's own stdin.
+        done = self.run_script("""\
+            import json, os, resource
+            read_end, write_end = os.pipe()
+            os.dup2(read_end, 0)  # the caller's stdin: a pipe, as in a pipeline
+            import concurrency
+            d = concurrency.driver("fork")
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            report = []
+            for margin in range(12):
+                held = {int(fd) for fd in os.listdir("/proc/self/fd")}
+                limit, free = 0, 0
+                while free < margin or limit in held:  # exactly margin free below it
+                    free += limit not in held
+                    limit += 1
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+                try:
+                    out = d.run([lambda: os.readlink("/proc/self/fd/0")])[0]
+                except OSError as exc:
+                    out = "OSError %d" % exc.errno
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                report.append(out)
+            stdin = os.readlink("/proc/self/fd/0")
+            after = d.run([lambda: os.readlink("/proc/self/fd/0")])[0]
+            print(json.dumps([report, after, stdin]))
+            """)
+        self.assertSucceeded(done)
+        report, after, stdin = json.loads(done.stdout.splitlines()[-1])
+        self.assertTrue(all(out in ("OSError 24", "/dev/null", stdin) for out in report), report)
+        self.assertIn("/dev/null", report)
+        self.assertEqual(after, "/dev/null")
+
     def test_interrupts_at_random_moments_of_fork_runs_lose_nothing_and_leave_nothing(self):
         # A Ctrl-C (here: an alarm whose handler raises KeyboardInterrupt)
         # at any moment of a fork run -- between two pipes, inside
