@@ -851,6 +851,7 @@ class ProcessDriver(_ChildDriver):
                                    deadline, stop).completions()
         finally:
             self._pool.release(workers)
+            _reap_exited()  # and those that were still exiting as it started
 
     def defer(self, tasks, *, always=False):
         batch = _Batch(tasks)
@@ -2819,14 +2820,17 @@ class _Reaper:
             with _state.exiting_lock:
                 watched = {child.fd: child for child in _state.exiting
                            if child.fd is not None and child not in exited}
+                # Children of a burst's runs: their pipes closed, looked at
+                # in a moment (see _end_fork_children).
+                unwatched = any(child.fd is None for child in _state.exiting)
                 due = _idle_workers_due()
-                if not watched and not exited and due is None:
+                if not watched and not exited and not unwatched and due is None:
                     # Nothing left to reap: started again when there is.
                     if self.thread is threading.current_thread():
                         self._bury(self.thread)
                         self.thread = None
                     return
-            if exited:  # ended, not yet reaped: a look again in a moment
+            if exited or unwatched:  # ended, not yet reaped: a look again in a moment
                 due = _POLL_INTERVAL if due is None else min(due, _POLL_INTERVAL)
             waiting = select.poll()
             waiting.register(self.wake_fds[0], select.POLLIN)
@@ -3800,25 +3804,9 @@ def _end_dropped_fork_runs():
 
 def _end_fork_children(live, running, paused):
     """Let a run's children go.  Idle ones exit when their task pipe closes:
-    they are reaped by the next run or at exit (_reap_exited), with no
-    descriptor of ours left open meanwhile.  Ones still running a task (a
-    run abandoned by a signal handler raising as it ended) are killed."""
-    for child in live:
-        if child in running:
-            child.kill()
-        child.retire()
-        # Its result pipe stays open until it is reaped: its end of file
-        # says it has exited (see _Reaper).
-        for fd in (child.pidfd, child.claim_fd):
-            if fd is not None:
-                _close_parent_fd(fd)
-        child.pidfd = child.claim_fd = None
-    with _state.exiting_lock:
-        _state.exiting.extend(live)
-    del live[:]
-    if paused["reaper"]:
-        paused["reaper"] = False
-        _state.reaper.unpause()
+    they are reaped by the reaper, the next run or at exit (_reap_exited).
+    Ones still running a task (a run abandoned by a signal handler raising
+    as it ended) are killed."""
     # The reaper thread is started for them after a run that came alone; in
     # a quick succession of runs each reaps the last one's children as it
     # starts: a thread started and stopped again at every run would cost it
@@ -3826,7 +3814,30 @@ def _end_fork_children(live, running, paused):
     # reaped by the next run, by the reaper if it runs for warm workers, or
     # at exit.)
     now = time.monotonic()
-    if now - _state.last_fork_finish >= _BURST_GAP:
+    watched = now - _state.last_fork_finish >= _BURST_GAP
+    for child in live:
+        if child in running:
+            child.kill()
+        child.retire()
+        # A watched child's result pipe stays open until it is reaped: its
+        # end of file says it has exited (see _Reaper).  An unwatched one's
+        # goes now: a burst that ends -- say the runs that failed while
+        # descriptors ran short -- leaves no descriptor open for good.
+        fds = [child.pidfd, child.claim_fd]
+        child.pidfd = child.claim_fd = None
+        if not watched:
+            fds.append(child.fd)
+            child.fd = None
+        for fd in fds:
+            if fd is not None:
+                _close_parent_fd(fd)
+    with _state.exiting_lock:
+        _state.exiting.extend(live)
+    del live[:]
+    if paused["reaper"]:
+        paused["reaper"] = False
+        _state.reaper.unpause()
+    if watched:
         _state.reaper.start()
     _state.last_fork_finish = now
 

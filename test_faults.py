@@ -1118,6 +1118,49 @@ class ScriptFaultTest(ScriptTestCase):
         self.assertIn("/dev/null", report)
         self.assertEqual(after, "/dev/null")
 
+    def test_back_to_back_fork_runs_short_of_descriptors_leave_the_descriptors_held_before(self):
+        # A burst of fork runs, each with one to six descriptors free: most
+        # fail with EMFILE, some run.  Once there is room again -- and with
+        # no run after them to reap what the last one left -- the process
+        # holds the very descriptors it held before.
+        done = self.run_script("""\
+            import json, os, resource
+            import concurrency
+            d = concurrency.driver("fork")
+            d.run([lambda: 0, lambda: 1])  # what the library opens once, opened
+            concurrency._shutdown()
+            def held():
+                fds = {}
+                for fd in os.listdir("/proc/self/fd"):
+                    try:
+                        fds[fd] = os.readlink("/proc/self/fd/" + fd)
+                    except FileNotFoundError:
+                        pass  # listdir's own
+                return fds
+            before = held()
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            outcomes = set()
+            for free_wanted in (1, 2, 1, 3, 1, 4, 1, 5, 6, 1) * 5:
+                taken = held()
+                limit, free = 0, 0
+                while free < free_wanted or str(limit) in taken:
+                    free += str(limit) not in taken
+                    limit += 1
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+                try:
+                    outcomes.add(repr(d.run([lambda: 0, lambda: 1])))
+                except OSError as exc:
+                    outcomes.add("OSError %d" % exc.errno)
+                finally:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            after = held()
+            print(json.dumps([sorted(outcomes), before, after]))
+            """)
+        self.assertSucceeded(done)
+        outcomes, before, after = json.loads(done.stdout.splitlines()[-1])
+        self.assertEqual(set(outcomes) - {"OSError 24", "[0, 1]"}, set())
+        self.assertEqual(after, before)
+
     def test_interrupts_at_random_moments_of_fork_runs_lose_nothing_and_leave_nothing(self):
         # A Ctrl-C (here: an alarm whose handler raises KeyboardInterrupt)
         # at any moment of a fork run -- between two pipes, inside
