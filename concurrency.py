@@ -14,6 +14,10 @@ Using it
         as_completed() and as_completed_async() yield (key, result) as tasks
         end.  Callables take no arguments: bind loop variables
         (lambda t=t: count(t), functools.partial(count, t)).
+    map(fn, iterable, chunksize=None, timeout=None, return_exceptions=False,
+        progress=False)
+        fn(item) for each item, a list in input order: fn travels once per
+        worker, the items in chunks, the input read as chunks are needed.
     defer(tasks, always=False), deferring()
         Fire and forget after the current unit of work (a deferring()
         scope), in detached processes that outlive the interpreter; a
@@ -126,6 +130,7 @@ from __future__ import annotations
 
 __all__ = [
     "run",
+    "map",
     "run_async",
     "as_completed",
     "as_completed_async",
@@ -250,14 +255,23 @@ class TaskTimeout(ConcurrencyError, TimeoutError):
 
     def __init__(self, key, unfinished, timeout):
         self.key = key
-        self.unfinished = list(unfinished)
+        # One list for every task of a run (a run of 100,000 tasks that
+        # times out would otherwise hold 100,000 copies of it).
+        self.unfinished = unfinished if type(unfinished) is list else list(unfinished)
         self.timeout = timeout
+        named = ", ".join(repr(k) for k in self.unfinished[:_KEYS_NAMED])
+        if len(self.unfinished) > _KEYS_NAMED:
+            named += " and %d more" % (len(self.unfinished) - _KEYS_NAMED)
         super().__init__(
             "task %r did not finish within %g s (unfinished tasks: %s); its process "
-            "was killed" % (key, timeout, ", ".join(repr(k) for k in self.unfinished)))
+            "was killed" % (key, timeout, named))
 
     def __reduce__(self):
         return type(self), (self.key, self.unfinished, self.timeout)
+
+
+# A TaskTimeout's message names this many unfinished tasks, then counts the rest.
+_KEYS_NAMED = 20
 
 
 class WorkerCrashed(ConcurrencyError):
@@ -383,6 +397,31 @@ async def run_async(tasks, *, timeout: float | None = None, return_exceptions: b
     killed and reaped) and re-raises CancelledError."""
     return await _registry.driver().run_async(tasks, timeout=timeout,
                                               return_exceptions=return_exceptions)
+
+
+def map(fn, iterable, *, chunksize: int | None = None, timeout: float | None = None,
+        return_exceptions: bool = False, progress: bool = False) -> list:
+    """Call ``fn(item)`` for each item of ``iterable``, on the default driver,
+    and return the results: a list in input order.
+
+        totals = concurrency.map(lambda path: os.path.getsize(path), paths)
+
+    Unlike run(), whose tasks each get their own copy of what they capture,
+    ``fn`` travels once per worker, and the items in chunks: the items of a
+    chunk -- and of the chunks one worker runs -- share ``fn`` and what it
+    captures.  Chunks are sized from the time items take (``chunksize``
+    fixes it).  The input is read as chunks are needed: an iterator's items
+    are never all held at once.
+
+    An item's exception is its result with ``return_exceptions=True``; else
+    the first one in input order is raised once every item has ended, with
+    a note naming the item's index.  A crash fails the items of the chunk
+    its process was running (WorkerCrashed), no other.  ``timeout`` is for
+    the whole map, as for run(): items not finished by then, and those not
+    yet started, fail with TaskTimeout.  ``progress=True`` counts items.
+    """
+    return _registry.driver().map(fn, iterable, chunksize=chunksize, timeout=timeout,
+                                  return_exceptions=return_exceptions, progress=progress)
 
 
 def as_completed(tasks, *, timeout: float | None = None, return_exceptions: bool = False):
@@ -714,6 +753,31 @@ class Driver:
             yield index
 
 
+    def map(self, fn, iterable, *, chunksize: int | None = None,
+            timeout: float | None = None, return_exceptions: bool = False,
+            progress: bool = False) -> list:
+        """``fn(item)`` for each item, a list in input order; see
+        concurrency.map().  This default runs each chunk of items as a task
+        with ``run`` (``_completions``), so a custom driver has it too."""
+        the_map = _Map(self, fn, iterable, chunksize, timeout)
+        return the_map.run(return_exceptions, progress)
+
+    def _map_deadline(self, timeout):
+        """(timeout, deadline) of a map: a custom driver's own default
+        applies to each of its runs."""
+        return timeout, (None if timeout is None else time.monotonic() + timeout)
+
+    def _map_width(self):
+        """How many chunks may run at once: a map cuts its input into four
+        chunks per worker at least, so that none waits for a long last one."""
+        return getattr(self, "max_workers", None) or _CORES
+
+    def _map_function(self, fn):
+        """(what each chunk calls, or None; the payload a run's context
+        carries instead, or None)."""
+        return fn, None
+
+
 def _takes_progress(run):
     code = getattr(run, "__code__", None)
     if code is None:
@@ -760,6 +824,36 @@ class SyncDriver(Driver):
         batch = _Batch(tasks)
         _check_timeout(timeout)
         return self._as_completed(batch, return_exceptions)
+
+    def map(self, fn, iterable, *, chunksize=None, timeout=None, return_exceptions=False,
+            progress=False):
+        """``fn(item)`` for each item, one after another; an item's exception
+        is raised unchanged (the first one, after every item ran), with a
+        note naming its index."""
+        _check_map_arguments(fn, iterable, chunksize)
+        _check_timeout(timeout)
+        values = []
+        first_failure = None
+        shown = _Progress(_known_length(iterable), unit="items") if progress else None
+        try:
+            for index, item in enumerate(iterable):
+                failed = False
+                try:
+                    value = _call(functools.partial(fn, item))
+                except Exception as exc:
+                    _add_note(exc, "raised by item %d of concurrency.map" % index)
+                    if first_failure is None:
+                        first_failure = exc
+                    value, failed = exc, True
+                values.append(value)
+                if shown is not None:
+                    shown.add(1, failed)
+        finally:
+            if shown is not None:
+                shown.show(final=True)
+        if first_failure is not None and not return_exceptions:
+            raise first_failure
+        return values
 
     def _as_completed(self, batch, return_exceptions):
         # Lazy: each task runs when the loop asks for it, and its exception
@@ -808,6 +902,8 @@ class _ChildDriver(Driver):
         timeout = self.timeout if timeout is None else _check_timeout(timeout)
         return timeout, (None if timeout is None else time.monotonic() + timeout)
 
+    _map_deadline = _deadline
+
 
 class ProcessDriver(_ChildDriver):
     """Runs each task in a warm ``worker.py`` child started with sys.executable.
@@ -844,7 +940,7 @@ class ProcessDriver(_ChildDriver):
         _reap_exited()  # fork children of an earlier run
         workers = self._pool.acquire(size, deadline, start=min(size, _CORES), stop=stop)
         try:
-            payloads = _Payloads(batch.keys, batch.calls)
+            payloads = _Payloads(batch.keys, batch.calls, outcomes=outcomes)
             if stop is not None and stop.is_set():
                 raise _Stopped()  # cancelled meanwhile: send nothing
             yield from _ProcessRun(self._pool, workers, size, payloads, outcomes, timeout,
@@ -852,6 +948,11 @@ class ProcessDriver(_ChildDriver):
         finally:
             self._pool.release(workers)
             _reap_exited()  # and those that were still exiting as it started
+
+    def _map_function(self, fn):
+        # Once per worker, in the run's context (see worker.MapChunk); one
+        # that can't be serialized fails the map before anything starts.
+        return None, _TaskSerializer([fn]).dumps("map function", fn)
 
     def defer(self, tasks, *, always=False):
         batch = _Batch(tasks)
@@ -888,6 +989,15 @@ class ForkDriver(_ChildDriver):
     def _completions(self, batch, outcomes, timeout, stop):
         timeout, deadline = self._deadline(timeout)
         if not batch.calls:
+            return
+        if isinstance(outcomes, _MapWindow):
+            # A map's chunks are cut to keep every core busy: one child only
+            # when they take less than a fork or two would cost, by the time
+            # per item measured so far.
+            work = outcomes.estimated_seconds()
+            solo = work is not None and work < 2 * _state.fork_seconds
+            yield from _ForkRun(batch.calls, self.max_workers, outcomes, timeout, deadline,
+                                stop, solo).completions()
             return
         count = len(batch.calls)
         solo = count <= self._quick_run
@@ -973,7 +1083,7 @@ class DaskDriver(_ChildDriver):
         timeout, deadline = self._deadline(timeout)
         if not batch.calls:
             return
-        payloads = _dumps_tasks(batch.keys, batch.calls)
+        payloads = _dumps_tasks(batch.keys, batch.calls, outcomes)
         client = self.client()
         if stop is not None and stop.is_set():
             raise _Stopped()  # cancelled meanwhile: send nothing
@@ -1077,6 +1187,9 @@ class _Outcomes:
     def key(self, index):
         return self.batch.keys[index]
 
+    def note(self, key):
+        return "raised by concurrency task %r in a child process" % (key,)
+
     def arrived(self, index, kind, body, lent=None):
         """A child's RESULT or ERROR frame for task ``index``."""
         _decode_outcome(self, index, kind, body, lent)
@@ -1097,6 +1210,265 @@ def _run_to_end(driver, batch, timeout, return_exceptions, progress):
     for _index in completions:
         pass
     return outcomes.finish(return_exceptions)
+
+
+class _Map:
+    """One map() call: its input cut into chunks (worker.MapChunk), run as
+    the tasks of a run, and one slot per item that the chunks' outcomes
+    fill.
+
+    A sequence (list, tuple, range...) is one run: its length is known, and
+    it is in memory already.  Any other iterable is read a window at a time
+    -- up to _MAP_WINDOW items, cut into chunks -- each window a run, so
+    that an endless or huge iterator never has all its items, nor their
+    payloads, held at once.  Chunks are sized from the time per item the
+    map's chunks took so far, or the last map of the same function on the
+    same driver took (as joblib sizes its batches): about _CHUNK_SECONDS
+    each, and at least four per worker, so that none waits for a long last
+    one; ``chunksize`` fixes the size instead."""
+
+    def __init__(self, driver, fn, iterable, chunksize, timeout):
+        _check_map_arguments(fn, iterable, chunksize)
+        _check_timeout(timeout)
+        self.driver = driver
+        self.chunksize = chunksize
+        self.timeout, self.deadline = driver._map_deadline(timeout)
+        self.width = max(1, driver._map_width())
+        # What chunks call, or the payload that a run's context carries.
+        self.function, self.map_function = driver._map_function(fn)
+        self.timing_key = (id(driver), _timing_key(fn))
+        self.per_item = _state.map_timing.get(self.timing_key)
+        if isinstance(iterable, collections.abc.Sequence):
+            self.sequence, self.iterator = iterable, None
+        else:
+            self.sequence, self.iterator = None, iter(iterable)
+        self.values = []
+        self.failed = bytearray()
+        self.progress = None
+
+    # Slots, as _decode_outcome fills them: one per item.
+    def key(self, index):
+        return index
+
+    def note(self, key):
+        return "raised by item %r of concurrency.map in a child process" % (key,)
+
+    def succeed(self, index, value):
+        self.values[index] = value
+
+    def fail(self, index, exc):
+        self.values[index] = exc
+        self.failed[index] = 1
+
+    def chunk_size(self, count):
+        """Items per chunk for the next ``count`` items."""
+        if self.chunksize is not None:
+            return self.chunksize
+        most = max(1, -(-count // (4 * self.width)))
+        if self.per_item is None:
+            return min(most, _FIRST_CHUNK)
+        return max(1, min(most, int(_CHUNK_SECONDS / max(self.per_item, 1e-9))))
+
+    def windows(self):
+        """(first item's index, its items) of each window of the input."""
+        if self.sequence is not None:
+            yield 0, self.sequence
+            return
+        start = 0
+        window = _FIRST_WINDOW
+        while True:
+            items = []
+            failure = None
+            try:
+                items.extend(itertools.islice(self.iterator, window))
+            except Exception as exc:  # the input's own: after the items read before it
+                failure = exc
+            if items:
+                yield start, items
+            if failure is not None:
+                raise failure
+            start += len(items)
+            if len(items) < window:
+                return
+            window = _MAP_WINDOW
+
+    def run(self, return_exceptions, progress):
+        if progress:
+            self.progress = _Progress(_known_length(self.sequence), unit="items")
+        try:
+            for start, items in self.windows():
+                self.values.extend(itertools.repeat(None, len(items)))
+                self.failed.extend(bytes(len(items)))
+                self._run_window(start, items)
+        finally:
+            if self.progress is not None:
+                self.progress.show(final=True)
+        if not return_exceptions:
+            first = self.failed.find(1)
+            if first >= 0:
+                raise self.values[first]
+        return self.values
+
+    def _run_window(self, start, items):
+        remaining = None
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:  # the map's time is up: these never start
+                self._fail_all(start, len(items), TaskTimeout(
+                    range(start, start + len(items)), [], self.timeout))
+                return
+        size = self.chunk_size(len(items))
+        starts = list(range(0, len(items), size))
+        chunks = [_worker_module().MapChunk(items[first:first + size], self.function)
+                  for first in starts]
+        window = _MapWindow(self, [start + first for first in starts], chunks)
+        completions = self.driver._completions(window.batch, window, remaining, None)
+        for index in completions:
+            if self.progress is not None:
+                self.progress.add(len(chunks[index].items), window.failures[index])
+
+    def _fail_all(self, start, count, exc):
+        self.values[start:start + count] = itertools.repeat(exc, count)
+        self.failed[start:start + count] = b"\x01" * count
+        if self.progress is not None:
+            self.progress.add(count, count)
+
+    def timed(self, count, seconds):
+        """A chunk of ``count`` items took ``seconds``."""
+        if count:
+            self.per_item = seconds / count
+            timing = _state.map_timing
+            if len(timing) >= _TIMINGS_KEPT and self.timing_key not in timing:
+                timing.clear()
+            timing[self.timing_key] = self.per_item
+
+
+class _MapWindow(_Outcomes):
+    """The outcomes of one window of a map's chunks: each chunk's outcome
+    fills the slots of its items."""
+
+    def __init__(self, the_map, starts, chunks):
+        batch = _Batch.__new__(_Batch)  # checked already: map's own chunks
+        batch.mapping = False
+        batch.calls = chunks
+        batch.keys = [range(start, start + len(chunk.items))
+                      for start, chunk in zip(starts, chunks)]
+        super().__init__(batch)
+        self.map = the_map
+        self.starts = starts
+        self.failures = [0] * len(chunks)  # failed items, by chunk
+        self.map_function = the_map.map_function  # see _ProcessRun
+
+    def succeed(self, index, value):
+        values, failures, seconds = value
+        start = self.starts[index]
+        the_map = self.map
+        the_map.values[start:start + len(values)] = values
+        worker = _worker_module()
+        for position, body in failures:
+            if body is None:  # SKIPPED: it failed here, before the chunk was sent
+                the_map.fail(start + position, self.skipped[index][position])
+            else:
+                _decode_outcome(the_map, start + position, worker.ERROR, body)
+        self.failures[index] = len(failures)
+        the_map.timed(len(values), seconds)
+        self.completed.append(index)
+
+    def fail(self, index, exc):
+        # The whole chunk: its process crashed, the time ran out, its
+        # result could not be read.  Items that failed alone keep theirs.
+        if isinstance(exc, TaskTimeout):  # the map's timeout, not what was left of it
+            exc = TaskTimeout(exc.key, exc.unfinished, self.map.timeout)
+        start = self.starts[index]
+        the_map = self.map
+        skipped = self.skipped.get(index, {})
+        count = len(self.batch.calls[index].items)
+        for item in range(start, start + count):
+            if item - start not in skipped:
+                the_map.fail(item, exc)
+        self.failures[index] = count
+        self.failed[index] = True
+        self.completed.append(index)
+
+    def estimated_seconds(self):
+        """What its items will take in all, by the time per item measured so
+        far, or None."""
+        per_item = self.map.per_item
+        if per_item is None:
+            return None
+        return per_item * sum(len(chunk.items) for chunk in self.batch.calls)
+
+    @property
+    def skipped(self):
+        return self.__dict__.setdefault("_skipped", {})
+
+    def item_failed(self, index, position, exc):
+        """Item ``position`` of chunk ``index`` can't be serialized: it fails
+        alone, and the chunk goes without it (see _dumps_task)."""
+        self.skipped.setdefault(index, {})[position] = exc
+        self.map.fail(self.starts[index] + position, exc)
+
+
+def _check_map_arguments(fn, iterable, chunksize):
+    if not callable(fn):
+        raise TypeError("map's function is not callable: got %s.  Did you call it? Pass "
+                        "the function itself: concurrency.map(report, items)"
+                        % _describe(fn))
+    problem = _one_argument_problem(fn)
+    if problem:
+        name = getattr(getattr(fn, "func", fn), "__name__", "f")
+        raise TypeError("map's function, %s, %s; it is called with one argument, "
+                        "each item: bind the others with a lambda (lambda item: %s(item, "
+                        "...)) or functools.partial" % (_describe(fn), problem, name))
+    if iterable is None or not isinstance(iterable, collections.abc.Iterable):
+        raise TypeError("map's items must be an iterable, not %s" % _describe(iterable))
+    if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int)
+                                  or chunksize < 1):
+        raise ValueError("chunksize must be a positive int or None, not %r" % (chunksize,))
+
+
+def _one_argument_problem(fn):
+    """Why ``fn`` can't be called with one positional argument, or None
+    (also when its signature can't be read: then the call tells)."""
+    import inspect
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(None)
+    except TypeError:
+        required = [name for name, parameter in signature.parameters.items()
+                    if parameter.default is parameter.empty
+                    and parameter.kind not in (parameter.VAR_POSITIONAL,
+                                               parameter.VAR_KEYWORD)]
+        if len(required) > 1:
+            return "needs arguments it will not get: %s" % ", ".join(required[1:])
+        if required:
+            return "takes its one argument by keyword only (%s)" % required[0]
+        return "takes no arguments"
+    return None
+
+
+def _known_length(iterable):
+    return len(iterable) if isinstance(iterable, collections.abc.Sized) else None
+
+
+def _timing_key(fn):
+    """What identifies a map's function from one call to the next: a
+    lambda made anew each time shares its code."""
+    fn = getattr(fn, "func", fn)  # a functools.partial
+    return getattr(fn, "__code__", None) or type(fn)
+
+
+# A chunk of a map takes about this long, once the time per item is known;
+# before that it holds at most _FIRST_CHUNK items.  An iterator is read
+# _FIRST_WINDOW items first, then _MAP_WINDOW at a time.
+_CHUNK_SECONDS = 0.05
+_FIRST_CHUNK = 4096
+_FIRST_WINDOW = 4096
+_MAP_WINDOW = 65536
+_TIMINGS_KEPT = 256
 
 
 def _pairs(completions, outcomes, return_exceptions):
@@ -1229,7 +1601,8 @@ async def _pairs_async(make_pairs):
 class _Progress:
     """A one-line progress indicator on stderr, only if it is a terminal."""
 
-    def __init__(self, total, stream=None):
+    def __init__(self, total, stream=None, unit="tasks"):
+        self.unit = unit
         self.stream = sys.stderr if stream is None else stream
         try:
             self.enabled = self.stream.isatty()
@@ -1245,26 +1618,30 @@ class _Progress:
         self.show()
         try:
             for index in completions:
-                self.done += 1
-                self.failed += outcomes.failed[index]
-                self.show()
+                self.add(1, outcomes.failed[index])
                 yield index
         finally:
             completions.close()
             self.show(final=True)
 
+    def add(self, done, failed):
+        self.done += done
+        self.failed += failed
+        self.show()
+
     def show(self, final=False):
         if not self.enabled:
             return
         now = time.monotonic()
-        if not final and self.done < self.total and now - self.shown < 0.1:
+        if not final and self.done != self.total and now - self.shown < 0.1:
             return  # at most ten lines a second
         self.shown = now
         elapsed = now - self.started
         rate = self.done / elapsed if elapsed > 0 else 0.0
         failed = ", %d failed" % self.failed if self.failed else ""
-        self.stream.write("\rconcurrency: %d/%d done%s, %.1f s, %.1f tasks/s "
-                          % (self.done, self.total, failed, elapsed, rate))
+        total = "?" if self.total is None else "%d" % self.total
+        self.stream.write("\rconcurrency: %d/%s done%s, %.1f s, %.1f %s/s "
+                          % (self.done, total, failed, elapsed, rate, self.unit))
         if final:
             self.stream.write("\n")
         self.stream.flush()
@@ -1537,10 +1914,38 @@ _BUFFER_TYPES = (bytes, bytearray)
 _TEMPLATE_MAX = 64 * 1024
 
 
-def _dumps_tasks(keys, calls):
+def _dumps_tasks(keys, calls, outcomes=None):
     """Serialize the tasks of a run, see _TaskSerializer."""
     serializer = _TaskSerializer(calls)
-    return [serializer.dumps(key, fn) for key, fn in zip(keys, calls)]
+    return [_dumps_task(serializer, index, keys[index], fn, outcomes)
+            for index, fn in enumerate(calls)]
+
+
+def _dumps_task(serializer, index, key, fn, outcomes):
+    """The payload of task ``index``.  A map's chunk (worker.MapChunk) with
+    items that can't be serialized goes without them: each fails alone
+    (``outcomes.item_failed``), as a task of a run would."""
+    try:
+        return serializer.dumps(key, fn)
+    except SerializationError:
+        worker = _worker_module()
+        if type(fn) is not worker.MapChunk or outcomes is None:
+            raise
+        if fn.function is not None:
+            serializer.dumps(key, worker.MapChunk([], fn.function))  # its function's error
+        items = list(fn.items)
+        for position, item in enumerate(items):
+            try:
+                serializer.dumps(key, worker.MapChunk([item]))
+            except SerializationError as exc:
+                exc = SerializationError(key.start + position, "task", "item %d of the map %s"
+                                         % (key.start + position, exc.detail[len("cannot be "):]
+                                            if exc.detail.startswith("cannot be ")
+                                            else exc.detail))
+                outcomes.item_failed(index, position, exc)
+                items[position] = worker.SKIPPED
+        fn.items = items
+        return serializer.dumps(key, fn)
 
 
 class _Payloads:
@@ -1555,9 +1960,10 @@ class _Payloads:
     turn comes.
     """
 
-    def __init__(self, keys, calls, ready=None):
+    def __init__(self, keys, calls, ready=None, outcomes=None):
         self.keys = keys
         self.calls = calls
+        self.outcomes = outcomes  # for a map's chunks: see _dumps_task
         self.serializer = None
         self.serialized = {}  # index -> payload, until its task has ended
         self.needs = {}  # index -> the shared buffers it names (see buffers_for)
@@ -1585,7 +1991,8 @@ class _Payloads:
             index = self.made
             self.made += 1
             try:
-                payload = self.serializer.dumps(self.keys[index], self.calls[index])
+                payload = _dumps_task(self.serializer, index, self.keys[index],
+                                      self.calls[index], self.outcomes)
             except SerializationError as exc:
                 if not started:
                     raise
@@ -1847,7 +2254,7 @@ def _decode_outcome(outcomes, index, kind, body, lent=None):
     remote = RemoteTraceback(info["traceback"])
     if info["kind"] == "task":
         exc.__cause__ = remote
-        _add_note(exc, "raised by concurrency task %r in a child process" % (key,))
+        _add_note(exc, outcomes.note(key))
         outcomes.fail(index, exc)
         return
     if not isinstance(exc, RemoteError):
@@ -3357,8 +3764,11 @@ class _ProcessRun(_Run):
         self.size = size  # most workers it may use
         self.free = list(workers)
         self.payloads = payloads
-        self.context = pickle.dumps(_current_context(_logging_levels()),
-                                    pickle.HIGHEST_PROTOCOL)
+        context = _current_context(_logging_levels())
+        map_function = getattr(outcomes, "map_function", None)
+        if map_function is not None:  # a map's: its chunks call it (worker.MapChunk)
+            context = context._replace(map_function=map_function)
+        self.context = pickle.dumps(context, pickle.HIGHEST_PROTOCOL)
         self.retried = set()
         self.claims = {}  # worker -> {claim number: index} of the tasks sent to it
         self.has_buffers = {}  # worker -> numbers of the shared buffers sent to it
@@ -3737,9 +4147,13 @@ class _ForkRun(_Run):
             lifeline = _lifeline_read_fd()
             devnull = _devnull_fd()
             with _state.fds_lock:  # no pipe is half-registered while we fork
+                forking = time.perf_counter()
                 pid = os.fork()
                 if pid:
                     _state.parent_fds.add(task_r)
+                    # What a fork costs us here (see ForkDriver._completions):
+                    # it grows with our memory, and differs machine to machine.
+                    _state.fork_seconds = time.perf_counter() - forking
         except BaseException:
             for fd in (task_w, result_r):
                 _close_parent_fd(fd)
@@ -4613,6 +5027,8 @@ class _ProcessState:
         self.not_ours = []  # the parent's workers, in a fork child
         self.fork_runs = []  # (weak ref to a _ForkRun, its live children, running ones, paused)
         self.last_fork_finish = 0.0
+        self.map_timing = {}  # (id(driver), function's code) -> seconds per item
+        self.fork_seconds = 0.001  # what the last os.fork() took us
         self.exiting = []  # fork children told to exit, not reaped yet
         self.exiting_lock = threading.RLock()
         self.reaper = _Reaper()

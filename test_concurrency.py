@@ -17,6 +17,7 @@ import pickle
 import re
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -419,8 +420,152 @@ class DriverTests:
         self.assertEqual(stream.read(), "")
 
 
+    # -- map ------------------------------------------------------------------
+
+    def test_map_returns_results_in_input_order(self):
+        self.assertEqual(self.d.map(lambda x: x * x, range(3000)), [x * x for x in range(3000)])
+        self.assertEqual(self.d.map(str.upper, ("a", "b")), ["A", "B"])
+        self.assertEqual(self.d.map(len, "xyz"), [1, 1, 1])
+        self.assertEqual(self.d.map(abs, []), [])
+        for chunksize in (1, 7, 5000):
+            self.assertEqual(self.d.map(lambda x: -x, [3, 1, 2], chunksize=chunksize), [-3, -1, -2])
+
+    def test_map_reads_an_iterator_as_chunks_are_needed(self):
+        # A generator that fails after the first window: the items before
+        # it ran (a file each), the generator's exception reaches the caller.
+        marks = self.subdir("marks")
+
+        def items():
+            for i in range(concurrency._FIRST_WINDOW + 10):
+                yield i
+            raise LookupError("the input ran dry")
+
+        last = concurrency._FIRST_WINDOW + 9  # read in the window the exception cut short
+        with self.assertRaisesRegex(LookupError, "the input ran dry"):
+            self.d.map(lambda i: i in (7, last) and write_file(os.path.join(marks, str(i)), "ran"),
+                       items())
+        self.assertEqual(sorted(os.listdir(marks)), sorted(["7", str(last)]))
+        total = 3 * concurrency._FIRST_WINDOW + 5
+        self.assertEqual(self.d.map(lambda x: x + 1, (i for i in range(total))),
+                         list(range(1, total + 1)))
+
+    def test_map_an_item_s_exception_fills_its_slot_or_is_raised_first(self):
+        values = self.d.map(lambda x: 10 // x, [5, 0, 2, 0], return_exceptions=True)
+        self.assertEqual(values[0], 2)
+        self.assertIsInstance(values[1], ZeroDivisionError)
+        self.assertEqual(values[2], 5)
+        self.assertIsInstance(values[3], ZeroDivisionError)
+        with self.assertRaises(KeyError) as caught:
+            self.d.map(lambda x: {}[x] if x in (3, 6) else x, range(10), chunksize=2)
+        self.assertEqual(caught.exception.args, (3,))  # the first in input order
+        self.assertIn("item 3 of concurrency.map", " ".join(caught.exception.__notes__))
+
+    def test_map_bad_input_is_refused_before_anything_runs(self):
+        marker = self.path("ran")
+
+        def report(item):
+            write_file(marker, "x")
+
+        with self.assertRaisesRegex(TypeError, r"not callable: got None.*Did you call it"):
+            self.d.map(report(1) if False else None, [1])
+        with self.assertRaisesRegex(TypeError, r"needs arguments it will not get: b"):
+            self.d.map(lambda a, b: write_file(marker, "x"), [1])
+        with self.assertRaisesRegex(TypeError, r"takes no arguments"):
+            self.d.map(lambda: write_file(marker, "x"), [1])
+        with self.assertRaisesRegex(TypeError, r"must be an iterable, not None"):
+            self.d.map(report, None)
+        with self.assertRaisesRegex(ValueError, r"chunksize must be a positive int"):
+            self.d.map(report, [1], chunksize=0)
+        with self.assertRaisesRegex(ValueError, r"timeout must be a positive"):
+            self.d.map(report, [1], timeout=-1)
+        self.assertFalse(os.path.exists(marker))
+        # What takes one argument: defaults, *args, a bound method, a builtin.
+        self.assertEqual(self.d.map(lambda x, y=2: x * y, [1]), [2])
+        self.assertEqual(self.d.map(lambda *xs: len(xs), [1]), [1])
+        self.assertEqual(self.d.map("ab".count, ["a"]), [1])
+
+    def test_map_an_item_or_result_that_can_t_travel_fails_alone(self):
+        # A generator object: no pickler sends one.
+        values = self.d.map(lambda x: 1, [0, (n for n in "ab"), 2], return_exceptions=True)
+        self.assertEqual(values[0], 1)
+        self.assertEqual(values[2], 1)
+        if self.driver in ("process", "dask"):  # items travel serialized
+            self.assertIsInstance(values[1], concurrency.SerializationError)
+            self.assertIn("item 1", str(values[1]))
+        else:
+            self.assertEqual(values[1], 1)
+        values = self.d.map(lambda x: (n for n in "ab") if x == 1 else x, range(4),
+                            return_exceptions=True)
+        self.assertEqual([values[0], values[2], values[3]], [0, 2, 3])
+        if self.in_child:
+            self.assertIsInstance(values[1], concurrency.SerializationError)
+
+    def test_map_progress_counts_items(self):
+        class Terminal(io.StringIO):
+            def isatty(self):
+                return True
+
+        stream = Terminal()
+        with contextlib.redirect_stderr(stream):
+            values = self.d.map(lambda x: 1 // x, range(50), chunksize=10, progress=True,
+                                return_exceptions=True)
+        self.assertIsInstance(values[0], ZeroDivisionError)
+        last = stream.getvalue().rstrip("\n").split("\r")[-1]
+        self.assertRegex(last, r"^concurrency: 50/50 done, 1 failed, [0-9.]+ s, [0-9.]+ items/s")
+
+
 class ChildDriverTests(DriverTests):
     """Behaviour of drivers that run each task in a child process."""
+
+    def test_map_a_crash_fails_the_items_of_its_chunk_alone(self):
+        values = self.d.map(lambda x: os._exit(3) if x == 53 else x * 2, range(200),
+                            chunksize=10, return_exceptions=True)
+        for x in range(200):
+            if 50 <= x < 60:
+                self.assertIsInstance(values[x], concurrency.WorkerCrashed)
+                self.assertEqual(values[x].exitcode, 3)
+            else:
+                self.assertEqual(values[x], x * 2)
+
+    def test_map_timeout_ends_the_items_still_running(self):
+        started = time.monotonic()
+        values = self.d.map(lambda x: time.sleep(60) if x == 5 else x, range(20),
+                            chunksize=1, timeout=1.5, return_exceptions=True)
+        self.assertLess(time.monotonic() - started, 1.5 + 3)
+        self.assertIsInstance(values[5], concurrency.TaskTimeout)
+        self.assertEqual(values[5].timeout, 1.5)
+        self.assertEqual([v for i, v in enumerate(values) if i != 5],
+                         [i for i in range(20) if i != 5])
+        with self.assertRaises(concurrency.TaskTimeout):
+            self.d.map(lambda x: [None for _ in iter(int, 1)], range(4), timeout=0.5)
+
+    def test_map_interrupted_leaves_no_process_nor_descriptor(self):
+        self.d.map(lambda x: x, range(4))  # what the library opens once, opened
+        concurrency._shutdown()
+        before = set(os.listdir("/proc/self/fd")) if HAVE_PROC else set()
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        try:
+            with self.assertRaises(KeyboardInterrupt):
+                self.d.map(lambda x: time.sleep(0.05), range(400), chunksize=2)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        concurrency._shutdown()
+        if HAVE_PROC:
+            self.assertEqual(set(os.listdir("/proc/self/fd")) - before, set())
+
+    def test_map_shares_the_function_across_the_items_a_worker_runs(self):
+        # What run() never does: fn travels once per worker, so the items
+        # there see one copy of what it captures.
+        seen = []
+        counts = self.d.map(lambda x: (seen.append(x), len(seen))[1], range(200), chunksize=5)
+        self.assertGreater(max(counts), 5)
+        self.assertEqual(seen, [])  # the caller's copy is untouched
 
     def test_tasks_run_at_once(self):
         meet = self.subdir("meet")
@@ -709,6 +854,7 @@ class ChildDriverTests(DriverTests):
 
 class SyncDriverTest(DriverTests, CleanTestCase):
     driver = "sync"
+    in_child = False
 
     def test_runs_in_this_process_in_order(self):
         order = []
@@ -1266,6 +1412,42 @@ class ScriptTest(ScriptTestCase):
         self.assertEqual(report["label"], "n=2")
         self.assertEqual(report["failed"], [True, "users"])
         return report
+
+    def test_map_of_a_function_from_main_on_every_driver(self):
+        # A script's own function, a global it reads, a class of its own as
+        # the result; its body never runs again in a worker.
+        done = self.run_script("""\
+            import json, sys
+            import concurrency
+
+            print("script body ran", flush=True)
+            FACTOR = 3
+
+            class Scaled:
+                def __init__(self, value):
+                    self.value = value
+
+            def scale(x):
+                if x == 13:
+                    raise ValueError("unlucky %d" % x)
+                return Scaled(x * FACTOR)
+
+            report = {}
+            for name in ("process", "fork", "sync"):
+                values = concurrency.driver(name).map(scale, range(100), return_exceptions=True)
+                report[name] = [sum(v.value for v in values if isinstance(v, Scaled)),
+                                all(type(v) is Scaled for i, v in enumerate(values) if i != 13),
+                                repr(values[13])]
+                words = concurrency.driver(name).map(str.upper, (w for w in ["a", "b"]))
+                report[name].append(words)
+            print(json.dumps(report))
+            """, layout="vendored")
+        self.assertSucceeded(done)
+        lines = done.stdout.splitlines()
+        self.assertEqual(lines.count("script body ran"), 1, done.stdout)
+        report = json.loads(lines[-1])
+        expected = [3 * (sum(range(100)) - 13), True, "ValueError('unlucky 13')", ["A", "B"]]
+        self.assertEqual(report, {"process": expected, "fork": expected, "sync": expected})
 
     def test_main_script_from_checkout(self):
         for driver in ("process", "fork", "sync"):
@@ -3053,6 +3235,24 @@ class RegistryTest(CleanTestCase):
         self.assertEqual(minimal.run({"a": lambda: 7}, progress=False), {"a": 7})
         with self.assertRaisesRegex(ValueError, "custom"):
             minimal.run([lambda: raise_value_error("custom")], progress=True)
+
+    def test_custom_driver_gets_map_built_on_run(self):
+        class Recording(concurrency.Driver):
+            def __init__(self):
+                self.runs = 0
+
+            def run(self, tasks, *, timeout=None, return_exceptions=False):
+                self.runs += 1
+                return concurrency.SyncDriver().run(tasks, return_exceptions=return_exceptions)
+
+        recording = Recording()
+        values = recording.map(lambda x: 10 // x, range(-3, 500), return_exceptions=True)
+        self.assertEqual(values[:3], [10 // -3, 10 // -2, 10 // -1])
+        self.assertIsInstance(values[3], ZeroDivisionError)
+        self.assertEqual(values[4:], [10 // x for x in range(1, 500)])
+        self.assertEqual(recording.runs, 1)  # a sequence: one run of its chunks
+        with self.assertRaises(ZeroDivisionError):
+            recording.map(lambda x: 10 // x, iter(range(-3, 500)))
 
     def test_the_progress_line_counts_failures(self):
         class Terminal(io.StringIO):

@@ -326,6 +326,8 @@ def encode_result(value, lend_min=0):
                 return lending
         return RESULT, dumps_value(value), None
     except BaseException as exc:
+        if type(value) is ChunkOutcome:  # one item's value fails that item alone
+            return encode_result(value.isolated(), lend_min)
         return ERROR, [encode_error(exc, RESULT_UNSERIALIZABLE)], None
 
 
@@ -606,6 +608,109 @@ def run_task(fn, lend_min=0):
         flush_std_streams()
         end_task_children()
     return encode_result(value, lend_min)
+
+
+# -- Map chunks: one function over many items ----------------------------------
+#
+# concurrency.map() cuts its input into chunks, each a task of its own: a
+# MapChunk, which calls the map's function on each of its items and returns
+# a ChunkOutcome -- the values, and each failed item's position and error
+# frame body -- so that an item's exception fills its own slot and the
+# chunk's other items keep theirs.  The function is the chunk's own (fork:
+# inherited; dask: sent with each chunk), or, in a worker, the one the run's
+# context carries (sent once per worker: TaskContext.map_function).
+
+RUNNING_CONTEXT = [None]  # in a worker: the context of the task running
+_map_function = [None, None]  # (payload, function): the last one loaded here
+
+
+class _Skipped:
+    """Stands for an item that could not be serialized: it failed in the
+    parent already, and is not called."""
+
+    def __reduce__(self):
+        return "SKIPPED"
+
+
+SKIPPED = _Skipped()
+
+
+class ChunkOutcome(tuple):
+    """(values, failures, seconds) of a chunk: ``failures`` lists (position,
+    error frame body, or None for a SKIPPED item); ``seconds`` the time its
+    items took, from which the parent sizes the chunks to come."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return tuple, (tuple(self),)
+
+    def isolated(self):
+        """The same, with each value that can't be pickled turned into a
+        failure of its own: the other items keep their values."""
+        values, failures, seconds = self
+        values = list(values)
+        failures = list(failures)
+        failed = {position for position, _body in failures}
+        for position, value in enumerate(values):
+            if position in failed:
+                continue
+            try:
+                dumps_value(value)
+            except BaseException as exc:
+                values[position] = None
+                failures.append((position, encode_error(exc, RESULT_UNSERIALIZABLE)))
+        return ChunkOutcome((values, failures, seconds))
+
+
+class MapChunk:
+    """A chunk of a map's items, as a task: calls the function on each."""
+
+    __slots__ = ("items", "function")
+
+    def __init__(self, items, function=None):
+        self.items = items
+        self.function = function
+
+    def __reduce__(self):
+        return MapChunk, (self.items, self.function)
+
+    def __call__(self):
+        function = self.function
+        if function is None:  # a worker's: the run's context carries it
+            payload = RUNNING_CONTEXT[0].map_function
+            if _map_function[0] is not payload:
+                _map_function[:] = [None, None]
+                _map_function[:] = [payload, loads_task(payload)]
+            function = _map_function[1]
+        return map_items(function, self.items)
+
+
+def map_items(function, items):
+    """Call ``function`` on each item: a ChunkOutcome."""
+    values = []
+    failures = []
+    append = values.append
+    started = time.perf_counter()
+    for position, item in enumerate(items):
+        if item is SKIPPED:
+            append(None)
+            failures.append((position, None))
+            continue
+        try:
+            value = function(item)
+            if type(value) not in _PLAIN_VALUES and isinstance(value, collections.abc.Coroutine):
+                value = await_coroutine(value)
+        except BaseException as exc:
+            _leave_if_stray(exc)  # a process the item forked: not the next item's
+            # The user's traceback starts in their own code.
+            append(None)
+            failures.append((position, encode_error(exc, TASK_FAILED, skip_frames=1)))
+            continue
+        if FORKED_BY_TASK[0]:
+            _leave_if_stray()
+        append(value)
+    return ChunkOutcome((values, failures, time.perf_counter() - started))
 
 
 # True in any process forked from this one (an at-fork hook sets it; the
@@ -1638,10 +1743,13 @@ class _Channel:
 
 
 class TaskContext(collections.namedtuple(
-        "TaskContext", "cwd environ path argv recursion_limit logging_levels")):
+        "TaskContext", "cwd environ path argv recursion_limit logging_levels map_function",
+        defaults=(None,))):
     """What every task of a run gets of the caller's process: its cwd (None
     when it has none), environment, sys.path, sys.argv, recursion limit and,
-    for a worker, the levels of its loggers (see forward_records)."""
+    for a worker, the levels of its loggers (see forward_records).  In a
+    map's run, ``map_function``: the payload of the function every chunk
+    calls (see MapChunk), so that it travels once per worker, not per chunk."""
 
 
 def current_context(path=None, logging_levels=None):
@@ -1661,7 +1769,7 @@ _applied_environ = {}  # id(context environ) -> os.environ's raw data after appl
 def _apply_context(context, channel=None):
     """Give the next task the caller's cwd, environment, sys.path, sys.argv
     and recursion limit, and, sent on ``channel``, its logging levels."""
-    cwd, environ, path, argv, recursion_limit, levels = context
+    cwd, environ, path, argv, recursion_limit, levels = context[:6]
     if levels is not None and channel is not None:
         _forward_logging(levels, channel)
     if cwd is not None:
@@ -1869,6 +1977,7 @@ def serve(task_fd, result_fd, idle_timeout, lend_min, claim_fd):
         std_streams = _fresh_task_state(std_streams)
         if channel.context is not None:
             _apply_context(channel.context, channel)
+            RUNNING_CONTEXT[0] = channel.context
         try:
             fn = loads_task(body)
         except BaseException as exc:
