@@ -19,6 +19,10 @@ Scenarios:
   many1000  1000 tiny lambdas in one run (ms)
   many10k   10,000 of them in one run (ms; and the parent's peak RSS, MB)
   many100k  100,000 of them in one run (ms; and the parent's peak RSS, MB)
+  map10k    map(lambda x: x * 2, range(10_000)) after a warm-up map (ms; the
+            peers: ProcessPoolExecutor.map and loky's map with chunksize =
+            n / (4 x cores), joblib's auto batching, pathos's and mpire's map)
+  map100k   the same over range(100_000) (ms; and the parent's peak RSS, MB)
   capture64mb  2 tasks capturing the same 64 MB bytes object, returning its
             length (ms; and the parent's peak RSS, MB)
   cpu       2 x cores tasks of ~0.2 s pure-Python arithmetic: efficiency =
@@ -49,8 +53,9 @@ SHORT = {"concurrency-process": "process", "concurrency-fork": "fork",
          "ProcessPoolExecutor+dill": "PPE+dill", "concurrency-dask": "on dask",
          "dask": "dask"}
 SCENARIOS = ["first2", "first2-B", "warm2", "many1000", "many10k", "many100k",
-             "capture64mb", "cpu", "big64mb", "rss"]
+             "map10k", "map100k", "capture64mb", "cpu", "big64mb", "rss"]
 MANY = {"many1000": 1000, "many10k": 10000, "many100k": 100000}
+MAPS = {"map10k": 10000, "map100k": 100000}
 CORES = os.cpu_count() or 1
 CPU_SECONDS = 0.2
 CHILD_TIMEOUT = 180  # seconds for one measurement; every one takes far less
@@ -116,6 +121,44 @@ def make_runner(system):
     raise SystemExit("unknown system %r" % system)
 
 
+def _double(x):
+    return x * 2
+
+
+def make_mapper(system, count):
+    """Return map(fn, items) -> list of results, for ``system``, tuned as
+    its users tune it for ``count`` items."""
+    chunksize = max(1, count // (4 * CORES))
+    if system == "concurrency-process":
+        import concurrency
+        return concurrency.driver("process").map
+    if system == "concurrency-fork":
+        import concurrency
+        return concurrency.driver("fork").map
+    if system == "ProcessPoolExecutor+dill":
+        from concurrent.futures import ProcessPoolExecutor
+        executor = ProcessPoolExecutor(max_workers=CORES)
+        # It pickles fn by name: a module-level function, not the lambda.
+        return lambda fn, items: list(executor.map(_double, items, chunksize=chunksize))
+    if system == "loky":
+        import loky
+        executor = loky.get_reusable_executor(max_workers=CORES)
+        return lambda fn, items: list(executor.map(fn, items, chunksize=chunksize))
+    if system == "joblib":
+        import joblib
+        parallel = joblib.Parallel(n_jobs=CORES)
+        return lambda fn, items: parallel(joblib.delayed(fn)(x) for x in items)
+    if system == "pathos":
+        from pathos.multiprocessing import ProcessPool
+        pool = ProcessPool(nodes=CORES)
+        return pool.map
+    if system == "mpire":
+        from mpire import WorkerPool
+        pool = WorkerPool(n_jobs=CORES, use_dill=True, keep_alive=True)
+        return lambda fn, items: pool.map(fn, items, progress_bar=False)
+    raise SystemExit("no map for %r" % system)
+
+
 def _fork_run(fns):
     """A bare fork per task, result by exit: what the hardware allows."""
     pids = []
@@ -152,6 +195,17 @@ def child(system, scenario, iterations):
         run([lambda: 1, lambda: 2])
         return {}
     import statistics
+    if scenario in MAPS:
+        count = MAPS[scenario]
+        mapper = make_mapper(system, count)
+        double = lambda x: x * 2  # noqa: E731 -- what users write
+        assert mapper(double, range(100)) == list(range(0, 200, 2))  # warm up
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            assert mapper(double, range(count)) == list(range(0, 2 * count, 2))
+            times.append(time.perf_counter() - started)
+        return {"value": statistics.median(times) * 1000, "rss": _peak_rss()}
     run = make_runner(system)
     run([lambda: 0, lambda: 0])  # warm up: workers started
     if scenario == "warm2":
@@ -424,7 +478,8 @@ def print_table(rows, systems, cpu_ratios):
              "many10k": "ms", "many100k": "ms", "capture64mb": "ms", "cpu": "% eff",
              "big64mb": "ms",
              "rss": "MB peak", "idle worker rss": "MB", "many10k rss": "MB peak",
-             "many1000 rss": "MB peak", "many100k rss": "MB peak", "capture64mb rss": "MB peak"}
+             "many1000 rss": "MB peak", "many100k rss": "MB peak", "capture64mb rss": "MB peak",
+             "map10k": "ms", "map100k": "ms", "map10k rss": "MB peak", "map100k rss": "MB peak"}
     names = [s for s in systems] + ["os.fork"]
     shown = [n for n in names if any(n in row for row in rows.values())]
     width = 9
