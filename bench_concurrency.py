@@ -117,6 +117,7 @@ def make_runner(system):
         client = distributed.Client(os.environ["BENCH_DASK_ADDRESS"])
         return lambda fns: client.gather([client.submit(fn, pure=False) for fn in fns])
     if system == "os.fork":
+        import concurrency  # noqa: F401 -- a process of the same size as fork's
         return _fork_run
     raise SystemExit("unknown system %r" % system)
 
@@ -160,15 +161,20 @@ def make_mapper(system, count):
 
 
 def _fork_run(fns):
-    """A bare fork per task, result by exit: what the hardware allows."""
-    pids = []
+    """A bare fork and pipe per task, a byte back: what the hardware allows."""
+    children = []
     for fn in fns:
+        read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
             fn()
+            os.write(write_end, b"x")
             os._exit(0)
-        pids.append(pid)
-    for pid in pids:
+        os.close(write_end)
+        children.append((pid, read_end))
+    for pid, read_end in children:
+        os.read(read_end, 1)
+        os.close(read_end)
         os.waitpid(pid, 0)
     return [None] * len(fns)
 
@@ -443,6 +449,8 @@ def run_all(repeat, systems, scenarios):
     rows, bare, cpu_ratios = {}, [], {}
     for scenario in scenarios:
         measured = [s for s in systems if s not in DASK or scenario in DASK_SCENARIOS]
+        if scenario == "warm2" and "concurrency-fork" in measured:
+            measured.append("os.fork")  # two bare forks, what fork's warm2 is held to
         for system in measured:
             measure(system, scenario, iterations)  # untimed: fills bytecode caches
         # Round after round, every system once a round: a noisy spell of
@@ -499,6 +507,8 @@ def print_table(rows, systems, cpu_ratios):
             for ours in OURS:
                 if row.get(ours) is not None and best:
                     ratios.append("%s %.2f" % (ours.split("-")[1], row[ours] / best))
+        if scenario == "warm2" and row.get("concurrency-fork") and row.get("os.fork"):
+            ratios.append("fork / bare forks %.2f" % (row["concurrency-fork"] / row["os.fork"]))
         if row.get("concurrency-dask") is not None and row.get("dask"):
             ratios.append("on dask / dask %.2f" % (row["concurrency-dask"] / row["dask"]))
         print("%-24s" % ("%s (%s)" % (scenario, units.get(scenario, ""))) + cells

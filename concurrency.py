@@ -204,9 +204,10 @@ _POLL_INTERVAL = 0.05
 # wait, unless the cores are all busy with tasks; then after _GROW_ANYWAY.
 # See _Run.on_wake.
 _GROW_AFTER = 0.003
-# A fork run over within _QUICK_RUN has the next, of no more tasks, start
-# with one child, and more only after _SOLO_GRACE (see _ForkRun).
-_QUICK_RUN = 0.004
+# A fork run over within _QUICK_RUN, beyond what its forks cost, has the
+# next, of no more tasks, start with one child, and more only after
+# _SOLO_GRACE or two forks' cost (see _ForkRun).
+_QUICK_RUN = 0.001
 _SOLO_GRACE = 0.003
 _GROW_ANYWAY = 0.5
 _CPU_SPAN = 0.02  # the least time over which CPU use tells that cores are busy
@@ -1003,9 +1004,14 @@ class ForkDriver(_ChildDriver):
         solo = count <= self._quick_run
         started = time.monotonic()
         self._quick_run = 0  # until this one proves quick too
-        yield from _ForkRun(batch.calls, self.max_workers, outcomes, timeout, deadline,
-                            stop, solo).completions()
-        if time.monotonic() - started < _QUICK_RUN:
+        run = _ForkRun(batch.calls, self.max_workers, outcomes, timeout, deadline, stop, solo)
+        yield from run.completions()
+        # Quick: what its tasks took is less than another fork would cost
+        # (ours, and the child's start, about as long), on this machine, at
+        # this process's size -- not a fixed time: forks take from a tenth
+        # of a millisecond to several.
+        fork = 2 * _state.fork_seconds
+        if time.monotonic() - started < (run.forks + 1) * fork + _QUICK_RUN:
             self._quick_run = count
 
     def defer(self, tasks, *, always=False):
@@ -1261,12 +1267,15 @@ class _Map:
         self.failed[index] = 1
 
     def chunk_size(self, count):
-        """Items per chunk for the next ``count`` items."""
+        """Items per chunk for the next ``count`` items: four chunks per
+        worker at least -- per core, once the time per item is known, as a
+        run takes one child per core until its tasks prove slow, and slow
+        items get small chunks by their time anyway."""
         if self.chunksize is not None:
             return self.chunksize
-        most = max(1, -(-count // (4 * self.width)))
         if self.per_item is None:
-            return min(most, _FIRST_CHUNK)
+            return max(1, min(-(-count // (4 * self.width)), _FIRST_CHUNK))
+        most = max(1, -(-count // (4 * min(self.width, _CORES))))
         return max(1, min(most, int(_CHUNK_SECONDS / max(self.per_item, 1e-9))))
 
     def windows(self):
@@ -4007,11 +4016,13 @@ class _ForkRun(_Run):
     to max_workers, never more than tasks.
 
     ``solo``: the driver's last run, of as many tasks or more, was over
-    within _QUICK_RUN -- a bot's or an app's tiny tasks, run after run.
-    Each fork costs the parent most of a millisecond, and the child as much
-    to start: one child given every task has two tiny ones done sooner than
-    two children.  Unless they are done within _SOLO_GRACE: then what it
-    has not begun is taken back and the run goes on with one per core.
+    within what its forks cost and _QUICK_RUN -- a bot's or an app's tiny
+    tasks, run after run.  Each fork costs the parent a tenth of a
+    millisecond to several (_state.fork_seconds, measured), and the child
+    about as much to start: one child given every task has two tiny ones
+    done sooner than two children.  Unless they are done within _SOLO_GRACE
+    or four forks' cost: then what it has not begun is taken back and the
+    run goes on with one per core.
     """
 
     def __init__(self, calls, max_workers, outcomes, timeout, deadline, stop, solo=False):
@@ -4023,7 +4034,8 @@ class _ForkRun(_Run):
         self.solo_until = None  # while solo: when the run takes one child per core
         if solo and self.limit > 1:
             self.limit = 1
-            self.solo_until = time.monotonic() + _SOLO_GRACE
+            self.solo_until = time.monotonic() + max(_SOLO_GRACE, 4 * _state.fork_seconds)
+        self.forks = 0  # children forked
         self.live = []
         self.context = _current_context()
         self.starting = True  # forks now inherit the state self.context holds
@@ -4153,7 +4165,9 @@ class _ForkRun(_Run):
                     _state.parent_fds.add(task_r)
                     # What a fork costs us here (see ForkDriver._completions):
                     # it grows with our memory, and differs machine to machine.
-                    _state.fork_seconds = time.perf_counter() - forking
+                    _state.fork_seconds += (time.perf_counter() - forking
+                                            - _state.fork_seconds) / 4
+                    self.forks += 1
         except BaseException:
             for fd in (task_w, result_r):
                 _close_parent_fd(fd)
