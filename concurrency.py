@@ -787,6 +787,7 @@ def _takes_progress(run):
     return "progress" in names or bool(code.co_flags & _CO_VARKEYWORDS)
 
 
+_CO_VARARGS = 0x04  # inspect.CO_VARARGS, without importing inspect
 _CO_VARKEYWORDS = 0x08  # inspect.CO_VARKEYWORDS, without importing inspect
 
 
@@ -1439,6 +1440,26 @@ def _check_map_arguments(fn, iterable, chunksize):
 def _one_argument_problem(fn):
     """Why ``fn`` can't be called with one positional argument, or None
     (also when its signature can't be read: then the call tells)."""
+    function, bound = fn, 0
+    if type(fn) is types.MethodType:
+        function, bound = fn.__func__, 1
+    if type(function) is types.FunctionType and not hasattr(function, "__signature__"):
+        # From its code: inspect.signature() touches a few hundred objects,
+        # each a page to copy in a process that has just forked.
+        code = function.__code__
+        names = code.co_varnames
+        keyword_defaults = function.__kwdefaults__ or {}
+        keyword_only = [name for name in names[code.co_argcount:
+                                               code.co_argcount + code.co_kwonlyargcount]
+                        if name not in keyword_defaults]
+        positional = names[bound:code.co_argcount]
+        required = positional[:max(0, len(positional) - len(function.__defaults__ or ()))]
+        if len(required) > 1 or keyword_only:
+            return "needs arguments it will not get: %s" % ", ".join(
+                list(required[1:]) + keyword_only)
+        if not positional and not code.co_flags & _CO_VARARGS:
+            return "takes no arguments"
+        return None
     import inspect
     try:
         signature = inspect.signature(fn)
