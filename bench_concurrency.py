@@ -218,7 +218,8 @@ def child(system, scenario, iterations):
         times = []
         for _ in range(30):
             started = time.perf_counter()
-            assert run([lambda: 1, lambda: 2]) == [1, 2]
+            results = run([lambda: 1, lambda: 2])
+            assert system == "os.fork" or results == [1, 2]  # bare forks return nothing
             times.append(time.perf_counter() - started)
         return {"value": statistics.median(times) * 1000}
     if scenario in MANY:

@@ -939,6 +939,9 @@ class ProcessDriver(_ChildDriver):
         # The warm ones there are, or one per core; more once tasks prove
         # slow (see _Run).
         size = min(len(batch.calls), self.max_workers)
+        if isinstance(outcomes, _MapWindow) and outcomes.quick():
+            # Chunks cut for the cores: each worker is sent its share at once.
+            size = min(size, _CORES)
         _reap_exited()  # fork children of an earlier run
         workers = self._pool.acquire(size, deadline, start=min(size, _CORES), stop=stop)
         try:
@@ -1399,6 +1402,15 @@ class _MapWindow(_Outcomes):
         self.failures[index] = count
         self.failed[index] = True
         self.completed.append(index)
+
+    def quick(self):
+        """Whether its chunks were cut by count, not by time: its items are
+        known to take so little that more workers than cores would only
+        compete for them."""
+        per_item = self.map.per_item
+        return (per_item is not None and self.map.chunksize is None
+                and max(len(chunk.items) for chunk in self.batch.calls) * per_item
+                < _CHUNK_SECONDS / 2)
 
     def estimated_seconds(self):
         """What its items will take in all, by the time per item measured so
@@ -4055,7 +4067,10 @@ class _ForkRun(_Run):
         self.solo_until = None  # while solo: when the run takes one child per core
         if solo and self.limit > 1:
             self.limit = 1
-            self.solo_until = time.monotonic() + max(_SOLO_GRACE, 4 * _state.fork_seconds)
+            # Counted again from its first word: a child's start can take
+            # as long as the grace itself on a busy machine.
+            self.solo_grace = max(_SOLO_GRACE, 4 * _state.fork_seconds)
+            self.solo_until = time.monotonic() + 2 * self.solo_grace
         self.forks = 0  # children forked
         self.live = []
         self.context = _current_context()
@@ -4102,6 +4117,8 @@ class _ForkRun(_Run):
         return bool(self.free) or len(self.live) < self.size
 
     def on_frame(self, child, index, kind, body):
+        if self.solo_until is not None and not child.spoke:
+            self.solo_until = time.monotonic() + self.solo_grace
         # Classes it names by address: only ours from before its fork.
         self.worker.RESOLVING_FORKED_AT[0] = child.forked_at
         try:
