@@ -1001,7 +1001,9 @@ class ForkDriver(_ChildDriver):
             # per item measured so far.
             work = outcomes.estimated_seconds()
             solo = work is not None and work < 2 * _state.fork_seconds
-            yield from _ForkRun(batch.calls, self.max_workers, outcomes, timeout, deadline,
+            # Chunks cut for the cores: each child is sent its share at once.
+            most = min(self.max_workers, _CORES) if outcomes.quick() else self.max_workers
+            yield from _ForkRun(batch.calls, most, outcomes, timeout, deadline,
                                 stop, solo).completions()
             return
         count = len(batch.calls)
