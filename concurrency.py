@@ -2335,7 +2335,22 @@ def _add_note(exc, note):
 
 def _current_context(logging_levels=None):
     """The caller's worker.TaskContext, which every task gets."""
-    return _worker_module().current_context(_sys_path, logging_levels)
+    return _worker_module().current_context(_sys_path, logging_levels, _environ_now())
+
+
+def _environ_now():
+    """A copy of os.environ: the last one made while its raw bytes are the
+    same (comparing them takes a microsecond, decoding each variable anew
+    tens, and more right after a fork, each page touched a page copied).
+    Not to be changed: runs share it."""
+    raw = getattr(os.environ, "_data", None)
+    cached = _state.environ
+    if raw is not None and cached is not None and cached[0] == raw:
+        return cached[1]
+    environ = dict(os.environ)
+    if raw is not None:
+        _state.environ = (dict(raw), environ)
+    return environ
 
 
 def _sys_path(cwd):
@@ -5083,6 +5098,7 @@ class _ProcessState:
         self.last_fork_finish = 0.0
         self.map_timing = {}  # (id(driver), function's code) -> seconds per item
         self.fork_seconds = 0.001  # what the last os.fork() took us
+        self.environ = None  # (os.environ's raw bytes, decoded): see _environ_now
         self.exiting = []  # fork children told to exit, not reaped yet
         self.exiting_lock = threading.RLock()
         self.reaper = _Reaper()

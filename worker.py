@@ -1752,14 +1752,16 @@ class TaskContext(collections.namedtuple(
     calls (see MapChunk), so that it travels once per worker, not per chunk."""
 
 
-def current_context(path=None, logging_levels=None):
+def current_context(path=None, logging_levels=None, environ=None):
     """This process's TaskContext; ``path``: the sys.path tasks are to get,
-    given the cwd (as concurrency's _sys_path makes it)."""
+    given the cwd (as concurrency's _sys_path makes it); ``environ``: a
+    copy of os.environ made already."""
     try:
         cwd = os.getcwd()
     except OSError:
         cwd = None
-    return TaskContext(cwd, dict(os.environ), list(sys.path) if path is None else path(cwd),
+    return TaskContext(cwd, dict(os.environ) if environ is None else environ,
+                       list(sys.path) if path is None else path(cwd),
                        list(sys.argv), sys.getrecursionlimit(), logging_levels)
 
 
@@ -2038,6 +2040,12 @@ def serve_forked(task_fd, result_fd, calls, context, in_context, lend_min):
     running = [None]
     if writing is not None:
         forward_records(write, lambda: running[0])
+    raw = getattr(os.environ, "_data", None)
+    if in_context and raw is not None:
+        # Forked as the run started: our environment is the context's.  Said
+        # so now, it is compared raw after each task, never decoded.
+        _applied_environ.clear()
+        _applied_environ[id(context.environ)] = (context.environ, dict(raw))
     # What a task may have closed or replaced for the next one here: the
     # std streams and their descriptors, as in serve.
     std_streams = (sys.stdin, sys.stdout, sys.stderr)
@@ -2132,7 +2140,9 @@ def preload_libc():
     if not _libc and sys.platform.startswith("linux"):
         try:
             import ctypes
-            _libc.append(ctypes.CDLL(None, use_errno=True))
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl  # looked up (dlsym) and cached here, not in every child
+            _libc.append(libc)
         except Exception:
             _libc.append(None)
     return _libc[0] if _libc else None
