@@ -539,6 +539,20 @@ class ChildDriverTests(DriverTests):
         with self.assertRaises(concurrency.TaskTimeout):
             self.d.map(lambda x: [None for _ in iter(int, 1)], range(4), timeout=0.5)
 
+    def test_map_time_runs_out_for_items_an_iterator_has_not_given_yet(self):
+        # The first window's item 0 outlives the timeout; the next window's
+        # items never start, and each still gets its slot.
+        total = concurrency._FIRST_WINDOW + 5
+        started = time.monotonic()
+        values = self.d.map(lambda x: time.sleep(60) if x == 0 else x, iter(range(total)),
+                            timeout=1, return_exceptions=True)
+        self.assertLess(time.monotonic() - started, 1 + 3)
+        self.assertEqual(len(values), total)
+        self.assertIsInstance(values[0], concurrency.TaskTimeout)
+        for value in values[concurrency._FIRST_WINDOW:]:
+            self.assertIsInstance(value, concurrency.TaskTimeout)
+            self.assertEqual(value.timeout, 1)
+
     def test_map_interrupted_leaves_no_process_nor_descriptor(self):
         self.d.map(lambda x: x, range(4))  # what the library opens once, opened
         concurrency._shutdown()
