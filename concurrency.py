@@ -67,7 +67,8 @@ Data flow of the default ``process`` driver:
     results / first error  <-- _Outcomes <-- _Run: the parent's select() loop
 
 The sections below follow that flow: errors, the facade, the registry and
-the drivers; input and outcomes (_Batch, _Outcomes); serialization; the
+the drivers; input and outcomes (_Batch, _Outcomes, and a map's _Map, which
+cuts its input into chunks run as tasks); serialization; the
 outcomes children send, decoded; the task context and the logging that
 travels with it; starting workers; children and the run loop; the
 processes, pipes and signals both child drivers use; each driver's own
@@ -651,8 +652,8 @@ class Driver:
     A custom driver implements ``run`` (and may implement ``defer``); the
     base class builds the rest on it: ``defer`` runs the tasks on a
     background thread and reports failures on stderr; ``as_completed``,
-    ``run_async``, ``as_completed_async`` and ``progress=True`` work too, with
-    results coming in task order once ``run`` returns.  Built-in drivers
+    ``run_async``, ``as_completed_async``, ``map`` and ``progress=True`` work
+    too, with results coming in task order once ``run`` returns.  Built-in drivers
     override ``_completions`` to report each task as it ends.
     """
 

@@ -158,6 +158,13 @@ async def async_double(value):
     return value * 2
 
 
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal: the progress line shows."""
+
+    def isatty(self):
+        return True
+
+
 class CleanTestCase(unittest.TestCase):
     """Fails a test that leaves a process behind; gives it a temp dir."""
 
@@ -501,10 +508,6 @@ class DriverTests:
             self.assertIsInstance(values[1], concurrency.SerializationError)
 
     def test_map_progress_counts_items(self):
-        class Terminal(io.StringIO):
-            def isatty(self):
-                return True
-
         stream = Terminal()
         with contextlib.redirect_stderr(stream):
             values = self.d.map(lambda x: 1 // x, range(50), chunksize=10, progress=True,
@@ -1247,6 +1250,21 @@ class ForkDriverTest(ChildDriverTests, CleanTestCase):
         self.assertEqual(self.d.run([lambda: rendezvous(meet, "a", 2, timeout=5.0),
                                      lambda: rendezvous(meet, "b", 2, timeout=5.0)],
                                     timeout=LONG_TIMEOUT), ["a", "b"])
+
+    def test_where_forks_are_slow_a_run_is_quick_by_what_its_forks_cost(self):
+        # Forks that take 50 ms (a process of many gigabytes): a run of two
+        # 20 ms tasks is quick beside them, and the next forks one child.
+        self.addCleanup(setattr, concurrency._state, "fork_seconds",
+                        concurrency._state.fork_seconds)
+        concurrency._state.fork_seconds = 0.05
+        self.d.run([lambda: time.sleep(0.02), lambda: time.sleep(0.02)])
+        first, second = self.d.run([lambda: (time.sleep(0.02), os.getpid())[1]] * 2)
+        self.assertEqual(first, second)
+        # Where they are quick, the same run is not: two children.
+        concurrency._state.fork_seconds = 0.0001
+        self.d.run([lambda: time.sleep(0.02), lambda: time.sleep(0.02)])
+        first, second = self.d.run([lambda: (time.sleep(0.02), os.getpid())[1]] * 2)
+        self.assertNotEqual(first, second)
 
     def test_after_a_quick_run_a_crash_or_a_task_computing_forever_holds_back_no_other(self):
         # One child given both tasks: the one behind a crash runs in a new
@@ -3269,10 +3287,6 @@ class RegistryTest(CleanTestCase):
             recording.map(lambda x: 10 // x, iter(range(-3, 500)))
 
     def test_the_progress_line_counts_failures(self):
-        class Terminal(io.StringIO):
-            def isatty(self):
-                return True
-
         stream = Terminal()
         with contextlib.redirect_stderr(stream):
             result = concurrency.driver("sync").run(
