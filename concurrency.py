@@ -5460,6 +5460,9 @@ _registry = _Registry({"process": ProcessDriver, "fork": ForkDriver, "sync": Syn
 
 if __name__ == "__main__":
     # Run the command from the importable module, so the demo's tasks refer
-    # to `concurrency` by name instead of this __main__ copy.
-    import concurrency
-    sys.exit(concurrency._main(sys.argv[1:]))
+    # to it by name instead of this __main__ copy: by the name it was run
+    # as (python -m myapp._vendor.concurrency), or, run as a file, by its
+    # own, from its folder (sys.path[0]).
+    import importlib
+    _module = importlib.import_module(__spec__.name if __spec__ is not None else "concurrency")
+    sys.exit(_module._main(sys.argv[1:]))

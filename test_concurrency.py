@@ -3517,6 +3517,23 @@ class RegistryTest(CleanTestCase):
         self.assertEqual(concurrency._read_config().get("default"), "process")
 
 
+class VendoredCommandTest(ScriptTestCase):
+
+    def test_a_vendored_copy_s_commands_run_by_its_own_name(self):
+        argv, env, cwd = self.script("import concurrency\n", layout="vendored")
+        env.pop("PYTHONPATH", None)
+        done = subprocess.run([sys.executable, "-m", "myapp._vendor.concurrency", "--version"],
+                              cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=LONG_TIMEOUT)
+        self.assertEqual((done.returncode, done.stdout, done.stderr),
+                         (0, "concurrency %s\n" % concurrency.__version__, ""))
+        done = subprocess.run([sys.executable, "-m", "myapp._vendor.concurrency",
+                               "config:publish"], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=LONG_TIMEOUT)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertTrue(os.path.isfile(os.path.join(cwd, "concurrency.ini")))
+
+
 class PlantedConfigTest(ScriptTestCase):
     """A concurrency.ini another user left in a shared directory such as /tmp."""
 
