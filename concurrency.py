@@ -5233,7 +5233,8 @@ def _read_config():
         stat = os.stat(path)
     except OSError:
         if os.environ.get(CONFIG_ENV):
-            raise ConfigError("%s: no such config file (named by %s)" % (path, CONFIG_ENV))
+            raise ConfigError("%s: no such config file (named by %s)"
+                              % (path, CONFIG_ENV)) from None
         return {}
     # Owner and mode too: a chmod or chown changes neither mtime nor size.
     signature = (os.path.abspath(path), stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size,

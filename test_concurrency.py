@@ -3358,8 +3358,12 @@ class RegistryTest(CleanTestCase):
         self.setenv("CONCURRENCY_CONFIG", path)
         self.assertEqual(concurrency.default_driver(), "sync")
         self.setenv("CONCURRENCY_CONFIG", self.path("missing.ini"))
-        with self.assertRaisesRegex(concurrency.ConfigError, "missing.ini: no such config"):
+        with self.assertRaisesRegex(concurrency.ConfigError,
+                                    "missing.ini: no such config") as caught:
             concurrency.default_driver()
+        # The ConfigError alone: no "During handling of the above exception".
+        self.assertIsNone(caught.exception.__context__ if not
+                          caught.exception.__suppress_context__ else None)
 
     def test_bad_config_values_name_file_key_and_allowed_values(self):
         cases = [
