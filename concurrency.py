@@ -5187,7 +5187,9 @@ _CONFIG_TEMPLATE = """\
 [concurrency]
 
 ; The driver concurrency.run() and concurrency.defer() use:
-;   process - each task in a warm child Python process (tasks serialized with dill)
+;   process - each task in a warm child Python process (tasks serialized with
+;             the standard pickler, by value what it can't find by name;
+;             dill for the rare rest)
 ;   fork    - each task in an os.fork() child (POSIX only; nothing serialized)
 ;   sync    - one after another in the calling process (tests, debugging)
 ;   dask    - each task on a Dask cluster (needs: pip install distributed)

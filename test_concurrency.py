@@ -3464,6 +3464,15 @@ class RegistryTest(CleanTestCase):
             self.assertIn("is a symbolic link", done.stderr)
             self.assertFalse(os.path.exists(target))
 
+    def test_the_published_config_says_how_tasks_travel_as_readme_does(self):
+        # The standard pickler first, dill for the rest (README: What travels).
+        template = concurrency._CONFIG_TEMPLATE
+        process = template[template.index(";   process"):template.index(";   fork")]
+        self.assertIn("standard pickler", process)
+        self.assertNotRegex(process, r"serialized with dill\b")
+        with open(os.path.join(REPO, "README.rst"), encoding="utf-8") as file:
+            self.assertIn("the standard pickler", file.read())
+
     def test_config_publish_command(self):
         env = dict(os.environ, PYTHONPATH=REPO)
         command = [sys.executable, "-m", "concurrency", "config:publish"]
