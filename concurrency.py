@@ -1167,6 +1167,17 @@ class _Batch:
             raise TypeError("task %r is a coroutine object, not a coroutine function: did "
                             "you call it? pass the function itself (%s, not %s()) or a "
                             "lambda (lambda: %s(...))" % (key, name, name, name))
+        if isinstance(value, (list, tuple, set, frozenset)) and value \
+                and all(callable(fn) for fn in value):
+            raise TypeError("task %r is a %s of callables, not a callable: pass the "
+                            "callables themselves, one task each -- run([f, g]), not "
+                            "run([[f, g]])" % (key, type(value).__name__))
+        call = _call_written_for(key)
+        if call is not None:
+            raise TypeError("task %r is not callable: got %s.  Did you call it? %s ran "
+                            "here, as the tasks were listed, and its result became the "
+                            "task: pass lambda: %s so that it runs in the child"
+                            % (key, _describe(value), call, call))
         raise TypeError("task %r is not callable: got %s.  Did you call it? Pass the "
                         "function itself, or a lambda that calls it -- lambda: "
                         "report(\"users\") -- so that it runs in the child"
@@ -1721,6 +1732,48 @@ def _missing_parameters(fn):
     return [name for name, parameter in signature.parameters.items()
             if parameter.default is parameter.empty
             and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)]
+
+
+def _call_written_for(key):
+    """The source text of the call the caller wrote as task ``key`` --
+    ``count("users")`` in ``run([count("users")])`` -- where its line can be
+    read and parsed, else None.  Only on the way to an error."""
+    import ast
+    import linecache
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back
+    if frame is None:
+        return None
+    line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+    tree = None
+    # The line alone, or what follows a colon on it (try: run(...)).
+    for start in [0] + [at + 1 for at, char in enumerate(line) if char == ":"]:
+        try:
+            tree = ast.parse(line[start:].strip())
+            break
+        except SyntaxError:
+            continue
+    if tree is None:
+        return None
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and node.args):
+            continue
+        name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+        if name not in ("run", "run_async", "as_completed", "as_completed_async", "defer"):
+            continue
+        tasks = node.args[0]
+        found = None
+        if isinstance(tasks, (ast.List, ast.Tuple)) and isinstance(key, int) \
+                and 0 <= key < len(tasks.elts):
+            found = tasks.elts[key]
+        elif isinstance(tasks, ast.Dict):
+            for written, value in zip(tasks.keys, tasks.values):
+                if isinstance(written, ast.Constant) and written.value == key:
+                    found = value
+        if isinstance(found, ast.Call):
+            return ast.unparse(found)
+    return None
 
 
 def _describe(value):

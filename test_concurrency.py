@@ -246,8 +246,19 @@ class DriverTests:
             calls.append(table)
 
         with self.assertRaisesRegex(TypeError, r"task 0 is not callable: got None.*"
-                                               r"Did you call it\? Pass the function itself"):
+                                               r"Did you call it\? report\('users'\) ran "
+                                               r"here.*pass lambda: report\('users'\)"):
             self.d.run([report("users"), report("orders")])
+        with self.assertRaisesRegex(TypeError, r"task 'b' is not callable: got None.*"
+                                               r"pass lambda: report\('b'\)"):
+            self.d.run({"a": lambda: 1, "b": report("b")})
+        tasks = [report("built before")]  # where the call can't be seen: the example
+        with self.assertRaisesRegex(TypeError, r"task 0 is not callable: got None.*"
+                                               r"Did you call it\? Pass the function itself"):
+            self.d.run(tasks)
+        with self.assertRaisesRegex(TypeError, r"task 0 is a list of callables, not a "
+                                               r"callable: pass the callables themselves"):
+            self.d.run([[report, report]])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with self.assertRaisesRegex(TypeError, r"task 'a' is a coroutine object.*did you "
@@ -257,7 +268,8 @@ class DriverTests:
             gc.collect()
         self.assertEqual([str(w.message) for w in caught if "never awaited" in str(w.message)],
                          [])
-        self.assertEqual(calls, ["users", "orders"])  # the calls above; never in a child
+        # The calls above; never in a child.
+        self.assertEqual(calls, ["users", "orders", "b", "built before"])
 
     def test_a_function_that_needs_arguments_is_refused_before_anything_runs(self):
         marker = self.path("ran")
