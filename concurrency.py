@@ -255,21 +255,39 @@ class TaskTimeout(ConcurrencyError, TimeoutError):
     did not finish), ``timeout`` in seconds.
     """
 
-    def __init__(self, key, unfinished, timeout):
+    def __init__(self, key, unfinished, timeout, origin=None):
         self.key = key
         # One list for every task of a run (a run of 100,000 tasks that
         # times out would otherwise hold 100,000 copies of it).
         self.unfinished = unfinished if type(unfinished) is list else list(unfinished)
-        self.timeout = timeout
+        # Where the limit came from: the timeout argument, the driver's, or
+        # concurrency.ini's (see _Limit).
+        self.origin = getattr(timeout, "origin", None) if origin is None else origin
+        self.timeout = float(timeout)
         named = ", ".join(repr(k) for k in self.unfinished[:_KEYS_NAMED])
         if len(self.unfinished) > _KEYS_NAMED:
             named += " and %d more" % (len(self.unfinished) - _KEYS_NAMED)
+        where = ""
+        if self.origin:
+            where = "; the limit is %s (timeout=math.inf means none)" % self.origin
         super().__init__(
             "task %r did not finish within %g s (unfinished tasks: %s); its process "
-            "was killed" % (key, timeout, named))
+            "was killed%s" % (key, self.timeout, named, where))
 
     def __reduce__(self):
-        return type(self), (self.key, self.unfinished, self.timeout)
+        return type(self), (self.key, self.unfinished, self.timeout, self.origin)
+
+
+class _Limit(float):
+    """A timeout, and where it came from, for TaskTimeout to say."""
+
+    def __new__(cls, seconds, origin):
+        limit = super().__new__(cls, seconds)
+        limit.origin = origin
+        return limit
+
+    def __reduce__(self):
+        return float, (float(self),)
 
 
 # A TaskTimeout's message names this many unfinished tasks, then counts the rest.
@@ -892,6 +910,10 @@ class _ChildDriver(Driver):
             raise ValueError("max_workers must be a positive int, not %r" % (max_workers,))
         self.max_workers = max_workers
         self.timeout = _check_timeout(config.get("timeout") if timeout is None else timeout)
+        if self.timeout is not None:
+            self.timeout = _Limit(self.timeout, "the driver's, from %s" % (
+                "%s(timeout=%g)" % (type(self).__name__, self.timeout) if timeout is not None
+                else "%s (timeout = %g)" % (_config_path(), self.timeout)))
 
     def run(self, tasks, *, timeout=None, return_exceptions=False, progress=False):
         """Run ``tasks`` at once; see concurrency.run().  ``progress=True``
@@ -902,7 +924,12 @@ class _ChildDriver(Driver):
 
     def _deadline(self, timeout):
         # None: the driver's timeout; math.inf: no limit, whatever that is.
-        timeout = self.timeout if timeout is None else _check_timeout(timeout)
+        if timeout is None:
+            timeout = self.timeout
+        else:
+            timeout = _check_timeout(timeout)
+            if timeout is not None and not isinstance(timeout, _Limit):
+                timeout = _Limit(timeout, "the timeout argument")
         return timeout, (None if timeout is None else time.monotonic() + timeout)
 
     _map_deadline = _deadline
@@ -5271,6 +5298,12 @@ _TIMEOUT_MIN = 0.001
 _MAX_WORKERS_MAX = 4096
 
 
+def _config_path():
+    """The config file the library reads: CONCURRENCY_CONFIG's, else the
+    current directory's concurrency.ini."""
+    return os.environ.get(CONFIG_ENV) or CONFIG_FILE
+
+
 def _read_config():
     """The validated settings of concurrency.ini, {} when there is none.
 
@@ -5283,7 +5316,7 @@ def _read_config():
     refused, as ssh's StrictModes refuses such an authorized_keys.
     """
     import stat as stat_module
-    path = os.environ.get(CONFIG_ENV) or CONFIG_FILE
+    path = _config_path()
     try:
         stat = os.stat(path)
     except OSError:
@@ -5403,7 +5436,7 @@ def _user_name(uid):
 
 def _publish_config(force=False):
     # Where the library will read it: CONCURRENCY_CONFIG, else ./concurrency.ini.
-    path = os.environ.get(CONFIG_ENV) or CONFIG_FILE
+    path = _config_path()
     shown = os.path.abspath(path)
     if os.path.islink(path):
         # Followed, it would write wherever the link points (a dangling one

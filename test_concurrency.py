@@ -12,6 +12,7 @@ import gc
 import importlib.util
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -3363,6 +3364,26 @@ class RegistryTest(CleanTestCase):
             fresh = concurrency.ProcessDriver()
             self.assertEqual(fresh.timeout, expected)
             self.assertEqual(fresh.run([lambda: 1]), [1])
+
+    def test_a_task_timeout_says_where_its_limit_came_from(self):
+        path = self.path("limits.ini")
+        write_file(path, "[concurrency]\ntimeout = 0.5\n")
+        self.setenv("CONCURRENCY_CONFIG", path)
+        slow = [lambda: time.sleep(30)]
+        for make, timeout, origin in (
+                (concurrency.ProcessDriver, None, r"concurrency.ini's|%s \(timeout = 0.5\)"
+                 % re.escape(path)),
+                (concurrency.ProcessDriver, 0.3, r"the timeout argument"),
+                (lambda: concurrency.ForkDriver(timeout=0.4), None,
+                 r"ForkDriver\(timeout=0.4\)")):
+            with self.subTest(origin=origin):
+                with self.assertRaisesRegex(concurrency.TaskTimeout,
+                                            r"the limit is .*(%s).*timeout=math.inf means "
+                                            r"none" % origin):
+                    make().run(slow, timeout=timeout)
+        # None: the driver's limit still; math.inf: none at all.
+        self.assertEqual(concurrency.ProcessDriver().run([lambda: time.sleep(0.7) or 1],
+                                                         timeout=math.inf), [1])
 
     def test_config_path_from_environment(self):
         path = self.path("elsewhere.ini")
