@@ -4534,6 +4534,13 @@ def _local_dask_client(threads):
         if _state.dask_local is None:
             distributed = _distributed()
             _close_dask_at_exit()
+            # Our own cluster's comings and goings are no news to the caller:
+            # its INFO lines (45 for a short script) go, unless the caller
+            # chose a level for Dask's logger (Dask's own default is INFO).
+            import logging
+            dask_logger = logging.getLogger("distributed")
+            if dask_logger.level == logging.INFO:
+                dask_logger.setLevel(logging.WARNING)
             # No dashboard; the scheduler's HTTP server (health checks) on a
             # free port of loopback, not on 8787, which may well be taken.
             cluster = distributed.LocalCluster(

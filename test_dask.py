@@ -603,6 +603,27 @@ class DaskScriptTest(ScriptTestCase):
         self.assertNotIn("Traceback", done.stderr)
 
 
+    def test_the_local_cluster_keeps_quiet_in_the_caller_s_logs_unless_asked(self):
+        source = """\
+            import logging, sys
+            logging.basicConfig(level=logging.INFO)
+            if sys.argv[1] == "asked":
+                import distributed
+                logging.getLogger("distributed").setLevel(logging.DEBUG)
+            import concurrency
+            logging.getLogger("shop").info("mine")
+            print(concurrency.driver("dask").run([lambda: 1]))
+            """
+        quiet = self.run_script(source, argv_extra=["quiet"])
+        self.assertSucceeded(quiet)
+        self.assertEqual(quiet.stdout, "[1]\n")
+        self.assertIn("INFO:shop:mine", quiet.stderr)  # the caller's INFO still shows
+        self.assertNotIn("distributed.", quiet.stderr)
+        asked = self.run_script(source, argv_extra=["asked"])
+        self.assertSucceeded(asked)
+        self.assertIn("distributed.", asked.stderr)
+
+
 @NEEDS_DISTRIBUTED
 class DaskFidelityTest(ScriptTestCase):
     """The process driver's fidelity cases, through the dask driver."""
