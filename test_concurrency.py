@@ -1741,7 +1741,23 @@ class ScriptTest(ScriptTestCase):
         self.assert_marked_processes_gone()
         self.assertSucceeded(done)
         lines = [line for line in done.stdout.splitlines() if "users=" in line]
-        self.assertEqual(len(lines), 3 if hasattr(os, "fork") else 2, done.stdout)
+        dask = importlib.util.find_spec("distributed") is not None
+        self.assertEqual(len(lines), 2 + hasattr(os, "fork") + dask, done.stdout)
+        self.assertEqual([line.split()[0] for line in lines],
+                         ["sync", "process"] + ["fork"] * hasattr(os, "fork")
+                         + ["dask"] * dask)
+        if not dask:
+            self.assertIn("dask     not run: the dask driver needs", done.stdout)
+        # Without distributed: said so, and the rest ran.
+        done = subprocess.run([sys.executable, "-c", "import sys; sys.modules['distributed'] "
+                               "= None; import concurrency; sys.exit(concurrency._main"
+                               "(['demo']))"], env=env, cwd=cwd, capture_output=True,
+                              text=True, timeout=LONG_TIMEOUT)
+        self.assert_marked_processes_gone()
+        self.assertSucceeded(done)
+        self.assertIn("\ndask     not run: the dask driver needs Dask's distributed",
+                      done.stdout)
+        self.assertIn("\nprocess  users=120 orders=345", done.stdout)
         for line in lines:
             self.assertIn("users=120 orders=345", line)
 
