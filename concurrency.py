@@ -411,12 +411,20 @@ def run(tasks, *, timeout: float | None = None, return_exceptions: bool = False,
     return chosen.run(tasks, timeout=timeout, return_exceptions=return_exceptions)
 
 
-async def run_async(tasks, *, timeout: float | None = None, return_exceptions: bool = False):
+async def run_async(tasks, *, timeout: float | None = None, return_exceptions: bool = False,
+                    progress: bool = False):
     """``run`` for asyncio, on the default driver: awaiting it never blocks the
     event loop.  Cancelling it stops the tasks still running (processes
     killed and reaped) and re-raises CancelledError."""
     return await _registry.driver().run_async(tasks, timeout=timeout,
-                                              return_exceptions=return_exceptions)
+                                              return_exceptions=return_exceptions,
+                                              **_progress_option(progress))
+
+
+def _progress_option(progress):
+    # Passed only when asked for: a custom driver's as_completed or
+    # run_async written before it took progress= keeps working.
+    return {"progress": True} if progress else {}
 
 
 def map(fn, iterable, *, chunksize: int | None = None, timeout: float | None = None,
@@ -444,7 +452,8 @@ def map(fn, iterable, *, chunksize: int | None = None, timeout: float | None = N
                                   return_exceptions=return_exceptions, progress=progress)
 
 
-def as_completed(tasks, *, timeout: float | None = None, return_exceptions: bool = False):
+def as_completed(tasks, *, timeout: float | None = None, return_exceptions: bool = False,
+                 progress: bool = False):
     """Yield ``(key, result)`` as tasks finish, on the default driver.
 
     ``for key, value in tqdm(concurrency.as_completed(tasks), total=len(tasks))``
@@ -453,14 +462,16 @@ def as_completed(tasks, *, timeout: float | None = None, return_exceptions: bool
     stops the tasks still running.
     """
     return _registry.driver().as_completed(tasks, timeout=timeout,
-                                           return_exceptions=return_exceptions)
+                                           return_exceptions=return_exceptions,
+                                           **_progress_option(progress))
 
 
 def as_completed_async(tasks, *, timeout: float | None = None,
-                       return_exceptions: bool = False):
+                       return_exceptions: bool = False, progress: bool = False):
     """``async for key, result in concurrency.as_completed_async(tasks)``."""
     return _registry.driver().as_completed_async(tasks, timeout=timeout,
-                                                 return_exceptions=return_exceptions)
+                                                 return_exceptions=return_exceptions,
+                                                 **_progress_option(progress))
 
 
 def defer(tasks, *, always: bool = False) -> None:
@@ -715,22 +726,23 @@ class Driver:
                 _report_deferred_failure(key, value)
 
     def as_completed(self, tasks, *, timeout: float | None = None,
-                     return_exceptions: bool = False):
+                     return_exceptions: bool = False, progress: bool = False):
         """Yield ``(key, result)`` pairs as tasks finish.
 
         A failed task's exception is raised when its turn comes (or yielded
         as its result with ``return_exceptions=True``).  Leaving the loop
         early -- ``break``, that exception, closing the generator -- stops
         the tasks still running: their processes are killed and reaped.
+        ``progress=True`` shows the progress line, as for run().
         """
         batch = _Batch(tasks)
         _check_timeout(timeout)
         outcomes = _Outcomes(batch)
-        return _pairs(self._completions(batch, outcomes, timeout, None), outcomes,
+        return _pairs(self._tracked(batch, outcomes, timeout, None, progress), outcomes,
                       return_exceptions)
 
     async def run_async(self, tasks, *, timeout: float | None = None,
-                        return_exceptions: bool = False):
+                        return_exceptions: bool = False, progress: bool = False):
         """``run`` for asyncio: the event loop keeps running meanwhile.
 
         Cancelling the awaiting task stops the tasks still running (their
@@ -741,21 +753,29 @@ class Driver:
         outcomes = _Outcomes(batch)
 
         def work(stop):
-            for _index in self._completions(batch, outcomes, timeout, stop):
+            for _index in self._tracked(batch, outcomes, timeout, stop, progress):
                 pass
 
         await _in_thread(work)
         return outcomes.finish(return_exceptions)
 
     def as_completed_async(self, tasks, *, timeout: float | None = None,
-                           return_exceptions: bool = False):
+                           return_exceptions: bool = False, progress: bool = False):
         """``as_completed`` for ``async for``; leaving the loop early stops the
         tasks still running (use ``contextlib.aclosing`` to wait for that)."""
         batch = _Batch(tasks)
         _check_timeout(timeout)
         outcomes = _Outcomes(batch)
-        return _pairs_async(lambda stop: _pairs(self._completions(batch, outcomes, timeout, stop),
-                                                outcomes, return_exceptions))
+        return _pairs_async(lambda stop: _pairs(
+            self._tracked(batch, outcomes, timeout, stop, progress), outcomes,
+            return_exceptions))
+
+    def _tracked(self, batch, outcomes, timeout, stop, progress):
+        """_completions, shown on the progress line if ``progress``."""
+        completions = self._completions(batch, outcomes, timeout, stop)
+        if progress:
+            completions = _Progress(len(batch.calls)).track(completions, outcomes)
+        return completions
 
     def _completions(self, batch, outcomes, timeout, stop):
         """Fill ``outcomes`` and yield each task's index as it finishes.
@@ -841,7 +861,10 @@ class SyncDriver(Driver):
         batch = _Batch(tasks)
         _schedule_deferred(lambda: self.run(batch.shape(batch.calls)), always)
 
-    def as_completed(self, tasks, *, timeout=None, return_exceptions=False):
+    def as_completed(self, tasks, *, timeout=None, return_exceptions=False, progress=False):
+        if progress:  # counted as each task ends, as on the other drivers
+            return super().as_completed(tasks, timeout=timeout,
+                                        return_exceptions=return_exceptions, progress=True)
         batch = _Batch(tasks)
         _check_timeout(timeout)
         return self._as_completed(batch, return_exceptions)

@@ -431,6 +431,25 @@ class DriverTests:
 
         self.assertEqual(asyncio.run(main()), [("a", 1), ("b", 2)])
 
+    def test_progress_on_as_completed_and_run_async_too(self):
+        async def gather_pairs():
+            return sorted([pair async for pair in self.d.as_completed_async(
+                [lambda: 3, lambda: 4], progress=True)])
+
+        for name, call, expected in (
+                ("as_completed", lambda: sorted(self.d.as_completed(
+                    [lambda: 1, lambda: 2], progress=True)), [(0, 1), (1, 2)]),
+                ("run_async", lambda: asyncio.run(self.d.run_async(
+                    [lambda: 1, lambda: 2], progress=True)), [1, 2]),
+                ("as_completed_async", lambda: asyncio.run(gather_pairs()),
+                 [(0, 3), (1, 4)])):
+            with self.subTest(name):
+                stream = Terminal()
+                with contextlib.redirect_stderr(stream):
+                    self.assertEqual(call(), expected)
+                last = stream.getvalue().rstrip("\n").split("\r")[-1]
+                self.assertRegex(last, r"^concurrency: 2/2 done, [0-9.]+ s, ")
+
     def test_progress_is_silent_when_stderr_is_not_a_terminal(self):
         stream = tempfile.TemporaryFile("w+")
         self.addCleanup(stream.close)
