@@ -3770,6 +3770,28 @@ class PackagingTest(unittest.TestCase):
         self.assertRegex(text, r'(?m)^requires = \["setuptools>=61"\]$')
 
 
+    def test_an_installed_copy_takes_no_module_named_worker(self):
+        # The wheel pip installs: concurrency.py and the child entrypoint
+        # under its private name, beside it -- and from the sdist as well.
+        out = tempfile.mkdtemp(prefix="concurrency-wheel-")
+        self.addCleanup(shutil.rmtree, out, ignore_errors=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                               "-w", out, REPO], capture_output=True, text=True,
+                              timeout=LONG_TIMEOUT)
+        for leftover in ("build", "concurrency.egg-info"):
+            shutil.rmtree(os.path.join(REPO, leftover), ignore_errors=True)
+        if done.returncode != 0 and "No module named pip" in done.stderr:
+            self.skipTest("pip is not installed")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        import zipfile
+        [wheel] = os.listdir(out)
+        with zipfile.ZipFile(os.path.join(out, wheel)) as archive:
+            modules = sorted(name for name in archive.namelist() if "/" not in name)
+        self.assertEqual(modules, ["_concurrency_worker.py", "concurrency.py"])
+        with open(os.path.join(REPO, "MANIFEST.in"), encoding="utf-8") as file:
+            self.assertIn("include worker.py", file.read())
+
+
 class ImportTest(unittest.TestCase):
 
     def python(self, code):
