@@ -182,7 +182,7 @@ try:
     # descriptor left, its shared library would fail to load (ImportError).
     import fcntl
 except ImportError:  # not POSIX
-    fcntl = None
+    fcntl = None  # type: ignore
 
 # Enough workers that I/O-bound tasks (the common case: queries, HTTP calls)
 # all run at once even on a small machine: four one-second sleeps take one
@@ -2398,22 +2398,22 @@ def _decode_outcome(outcomes, index, kind, body, lent=None):
             outcomes.succeed(index, value)
         return
     info = pickle.loads(body)
-    exc = _rebuild_exception(key, info)
+    raised = _rebuild_exception(key, info)
     remote = RemoteTraceback(info["traceback"])
     if info["kind"] == "task":
-        exc.__cause__ = remote
-        _add_note(exc, outcomes.note(key))
-        outcomes.fail(index, exc)
+        raised.__cause__ = remote
+        _add_note(raised, outcomes.note(key))
+        outcomes.fail(index, raised)
         return
-    if not isinstance(exc, RemoteError):
-        exc.__cause__ = remote
+    if not isinstance(raised, RemoteError):
+        raised.__cause__ = remote
     if info["kind"] == "result":
         detail = "the result could not be serialized in the child: %s: %s"
     else:
         detail = "the task could not be unserialized in the child: %s: %s"
     error = SerializationError(key, info["kind"] if info["kind"] == "result" else "task",
                                detail % (info["type"], info["message"]))
-    error.__cause__ = exc
+    error.__cause__ = raised
     outcomes.fail(index, error)
 
 

@@ -455,7 +455,7 @@ def loads_value(body, lent=None):
                 lent.append(made[descriptor])
                 offset += length
         return pickle.loads(data, buffers=lent)
-    import dill
+    import dill  # type: ignore
     return dill.loads(bytes(view[1:]))
 
 
@@ -785,8 +785,8 @@ class Unshippable(pickle.PicklingError):
 
 
 _OWN_GLOBALS = globals()  # this module's functions pickle by name, always
-_GLOBAL_OPS = {}      # opcode -> shift of its argument into co_names
-_global_names_cache = {}
+_GLOBAL_OPS: dict = {}      # opcode -> shift of its argument into co_names
+_global_names_cache: dict = {}
 
 _tracker_ids = None   # class or TypeVar -> its tracker id (weak keys)
 _tracked = None       # tracker id -> class or TypeVar (weak values)
@@ -922,7 +922,7 @@ def global_names(code):
     return names
 
 
-_plain_states = {}
+_plain_states: dict = {}
 
 
 def _plain_function_state(code, name, module):
@@ -1063,7 +1063,7 @@ def dill_value_pickler_class():
     """dill's pickler with the same rules on top: for objects that neither
     pickle nor ValuePickler can send.  Needs dill."""
     if "dill" not in _loaders:
-        import dill
+        import dill  # type: ignore
 
         class DillValuePickler(_ByValue, dill.Pickler):
             def __init__(self, file, protocol=pickle.HIGHEST_PROTOCOL):
@@ -1074,7 +1074,7 @@ def dill_value_pickler_class():
     return _loaders["dill"]
 
 
-_loaders = {}
+_loaders: dict = {}
 
 
 # Large buffers a run's tasks capture travel once per worker per run, not
@@ -1156,7 +1156,7 @@ class _SharingUnpickler(pickle.Unpickler):
         return copy
 
 
-_shared = {}  # in a worker: number -> the bytes of a b"B" frame of this run
+_shared: dict = {}  # in a worker: number -> the bytes of a b"B" frame of this run
 
 
 def _read_parent_file(fd, size, name):
@@ -1402,7 +1402,7 @@ def _reduce_code(code):
     return load_code, (marshal.dumps(code),)
 
 
-_codes = {}  # marshalled code -> the code object made of it
+_codes: dict = {}  # marshalled code -> the code object made of it
 
 
 def load_code(data):
@@ -1553,8 +1553,8 @@ def _reduce_dataclass_sentinel(sentinel):
     return dataclass_sentinel, (name,)
 
 
-_singledispatch = []
-_reducer_table = [{}]  # swapped whole: threads pickling meanwhile see one or the other
+_singledispatch: list = []
+_reducer_table: list = [{}]  # swapped whole: threads pickling meanwhile see one or the other
 # Types of modules imported only when in use: (module, type name, reducer).
 _REDUCERS_OF_MODULES = [
     ("functools", "_lru_cache_wrapper", _reduce_lru_cache),
@@ -1629,7 +1629,7 @@ def loads_task(body):
     if view[:1] == b"s":
         import io
         return _SharingUnpickler(io.BytesIO(view[1:])).load()
-    import dill
+    import dill  # type: ignore
     return dill.loads(bytes(view[1:]))
 
 
@@ -1765,7 +1765,7 @@ def current_context(path=None, logging_levels=None, environ=None):
                        list(sys.argv), sys.getrecursionlimit(), logging_levels)
 
 
-_applied_environ = {}  # id(context environ) -> os.environ's raw data after applying it
+_applied_environ: dict = {}  # id(context environ) -> os.environ's raw data after applying it
 
 
 def _apply_context(context, channel=None):
@@ -1815,7 +1815,7 @@ def _apply_context(context, channel=None):
 # gets the parent's levels with each run's context (see concurrency's
 # _logging_levels); a fork child has them already.
 
-_forwarding = []  # the levels applied, once records are forwarded
+_forwarding: list = []  # the levels applied, once records are forwarded
 
 
 def forward_records(write, running):
@@ -1937,7 +1937,8 @@ def usable_std_streams(std_streams):
     if stale:
         std_streams = tuple(_reopened(stream, fd, mode) for stream, fd, mode
                             in zip(std_streams, (0, 1, 2), ("r", "w", "w")))
-        sys.__stdin__, sys.__stdout__, sys.__stderr__ = std_streams
+        for name, stream in zip(("__stdin__", "__stdout__", "__stderr__"), std_streams):
+            setattr(sys, name, stream)
     sys.stdin, sys.stdout, sys.stderr = std_streams
     return std_streams
 
@@ -2088,7 +2089,7 @@ def _watch_parent(task_fd):
     threading.Thread(target=watch, name="concurrency-parent-watch", daemon=True).start()
 
 
-_SAVED_STD_FDS = {}
+_SAVED_STD_FDS: dict = {}
 
 
 def _save_std_fds():
@@ -2132,7 +2133,7 @@ def _protect_channel(*fds):
 # -- Processes a task starts --------------------------------------------------
 
 _PR_SET_CHILD_SUBREAPER = 36
-_libc = []
+_libc: list = []
 
 
 def preload_libc():
