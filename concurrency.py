@@ -2660,7 +2660,7 @@ def _worker_environ():
     return trimmed
 
 
-def _worker_module():
+def _worker_module() -> types.ModuleType:
     """worker.py loaded by path under a private name, never as ``worker``:
     a user's own worker.py must not be picked up."""
     if _state.worker_module is None:
