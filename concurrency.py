@@ -177,6 +177,10 @@ import time
 import types
 import weakref
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING's meaning, without its import
+if TYPE_CHECKING:
+    from typing import Any
+
 try:
     # At import, not on first use: imported first in a run with no
     # descriptor left, its shared library would fail to load (ImportError).
@@ -5181,6 +5185,20 @@ class _ProcessState:
     and our pipe ends to them, the reaper, the fast paths still on, and the
     caches.  A fork child starts from forget_after_fork(): none of that is
     its own."""
+
+    # None until first used (see __init__); said for type checkers.
+    worker_module: Any
+    worker_code: Any
+    worker_file: Any
+    interpreter_flags: Any
+    memory_reader: Any
+    devnull: Any
+    lifeline: Any
+    logging_levels: Any
+    config: Any
+    environ: Any
+    dask_local: Any
+    dask_pool: Any
 
     def __init__(self):
         # Linux's fast paths, off for good once one fails here: children
