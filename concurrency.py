@@ -1438,6 +1438,7 @@ class _MapWindow(_Outcomes):
         self.map = the_map
         self.starts = starts
         self.failures = [0] * len(chunks)  # failed items, by chunk
+        self.skipped = {}  # chunk -> {position: SerializationError} (see item_failed)
         self.map_function = the_map.map_function  # see _ProcessRun
 
     def succeed(self, index, value):
@@ -1487,10 +1488,6 @@ class _MapWindow(_Outcomes):
         if per_item is None:
             return None
         return per_item * sum(len(chunk.items) for chunk in self.batch.calls)
-
-    @property
-    def skipped(self):
-        return self.__dict__.setdefault("_skipped", {})
 
     def item_failed(self, index, position, exc):
         """Item ``position`` of chunk ``index`` can't be serialized: it fails
