@@ -129,6 +129,10 @@ task order is raised, unless ``return_exceptions=True``.
 
 from __future__ import annotations
 
+# The overloads of run() and its kin read a mapping first: one whose keys are
+# callables is also an iterable of tasks, an overlap no caller means.
+# mypy: disable-error-code="overload-overlap"
+
 __all__ = [
     "run",
     "map",
@@ -179,7 +183,30 @@ import weakref
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING's meaning, without its import
 if TYPE_CHECKING:
-    from typing import Any
+    # What type checkers read (an installed copy's stub is made of this block
+    # and the public signatures, see setup.py); never imported at run time,
+    # where typing would add to the import.
+    from typing import (Any, AsyncGenerator, Awaitable, Callable, Generator, Iterable, Literal,
+                        Mapping, TypeVar, Union, overload)
+    _K = TypeVar("_K")  # a task's key
+    _T = TypeVar("_T")  # what a task returns
+    _X = TypeVar("_X")  # an item of map()'s input
+    _F = TypeVar("_F", bound=Callable[..., Any])  # a function deferring() decorates
+    # A task is called with no arguments, and a coroutine it returns is
+    # awaited.  Each signature reads _AsyncTask first, for mypy, which can't
+    # solve _T from _Task's union; the union keeps pyright from giving up
+    # (as Any) between the two on a mapping of coroutine functions.
+    _AsyncTask = Callable[[], Awaitable[_T]]
+    _Task = Callable[[], Union[_T, Awaitable[_T]]]
+    _Pairs = Generator[tuple[_K, _T], None, None]  # as_completed()
+    _AsyncPairs = AsyncGenerator[tuple[_K, _T], None]  # as_completed_async()
+    _Tasks = Union[Mapping[Any, Callable[[], Any]], Callable[[], Any],  # defer()'s
+                   Iterable[Callable[[], Any]]]
+else:
+    def overload(function):
+        """typing.overload for the checkers; at run time the last
+        definition, the implementation, is what stays."""
+        return function
 
 try:
     # At import, not on first use: imported first in a run with no
@@ -373,6 +400,42 @@ class RemoteTraceback(ConcurrencyError):
 
 # -- Facade -------------------------------------------------------------------
 
+@overload
+def run(tasks: Mapping[_K, _AsyncTask[_T]], *, timeout: float | None = None,
+        return_exceptions: Literal[False] = False, progress: bool = False) -> dict[_K, _T]: ...
+@overload
+def run(tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+        return_exceptions: Literal[False] = False, progress: bool = False) -> dict[_K, _T]: ...
+@overload
+def run(tasks: _AsyncTask[_T], *, timeout: float | None = None,
+        return_exceptions: Literal[False] = False, progress: bool = False) -> list[_T]: ...
+@overload
+def run(tasks: _Task[_T], *, timeout: float | None = None,
+        return_exceptions: Literal[False] = False, progress: bool = False) -> list[_T]: ...
+@overload
+def run(tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+        return_exceptions: Literal[False] = False, progress: bool = False) -> list[_T]: ...
+@overload
+def run(tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+        return_exceptions: Literal[False] = False, progress: bool = False) -> list[_T]: ...
+@overload
+def run(tasks: Mapping[_K, _AsyncTask[_T]], *, timeout: float | None = None,
+        return_exceptions: bool, progress: bool = False) -> dict[_K, _T | BaseException]: ...
+@overload
+def run(tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None, return_exceptions: bool,
+        progress: bool = False) -> dict[_K, _T | BaseException]: ...
+@overload
+def run(tasks: _AsyncTask[_T], *, timeout: float | None = None, return_exceptions: bool,
+        progress: bool = False) -> list[_T | BaseException]: ...
+@overload
+def run(tasks: _Task[_T], *, timeout: float | None = None, return_exceptions: bool,
+        progress: bool = False) -> list[_T | BaseException]: ...
+@overload
+def run(tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None, return_exceptions: bool,
+        progress: bool = False) -> list[_T | BaseException]: ...
+@overload
+def run(tasks: Iterable[_Task[_T]], *, timeout: float | None = None, return_exceptions: bool,
+        progress: bool = False) -> list[_T | BaseException]: ...
 def run(tasks, *, timeout: float | None = None, return_exceptions: bool = False,
         progress: bool = False):
     """Run ``tasks`` at once with the default driver and return their results.
@@ -415,6 +478,53 @@ def run(tasks, *, timeout: float | None = None, return_exceptions: bool = False,
     return chosen.run(tasks, timeout=timeout, return_exceptions=return_exceptions)
 
 
+@overload
+async def run_async(tasks: Mapping[_K, _AsyncTask[_T]], *, timeout: float | None = None,
+                    return_exceptions: Literal[False] = False,
+                    progress: bool = False) -> dict[_K, _T]: ...
+@overload
+async def run_async(tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+                    return_exceptions: Literal[False] = False,
+                    progress: bool = False) -> dict[_K, _T]: ...
+@overload
+async def run_async(tasks: _AsyncTask[_T], *, timeout: float | None = None,
+                    return_exceptions: Literal[False] = False,
+                    progress: bool = False) -> list[_T]: ...
+@overload
+async def run_async(tasks: _Task[_T], *, timeout: float | None = None,
+                    return_exceptions: Literal[False] = False,
+                    progress: bool = False) -> list[_T]: ...
+@overload
+async def run_async(tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+                    return_exceptions: Literal[False] = False,
+                    progress: bool = False) -> list[_T]: ...
+@overload
+async def run_async(tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+                    return_exceptions: Literal[False] = False,
+                    progress: bool = False) -> list[_T]: ...
+@overload
+async def run_async(tasks: Mapping[_K, _AsyncTask[_T]], *, timeout: float | None = None,
+                    return_exceptions: bool,
+                    progress: bool = False) -> dict[_K, _T | BaseException]: ...
+@overload
+async def run_async(tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+                    return_exceptions: bool,
+                    progress: bool = False) -> dict[_K, _T | BaseException]: ...
+@overload
+async def run_async(tasks: _AsyncTask[_T], *, timeout: float | None = None,
+                    return_exceptions: bool,
+                    progress: bool = False) -> list[_T | BaseException]: ...
+@overload
+async def run_async(tasks: _Task[_T], *, timeout: float | None = None, return_exceptions: bool,
+                    progress: bool = False) -> list[_T | BaseException]: ...
+@overload
+async def run_async(tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+                    return_exceptions: bool,
+                    progress: bool = False) -> list[_T | BaseException]: ...
+@overload
+async def run_async(tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+                    return_exceptions: bool,
+                    progress: bool = False) -> list[_T | BaseException]: ...
 async def run_async(tasks, *, timeout: float | None = None, return_exceptions: bool = False,
                     progress: bool = False):
     """``run`` for asyncio, on the default driver: awaiting it never blocks the
@@ -431,8 +541,24 @@ def _progress_option(progress):
     return {"progress": True} if progress else {}
 
 
+@overload
+def map(fn: Callable[[_X], Awaitable[_T]], iterable: Iterable[_X], *,
+        chunksize: int | None = None, timeout: float | None = None,
+        return_exceptions: Literal[False] = False, progress: bool = False) -> list[_T]: ...
+@overload
+def map(fn: Callable[[_X], _T], iterable: Iterable[_X], *,
+        chunksize: int | None = None, timeout: float | None = None,
+        return_exceptions: Literal[False] = False, progress: bool = False) -> list[_T]: ...
+@overload
+def map(fn: Callable[[_X], Awaitable[_T]], iterable: Iterable[_X], *,
+        chunksize: int | None = None, timeout: float | None = None,
+        return_exceptions: bool, progress: bool = False) -> list[_T | BaseException]: ...
+@overload
+def map(fn: Callable[[_X], _T], iterable: Iterable[_X], *,
+        chunksize: int | None = None, timeout: float | None = None,
+        return_exceptions: bool, progress: bool = False) -> list[_T | BaseException]: ...
 def map(fn, iterable, *, chunksize: int | None = None, timeout: float | None = None,
-        return_exceptions: bool = False, progress: bool = False) -> list:
+        return_exceptions: bool = False, progress: bool = False):
     """Call ``fn(item)`` for each item of ``iterable``, on the default driver,
     and return the results: a list in input order.
 
@@ -456,6 +582,52 @@ def map(fn, iterable, *, chunksize: int | None = None, timeout: float | None = N
                                   return_exceptions=return_exceptions, progress=progress)
 
 
+@overload
+def as_completed(tasks: Mapping[_K, _AsyncTask[_T]], *, timeout: float | None = None,
+                 return_exceptions: Literal[False] = False,
+                 progress: bool = False) -> _Pairs[_K, _T]: ...
+@overload
+def as_completed(tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+                 return_exceptions: Literal[False] = False,
+                 progress: bool = False) -> _Pairs[_K, _T]: ...
+@overload
+def as_completed(tasks: _AsyncTask[_T], *, timeout: float | None = None,
+                 return_exceptions: Literal[False] = False,
+                 progress: bool = False) -> _Pairs[int, _T]: ...
+@overload
+def as_completed(tasks: _Task[_T], *, timeout: float | None = None,
+                 return_exceptions: Literal[False] = False,
+                 progress: bool = False) -> _Pairs[int, _T]: ...
+@overload
+def as_completed(tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+                 return_exceptions: Literal[False] = False,
+                 progress: bool = False) -> _Pairs[int, _T]: ...
+@overload
+def as_completed(tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+                 return_exceptions: Literal[False] = False,
+                 progress: bool = False) -> _Pairs[int, _T]: ...
+@overload
+def as_completed(tasks: Mapping[_K, _AsyncTask[_T]], *, timeout: float | None = None,
+                 return_exceptions: bool,
+                 progress: bool = False) -> _Pairs[_K, _T | BaseException]: ...
+@overload
+def as_completed(tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+                 return_exceptions: bool,
+                 progress: bool = False) -> _Pairs[_K, _T | BaseException]: ...
+@overload
+def as_completed(tasks: _AsyncTask[_T], *, timeout: float | None = None, return_exceptions: bool,
+                 progress: bool = False) -> _Pairs[int, _T | BaseException]: ...
+@overload
+def as_completed(tasks: _Task[_T], *, timeout: float | None = None, return_exceptions: bool,
+                 progress: bool = False) -> _Pairs[int, _T | BaseException]: ...
+@overload
+def as_completed(tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+                 return_exceptions: bool,
+                 progress: bool = False) -> _Pairs[int, _T | BaseException]: ...
+@overload
+def as_completed(tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+                 return_exceptions: bool,
+                 progress: bool = False) -> _Pairs[int, _T | BaseException]: ...
 def as_completed(tasks, *, timeout: float | None = None, return_exceptions: bool = False,
                  progress: bool = False):
     """Yield ``(key, result)`` as tasks finish, on the default driver.
@@ -470,6 +642,53 @@ def as_completed(tasks, *, timeout: float | None = None, return_exceptions: bool
                                            **_progress_option(progress))
 
 
+@overload
+def as_completed_async(tasks: Mapping[_K, _AsyncTask[_T]], *, timeout: float | None = None,
+                       return_exceptions: Literal[False] = False,
+                       progress: bool = False) -> _AsyncPairs[_K, _T]: ...
+@overload
+def as_completed_async(tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+                       return_exceptions: Literal[False] = False,
+                       progress: bool = False) -> _AsyncPairs[_K, _T]: ...
+@overload
+def as_completed_async(tasks: _AsyncTask[_T], *, timeout: float | None = None,
+                       return_exceptions: Literal[False] = False,
+                       progress: bool = False) -> _AsyncPairs[int, _T]: ...
+@overload
+def as_completed_async(tasks: _Task[_T], *, timeout: float | None = None,
+                       return_exceptions: Literal[False] = False,
+                       progress: bool = False) -> _AsyncPairs[int, _T]: ...
+@overload
+def as_completed_async(tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+                       return_exceptions: Literal[False] = False,
+                       progress: bool = False) -> _AsyncPairs[int, _T]: ...
+@overload
+def as_completed_async(tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+                       return_exceptions: Literal[False] = False,
+                       progress: bool = False) -> _AsyncPairs[int, _T]: ...
+@overload
+def as_completed_async(tasks: Mapping[_K, _AsyncTask[_T]], *, timeout: float | None = None,
+                       return_exceptions: bool,
+                       progress: bool = False) -> _AsyncPairs[_K, _T | BaseException]: ...
+@overload
+def as_completed_async(tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+                       return_exceptions: bool,
+                       progress: bool = False) -> _AsyncPairs[_K, _T | BaseException]: ...
+@overload
+def as_completed_async(tasks: _AsyncTask[_T], *, timeout: float | None = None,
+                       return_exceptions: bool,
+                       progress: bool = False) -> _AsyncPairs[int, _T | BaseException]: ...
+@overload
+def as_completed_async(tasks: _Task[_T], *, timeout: float | None = None, return_exceptions: bool,
+                       progress: bool = False) -> _AsyncPairs[int, _T | BaseException]: ...
+@overload
+def as_completed_async(tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+                       return_exceptions: bool,
+                       progress: bool = False) -> _AsyncPairs[int, _T | BaseException]: ...
+@overload
+def as_completed_async(tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+                       return_exceptions: bool,
+                       progress: bool = False) -> _AsyncPairs[int, _T | BaseException]: ...
 def as_completed_async(tasks, *, timeout: float | None = None,
                        return_exceptions: bool = False, progress: bool = False):
     """``async for key, result in concurrency.as_completed_async(tasks)``."""
@@ -478,7 +697,7 @@ def as_completed_async(tasks, *, timeout: float | None = None,
                                                  **_progress_option(progress))
 
 
-def defer(tasks, *, always: bool = False) -> None:
+def defer(tasks: _Tasks, *, always: bool = False) -> None:
     """Run ``tasks`` in the background when the current work is done.
 
     Inside a ``deferring()`` scope the tasks start when the scope ends (and
@@ -500,7 +719,7 @@ def driver(name: str | None = None) -> Driver:
     return _registry.driver(name)
 
 
-def extend(name: str, factory) -> None:
+def extend(name: str, factory: Callable[[], Driver]) -> None:
     """Register a driver: ``factory()`` returns a Driver.  Replaces ``name``."""
     _registry.extend(name, factory)
 
@@ -516,17 +735,18 @@ def default_driver() -> str:
     return _registry.default_name()
 
 
-_scope = contextvars.ContextVar("concurrency_defer_scope", default=None)
+_scope: contextvars.ContextVar[list | None] = contextvars.ContextVar(
+    "concurrency_defer_scope", default=None)
 
 
 class _DeferScope:
     """One unit of work; ``defer()`` calls inside it start when it ends."""
 
-    def __init__(self):
-        self._queued = None
-        self._token = None
+    def __init__(self) -> None:
+        self._queued: list | None = None
+        self._token: contextvars.Token[list | None] | None = None
 
-    def __enter__(self):
+    def __enter__(self) -> _DeferScope:
         if self._token is not None:
             raise RuntimeError("this deferring() scope is already open; "
                                "call deferring() again for a new one")
@@ -534,16 +754,18 @@ class _DeferScope:
         self._token = _scope.set(self._queued)
         return self
 
-    def __exit__(self, exc_type, exc, tb):
-        queued, self._queued = self._queued, None
-        _scope.reset(self._token)
-        self._token = None
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: types.TracebackType | None) -> Literal[False]:
+        queued, self._queued = self._queued or [], None
+        token, self._token = self._token, None
+        assert token is not None, "__exit__ comes after __enter__"
+        _scope.reset(token)
         if _failed(exc_type, exc):
             queued = [item for item in queued if item[1]]
         _start_deferred(queued)
         return False
 
-    def __call__(self, func):
+    def __call__(self, func: _F) -> _F:
         return deferring(func)
 
 
@@ -554,6 +776,10 @@ def _failed(exc_type, exc):
     return not (issubclass(exc_type, SystemExit) and exc.code in (None, 0))
 
 
+@overload
+def deferring() -> _DeferScope: ...
+@overload
+def deferring(func: _F) -> _F: ...
 def deferring(func=None):
     """Mark one unit of work -- a handler, a request, a command.
 
@@ -696,7 +922,43 @@ class Driver:
         if run is not None and not _takes_progress(run):
             cls.run = _with_progress(run)
 
-    def run(self, tasks, *, timeout: float | None = None, return_exceptions: bool = False):
+    @overload
+    def run(self, tasks: Mapping[_K, _AsyncTask[_T]], *, timeout: float | None = None,
+            return_exceptions: Literal[False] = False, progress: bool = False) -> dict[_K, _T]: ...
+    @overload
+    def run(self, tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+            return_exceptions: Literal[False] = False, progress: bool = False) -> dict[_K, _T]: ...
+    @overload
+    def run(self, tasks: _AsyncTask[_T], *, timeout: float | None = None,
+            return_exceptions: Literal[False] = False, progress: bool = False) -> list[_T]: ...
+    @overload
+    def run(self, tasks: _Task[_T], *, timeout: float | None = None,
+            return_exceptions: Literal[False] = False, progress: bool = False) -> list[_T]: ...
+    @overload
+    def run(self, tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+            return_exceptions: Literal[False] = False, progress: bool = False) -> list[_T]: ...
+    @overload
+    def run(self, tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+            return_exceptions: Literal[False] = False, progress: bool = False) -> list[_T]: ...
+    @overload
+    def run(self, tasks: Mapping[_K, _AsyncTask[_T]], *, timeout: float | None = None,
+            return_exceptions: bool, progress: bool = False) -> dict[_K, _T | BaseException]: ...
+    @overload
+    def run(self, tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+            return_exceptions: bool, progress: bool = False) -> dict[_K, _T | BaseException]: ...
+    @overload
+    def run(self, tasks: _AsyncTask[_T], *, timeout: float | None = None, return_exceptions: bool,
+            progress: bool = False) -> list[_T | BaseException]: ...
+    @overload
+    def run(self, tasks: _Task[_T], *, timeout: float | None = None, return_exceptions: bool,
+            progress: bool = False) -> list[_T | BaseException]: ...
+    @overload
+    def run(self, tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+            return_exceptions: bool, progress: bool = False) -> list[_T | BaseException]: ...
+    @overload
+    def run(self, tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+            return_exceptions: bool, progress: bool = False) -> list[_T | BaseException]: ...
+    def run(self, tasks, *, timeout=None, return_exceptions=False, progress=False):
         """Run ``tasks`` -- a mapping of keys to callables, an iterable of
         callables or one callable -- and return their results: a dict with
         the same keys, else a list in task order.
@@ -707,7 +969,7 @@ class Driver:
         once every task has ended.  ``progress=True`` is added for you."""
         raise NotImplementedError
 
-    def defer(self, tasks, *, always: bool = False) -> None:
+    def defer(self, tasks: _Tasks, *, always: bool = False) -> None:
         """Start ``tasks`` in the background when the current deferring()
         scope ends (at once outside of one), their results unused; a failure
         is reported on stderr.  A custom driver may implement this; this one
@@ -729,6 +991,54 @@ class Driver:
             if isinstance(value, BaseException):
                 _report_deferred_failure(key, value)
 
+    @overload
+    def as_completed(self, tasks: Mapping[_K, _AsyncTask[_T]], *, timeout: float | None = None,
+                     return_exceptions: Literal[False] = False,
+                     progress: bool = False) -> _Pairs[_K, _T]: ...
+    @overload
+    def as_completed(self, tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+                     return_exceptions: Literal[False] = False,
+                     progress: bool = False) -> _Pairs[_K, _T]: ...
+    @overload
+    def as_completed(self, tasks: _AsyncTask[_T], *, timeout: float | None = None,
+                     return_exceptions: Literal[False] = False,
+                     progress: bool = False) -> _Pairs[int, _T]: ...
+    @overload
+    def as_completed(self, tasks: _Task[_T], *, timeout: float | None = None,
+                     return_exceptions: Literal[False] = False,
+                     progress: bool = False) -> _Pairs[int, _T]: ...
+    @overload
+    def as_completed(self, tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+                     return_exceptions: Literal[False] = False,
+                     progress: bool = False) -> _Pairs[int, _T]: ...
+    @overload
+    def as_completed(self, tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+                     return_exceptions: Literal[False] = False,
+                     progress: bool = False) -> _Pairs[int, _T]: ...
+    @overload
+    def as_completed(self, tasks: Mapping[_K, _AsyncTask[_T]], *, timeout: float | None = None,
+                     return_exceptions: bool,
+                     progress: bool = False) -> _Pairs[_K, _T | BaseException]: ...
+    @overload
+    def as_completed(self, tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+                     return_exceptions: bool,
+                     progress: bool = False) -> _Pairs[_K, _T | BaseException]: ...
+    @overload
+    def as_completed(self, tasks: _AsyncTask[_T], *, timeout: float | None = None,
+                     return_exceptions: bool,
+                     progress: bool = False) -> _Pairs[int, _T | BaseException]: ...
+    @overload
+    def as_completed(self, tasks: _Task[_T], *, timeout: float | None = None,
+                     return_exceptions: bool,
+                     progress: bool = False) -> _Pairs[int, _T | BaseException]: ...
+    @overload
+    def as_completed(self, tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+                     return_exceptions: bool,
+                     progress: bool = False) -> _Pairs[int, _T | BaseException]: ...
+    @overload
+    def as_completed(self, tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+                     return_exceptions: bool,
+                     progress: bool = False) -> _Pairs[int, _T | BaseException]: ...
     def as_completed(self, tasks, *, timeout: float | None = None,
                      return_exceptions: bool = False, progress: bool = False):
         """Yield ``(key, result)`` pairs as tasks finish.
@@ -745,6 +1055,54 @@ class Driver:
         return _pairs(self._tracked(batch, outcomes, timeout, None, progress), outcomes,
                       return_exceptions)
 
+    @overload
+    async def run_async(self, tasks: Mapping[_K, _AsyncTask[_T]], *, timeout: float | None = None,
+                        return_exceptions: Literal[False] = False,
+                        progress: bool = False) -> dict[_K, _T]: ...
+    @overload
+    async def run_async(self, tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+                        return_exceptions: Literal[False] = False,
+                        progress: bool = False) -> dict[_K, _T]: ...
+    @overload
+    async def run_async(self, tasks: _AsyncTask[_T], *, timeout: float | None = None,
+                        return_exceptions: Literal[False] = False,
+                        progress: bool = False) -> list[_T]: ...
+    @overload
+    async def run_async(self, tasks: _Task[_T], *, timeout: float | None = None,
+                        return_exceptions: Literal[False] = False,
+                        progress: bool = False) -> list[_T]: ...
+    @overload
+    async def run_async(self, tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+                        return_exceptions: Literal[False] = False,
+                        progress: bool = False) -> list[_T]: ...
+    @overload
+    async def run_async(self, tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+                        return_exceptions: Literal[False] = False,
+                        progress: bool = False) -> list[_T]: ...
+    @overload
+    async def run_async(self, tasks: Mapping[_K, _AsyncTask[_T]], *, timeout: float | None = None,
+                        return_exceptions: bool,
+                        progress: bool = False) -> dict[_K, _T | BaseException]: ...
+    @overload
+    async def run_async(self, tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+                        return_exceptions: bool,
+                        progress: bool = False) -> dict[_K, _T | BaseException]: ...
+    @overload
+    async def run_async(self, tasks: _AsyncTask[_T], *, timeout: float | None = None,
+                        return_exceptions: bool,
+                        progress: bool = False) -> list[_T | BaseException]: ...
+    @overload
+    async def run_async(self, tasks: _Task[_T], *, timeout: float | None = None,
+                        return_exceptions: bool,
+                        progress: bool = False) -> list[_T | BaseException]: ...
+    @overload
+    async def run_async(self, tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+                        return_exceptions: bool,
+                        progress: bool = False) -> list[_T | BaseException]: ...
+    @overload
+    async def run_async(self, tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+                        return_exceptions: bool,
+                        progress: bool = False) -> list[_T | BaseException]: ...
     async def run_async(self, tasks, *, timeout: float | None = None,
                         return_exceptions: bool = False, progress: bool = False):
         """``run`` for asyncio: the event loop keeps running meanwhile.
@@ -763,6 +1121,54 @@ class Driver:
         await _in_thread(work)
         return outcomes.finish(return_exceptions)
 
+    @overload
+    def as_completed_async(self, tasks: Mapping[_K, _AsyncTask[_T]], *,
+                           timeout: float | None = None, return_exceptions: Literal[False] = False,
+                           progress: bool = False) -> _AsyncPairs[_K, _T]: ...
+    @overload
+    def as_completed_async(self, tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+                           return_exceptions: Literal[False] = False,
+                           progress: bool = False) -> _AsyncPairs[_K, _T]: ...
+    @overload
+    def as_completed_async(self, tasks: _AsyncTask[_T], *, timeout: float | None = None,
+                           return_exceptions: Literal[False] = False,
+                           progress: bool = False) -> _AsyncPairs[int, _T]: ...
+    @overload
+    def as_completed_async(self, tasks: _Task[_T], *, timeout: float | None = None,
+                           return_exceptions: Literal[False] = False,
+                           progress: bool = False) -> _AsyncPairs[int, _T]: ...
+    @overload
+    def as_completed_async(self, tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+                           return_exceptions: Literal[False] = False,
+                           progress: bool = False) -> _AsyncPairs[int, _T]: ...
+    @overload
+    def as_completed_async(self, tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+                           return_exceptions: Literal[False] = False,
+                           progress: bool = False) -> _AsyncPairs[int, _T]: ...
+    @overload
+    def as_completed_async(self, tasks: Mapping[_K, _AsyncTask[_T]], *,
+                           timeout: float | None = None, return_exceptions: bool,
+                           progress: bool = False) -> _AsyncPairs[_K, _T | BaseException]: ...
+    @overload
+    def as_completed_async(self, tasks: Mapping[_K, _Task[_T]], *, timeout: float | None = None,
+                           return_exceptions: bool,
+                           progress: bool = False) -> _AsyncPairs[_K, _T | BaseException]: ...
+    @overload
+    def as_completed_async(self, tasks: _AsyncTask[_T], *, timeout: float | None = None,
+                           return_exceptions: bool,
+                           progress: bool = False) -> _AsyncPairs[int, _T | BaseException]: ...
+    @overload
+    def as_completed_async(self, tasks: _Task[_T], *, timeout: float | None = None,
+                           return_exceptions: bool,
+                           progress: bool = False) -> _AsyncPairs[int, _T | BaseException]: ...
+    @overload
+    def as_completed_async(self, tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None,
+                           return_exceptions: bool,
+                           progress: bool = False) -> _AsyncPairs[int, _T | BaseException]: ...
+    @overload
+    def as_completed_async(self, tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
+                           return_exceptions: bool,
+                           progress: bool = False) -> _AsyncPairs[int, _T | BaseException]: ...
     def as_completed_async(self, tasks, *, timeout: float | None = None,
                            return_exceptions: bool = False, progress: bool = False):
         """``as_completed`` for ``async for``; leaving the loop early stops the
@@ -797,9 +1203,25 @@ class Driver:
             yield index
 
 
+    @overload
+    def map(self, fn: Callable[[_X], Awaitable[_T]], iterable: Iterable[_X], *,
+            chunksize: int | None = None, timeout: float | None = None,
+            return_exceptions: Literal[False] = False, progress: bool = False) -> list[_T]: ...
+    @overload
+    def map(self, fn: Callable[[_X], _T], iterable: Iterable[_X], *,
+            chunksize: int | None = None, timeout: float | None = None,
+            return_exceptions: Literal[False] = False, progress: bool = False) -> list[_T]: ...
+    @overload
+    def map(self, fn: Callable[[_X], Awaitable[_T]], iterable: Iterable[_X], *,
+            chunksize: int | None = None, timeout: float | None = None,
+            return_exceptions: bool, progress: bool = False) -> list[_T | BaseException]: ...
+    @overload
+    def map(self, fn: Callable[[_X], _T], iterable: Iterable[_X], *,
+            chunksize: int | None = None, timeout: float | None = None,
+            return_exceptions: bool, progress: bool = False) -> list[_T | BaseException]: ...
     def map(self, fn, iterable, *, chunksize: int | None = None,
             timeout: float | None = None, return_exceptions: bool = False,
-            progress: bool = False) -> list:
+            progress: bool = False):
         """``fn(item)`` for each item, a list in input order; see
         concurrency.map().  This default runs each chunk of items as a task
         with ``run`` (``_completions``), so a custom driver has it too."""
