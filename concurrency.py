@@ -212,13 +212,13 @@ try:
     # At import, not on first use: imported first in a run with no
     # descriptor left, its shared library would fail to load (ImportError).
     import fcntl
-except ImportError:  # not POSIX
-    fcntl = None  # type: ignore
+except ImportError:  # not POSIX, where the process and fork drivers refuse to run
+    fcntl = types.ModuleType("fcntl")
 
 # Enough workers that I/O-bound tasks (the common case: queries, HTTP calls)
 # all run at once even on a small machine: four one-second sleeps take one
 # second on two cores.  The same default as ThreadPoolExecutor.
-DEFAULT_MAX_WORKERS = min(32, (os.cpu_count() or 1) + 4)
+DEFAULT_MAX_WORKERS: int = min(32, (os.cpu_count() or 1) + 4)
 
 # A warm worker costs memory (~20 MB); one unused this long exits by itself.
 # Long enough to span the gaps between a bot's bursts of work.
@@ -283,8 +283,14 @@ class TaskTimeout(ConcurrencyError, TimeoutError):
     """A task was still running when the run's timeout expired.
 
     Attributes: ``key`` of this task, ``unfinished`` (keys of every task that
-    did not finish), ``timeout`` in seconds.
+    did not finish), ``timeout`` in seconds, ``origin`` (where the limit came
+    from, or None).
     """
+
+    key: Any
+    unfinished: list
+    timeout: float
+    origin: str | None
 
     def __init__(self, key, unfinished, timeout, origin=None):
         self.key = key
@@ -312,6 +318,8 @@ class TaskTimeout(ConcurrencyError, TimeoutError):
 class _Limit(float):
     """A timeout, and where it came from, for TaskTimeout to say."""
 
+    origin: str
+
     def __new__(cls, seconds, origin):
         limit = super().__new__(cls, seconds)
         limit.origin = origin
@@ -332,6 +340,10 @@ class WorkerCrashed(ConcurrencyError):
     in subprocess; None when something else reaped the process and its
     status is lost), ``signal`` (its name, e.g. ``"SIGKILL"``, or None).
     """
+
+    key: Any
+    exitcode: int | None
+    signal: str | None
 
     def __init__(self, key, exitcode):
         self.key = key
@@ -359,6 +371,10 @@ class SerializationError(ConcurrencyError):
     The underlying error is the ``__cause__``.
     """
 
+    key: Any
+    what: str
+    detail: str
+
     def __init__(self, key, what, detail):
         self.key = key
         self.what = what
@@ -376,6 +392,11 @@ class RemoteError(ConcurrencyError):
     ``traceback`` (the child's formatted traceback).
     """
 
+    key: Any
+    type_name: str
+    message: str
+    traceback: str
+
     def __init__(self, key, type_name, message, traceback):
         self.key = key
         self.type_name = type_name
@@ -389,6 +410,8 @@ class RemoteError(ConcurrencyError):
 
 class RemoteTraceback(ConcurrencyError):
     """The child's formatted traceback, attached as ``__cause__``."""
+
+    traceback: str
 
     def __init__(self, traceback):
         self.traceback = traceback
@@ -437,7 +460,7 @@ def run(tasks: Iterable[_AsyncTask[_T]], *, timeout: float | None = None, return
 def run(tasks: Iterable[_Task[_T]], *, timeout: float | None = None, return_exceptions: bool,
         progress: bool = False) -> list[_T | BaseException]: ...
 def run(tasks, *, timeout: float | None = None, return_exceptions: bool = False,
-        progress: bool = False):
+        progress: bool = False) -> Any:
     """Run ``tasks`` at once with the default driver and return their results.
 
     Args:
@@ -526,7 +549,7 @@ async def run_async(tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
                     return_exceptions: bool,
                     progress: bool = False) -> list[_T | BaseException]: ...
 async def run_async(tasks, *, timeout: float | None = None, return_exceptions: bool = False,
-                    progress: bool = False):
+                    progress: bool = False) -> Any:
     """``run`` for asyncio, on the default driver: awaiting it never blocks the
     event loop.  Cancelling it stops the tasks still running (processes
     killed and reaped) and re-raises CancelledError."""
@@ -558,7 +581,7 @@ def map(fn: Callable[[_X], _T], iterable: Iterable[_X], *,
         chunksize: int | None = None, timeout: float | None = None,
         return_exceptions: bool, progress: bool = False) -> list[_T | BaseException]: ...
 def map(fn, iterable, *, chunksize: int | None = None, timeout: float | None = None,
-        return_exceptions: bool = False, progress: bool = False):
+        return_exceptions: bool = False, progress: bool = False) -> Any:
     """Call ``fn(item)`` for each item of ``iterable``, on the default driver,
     and return the results: a list in input order.
 
@@ -629,7 +652,7 @@ def as_completed(tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
                  return_exceptions: bool,
                  progress: bool = False) -> _Pairs[int, _T | BaseException]: ...
 def as_completed(tasks, *, timeout: float | None = None, return_exceptions: bool = False,
-                 progress: bool = False):
+                 progress: bool = False) -> Any:
     """Yield ``(key, result)`` as tasks finish, on the default driver.
 
     ``for key, value in tqdm(concurrency.as_completed(tasks), total=len(tasks))``
@@ -690,7 +713,7 @@ def as_completed_async(tasks: Iterable[_Task[_T]], *, timeout: float | None = No
                        return_exceptions: bool,
                        progress: bool = False) -> _AsyncPairs[int, _T | BaseException]: ...
 def as_completed_async(tasks, *, timeout: float | None = None,
-                       return_exceptions: bool = False, progress: bool = False):
+                       return_exceptions: bool = False, progress: bool = False) -> Any:
     """``async for key, result in concurrency.as_completed_async(tasks)``."""
     return _registry.driver().as_completed_async(tasks, timeout=timeout,
                                                  return_exceptions=return_exceptions,
@@ -777,10 +800,10 @@ def _failed(exc_type, exc):
 
 
 @overload
-def deferring() -> _DeferScope: ...
+def deferring(func: None = None) -> _DeferScope: ...
 @overload
 def deferring(func: _F) -> _F: ...
-def deferring(func=None):
+def deferring(func=None) -> Any:
     """Mark one unit of work -- a handler, a request, a command.
 
     As ``with concurrency.deferring():`` or as ``@concurrency.deferring`` on
@@ -958,7 +981,7 @@ class Driver:
     @overload
     def run(self, tasks: Iterable[_Task[_T]], *, timeout: float | None = None,
             return_exceptions: bool, progress: bool = False) -> list[_T | BaseException]: ...
-    def run(self, tasks, *, timeout=None, return_exceptions=False, progress=False):
+    def run(self, tasks, *, timeout=None, return_exceptions=False, progress=False) -> Any:
         """Run ``tasks`` -- a mapping of keys to callables, an iterable of
         callables or one callable -- and return their results: a dict with
         the same keys, else a list in task order.
@@ -1040,7 +1063,7 @@ class Driver:
                      return_exceptions: bool,
                      progress: bool = False) -> _Pairs[int, _T | BaseException]: ...
     def as_completed(self, tasks, *, timeout: float | None = None,
-                     return_exceptions: bool = False, progress: bool = False):
+                     return_exceptions: bool = False, progress: bool = False) -> Any:
         """Yield ``(key, result)`` pairs as tasks finish.
 
         A failed task's exception is raised when its turn comes (or yielded
@@ -1104,7 +1127,7 @@ class Driver:
                         return_exceptions: bool,
                         progress: bool = False) -> list[_T | BaseException]: ...
     async def run_async(self, tasks, *, timeout: float | None = None,
-                        return_exceptions: bool = False, progress: bool = False):
+                        return_exceptions: bool = False, progress: bool = False) -> Any:
         """``run`` for asyncio: the event loop keeps running meanwhile.
 
         Cancelling the awaiting task stops the tasks still running (their
@@ -1170,7 +1193,7 @@ class Driver:
                            return_exceptions: bool,
                            progress: bool = False) -> _AsyncPairs[int, _T | BaseException]: ...
     def as_completed_async(self, tasks, *, timeout: float | None = None,
-                           return_exceptions: bool = False, progress: bool = False):
+                           return_exceptions: bool = False, progress: bool = False) -> Any:
         """``as_completed`` for ``async for``; leaving the loop early stops the
         tasks still running (use ``contextlib.aclosing`` to wait for that)."""
         batch = _Batch(tasks)
@@ -1221,7 +1244,7 @@ class Driver:
             return_exceptions: bool, progress: bool = False) -> list[_T | BaseException]: ...
     def map(self, fn, iterable, *, chunksize: int | None = None,
             timeout: float | None = None, return_exceptions: bool = False,
-            progress: bool = False):
+            progress: bool = False) -> Any:
         """``fn(item)`` for each item, a list in input order; see
         concurrency.map().  This default runs each chunk of items as a task
         with ``run`` (``_completions``), so a custom driver has it too."""
@@ -1278,7 +1301,7 @@ class SyncDriver(Driver):
     KeyboardInterrupt and SystemExit propagate at once, as from a plain call.
     """
 
-    def run(self, tasks, *, timeout=None, return_exceptions=False, progress=False):
+    def run(self, tasks, *, timeout=None, return_exceptions=False, progress=False) -> Any:
         batch = _Batch(tasks)
         _check_timeout(timeout)
         return _run_to_end(self, batch, timeout, return_exceptions, progress)
@@ -1287,7 +1310,7 @@ class SyncDriver(Driver):
         batch = _Batch(tasks)
         _schedule_deferred(lambda: self.run(batch.shape(batch.calls)), always)
 
-    def as_completed(self, tasks, *, timeout=None, return_exceptions=False, progress=False):
+    def as_completed(self, tasks, *, timeout=None, return_exceptions=False, progress=False) -> Any:
         if progress:  # counted as each task ends, as on the other drivers
             return super().as_completed(tasks, timeout=timeout,
                                         return_exceptions=return_exceptions, progress=True)
@@ -1296,7 +1319,7 @@ class SyncDriver(Driver):
         return self._as_completed(batch, return_exceptions)
 
     def map(self, fn, iterable, *, chunksize=None, timeout=None, return_exceptions=False,
-            progress=False):
+            progress=False) -> Any:
         """``fn(item)`` for each item, one after another; an item's exception
         is raised unchanged (the first one, after every item ran), with a
         note naming its index."""
@@ -1351,20 +1374,23 @@ class SyncDriver(Driver):
 class _ChildDriver(Driver):
     """What the process and fork drivers share: limits and the run loop."""
 
+    max_workers: int
+    timeout: float | None
+
     def __init__(self, max_workers: int | None = None, timeout: float | None = None):
         config = _read_config()
-        if max_workers is None:
-            max_workers = config.get("max_workers", DEFAULT_MAX_WORKERS)
-        if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1:
-            raise ValueError("max_workers must be a positive int, not %r" % (max_workers,))
-        self.max_workers = max_workers
+        workers = config.get("max_workers", DEFAULT_MAX_WORKERS) if max_workers is None \
+            else max_workers
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError("max_workers must be a positive int, not %r" % (workers,))
+        self.max_workers = workers
         self.timeout = _check_timeout(config.get("timeout") if timeout is None else timeout)
         if self.timeout is not None:
             self.timeout = _Limit(self.timeout, "the driver's, from %s" % (
                 "%s(timeout=%g)" % (type(self).__name__, self.timeout) if timeout is not None
                 else "%s (timeout = %g)" % (_config_path(), self.timeout)))
 
-    def run(self, tasks, *, timeout=None, return_exceptions=False, progress=False):
+    def run(self, tasks, *, timeout=None, return_exceptions=False, progress=False) -> Any:
         """Run ``tasks`` at once; see concurrency.run().  ``progress=True``
         shows done/total, elapsed time and rate on stderr if it is a terminal."""
         batch = _Batch(tasks)
@@ -1392,6 +1418,8 @@ class ProcessDriver(_ChildDriver):
         timeout: default for run(); seconds; None means no limit.
         idle_timeout: seconds an unused warm worker lives.
     """
+
+    idle_timeout: float
 
     def __init__(self, max_workers=None, timeout=None, idle_timeout=DEFAULT_IDLE_TIMEOUT):
         super().__init__(max_workers, timeout)
@@ -1526,6 +1554,9 @@ class DaskDriver(_ChildDriver):
         max_workers: threads of the local cluster, when one is started.
         connect_timeout: seconds to reach the scheduler before giving up.
     """
+
+    address: str | None
+    connect_timeout: float
 
     def __init__(self, client=None, address=None, timeout=None, max_workers=None,
                  connect_timeout=DEFAULT_DASK_CONNECT_TIMEOUT):
@@ -1668,12 +1699,12 @@ class _Batch:
 class _Outcomes:
     """One slot per task: a value or an exception, filled as tasks end."""
 
-    def __init__(self, batch):
+    def __init__(self, batch) -> None:
         self.batch = batch
         self.count = len(batch.calls)
-        self.values = [None] * len(batch.calls)
+        self.values: list = [None] * len(batch.calls)
         self.failed = [False] * len(batch.calls)
-        self.completed = collections.deque()  # indices not yet reported
+        self.completed: collections.deque = collections.deque()  # indices not yet reported
 
     def succeed(self, index, value):
         self.values[index] = value
@@ -1727,7 +1758,7 @@ class _Map:
     each, and at least four per worker, so that none waits for a long last
     one; ``chunksize`` fixes the size instead."""
 
-    def __init__(self, driver, fn, iterable, chunksize, timeout):
+    def __init__(self, driver, fn, iterable, chunksize, timeout) -> None:
         _check_map_arguments(fn, iterable, chunksize)
         _check_timeout(timeout)
         self.driver = driver
@@ -1738,11 +1769,13 @@ class _Map:
         self.function, self.map_function = driver._map_function(fn)
         self.timing_key = (id(driver), _timing_key(fn))
         self.per_item = _state.map_timing.get(self.timing_key)
+        self.sequence: collections.abc.Sequence | None = None
+        self.iterator: collections.abc.Iterator = iter(())
         if isinstance(iterable, collections.abc.Sequence):
-            self.sequence, self.iterator = iterable, None
+            self.sequence = iterable
         else:
-            self.sequence, self.iterator = None, iter(iterable)
-        self.values = []
+            self.iterator = iter(iterable)
+        self.values: list = []
         self.failed = bytearray()
         self.progress = None
 
@@ -2311,23 +2344,23 @@ class _TaskSerializer:
     are sent whole.
     """
 
-    def __init__(self, calls=(), share=False):
+    def __init__(self, calls=(), share=False) -> None:
         self.worker = _worker_module()
         self.buffer = io.BytesIO()
         self.pickler = self.worker.ValuePickler(self.buffer)
         # share: large buffers the tasks capture go once per worker (see
         # worker.SharedBuffers); named: the numbers the last task names.
         # Tasks are pickled naming them (b"s") from the first that captures one.
-        self.shared = self.worker.SharedBuffers() if share else None
+        self.shared: Any = self.worker.SharedBuffers() if share else None
         self.sharing = False
-        self.named = frozenset()
-        self.pinned = set()  # shared buffers that templates name
-        self.large_globals = {}  # (code, id(globals)) -> whether they hold one
+        self.named: frozenset = frozenset()
+        self.pinned: set = set()  # shared buffers that templates name
+        self.large_globals: dict = {}  # (code, id(globals)) -> whether they hold one
         functions = {id(fn): fn for fn in calls if type(fn) is types.FunctionType}
         codes = collections.Counter(fn.__code__ for fn in functions.values()
                                     if not self.worker.found_by_name(fn))
         self.shared_code = {code for code, count in codes.items() if count > 1}
-        self.templates = {}  # (code, id(globals)) -> (payload prefix, pickler), or None
+        self.templates: dict = {}  # (code, id(globals)) -> (payload prefix, pickler), or None
 
     def dumps(self, key, fn):
         """The payload of task ``fn``: b"p" and a pickle, b"s" and one that
@@ -2337,7 +2370,7 @@ class _TaskSerializer:
         if self.shared is not None and not self.sharing and self._captures_large_buffer(fn):
             self._start_sharing()
         if self.sharing:
-            self.shared.named = set()
+            self.shared.named = set()  # type: ignore[union-attr]
         try:
             try:
                 payload = self._dumps(fn)
@@ -2356,7 +2389,7 @@ class _TaskSerializer:
                 self.buffer = io.BytesIO()  # the pickler may be left mid-way
                 self.pickler = self._new_pickler(self.buffer)
                 if self.sharing:
-                    self.shared.named = set()
+                    self.shared.named = set()  # type: ignore[union-attr]
             buffer = io.BytesIO()
             buffer.write(b"d")
             try:
@@ -2531,17 +2564,17 @@ class _Payloads:
     turn comes.
     """
 
-    def __init__(self, keys, calls, ready=None, outcomes=None):
+    def __init__(self, keys, calls, ready=None, outcomes=None) -> None:
         self.keys = keys
         self.calls = calls
         self.outcomes = outcomes  # for a map's chunks: see _dumps_task
-        self.serializer = None
+        self.serializer: Any = None  # a _TaskSerializer, unless serialized elsewhere
         self.serialized = {}  # index -> payload, until its task has ended
-        self.needs = {}  # index -> the shared buffers it names (see buffers_for)
-        self.users = {}  # shared buffer number -> tasks serialized, not ended, naming it
+        self.needs: dict = {}  # index -> the shared buffers it names (see buffers_for)
+        self.users: dict = {}  # shared buffer number -> tasks serialized, not ended, naming it
         self.buffers = {}
         self.made = 0  # the tasks before this one are serialized, or failed
-        self.failed = []  # (index, SerializationError) not yet reported
+        self.failed: list = []  # (index, SerializationError) not yet reported
         if ready is not None:  # serialized elsewhere (a Dask worker's chunk)
             self.serialized = dict(enumerate(ready))
             self.made = len(ready)
@@ -2706,7 +2739,7 @@ def _copy_lent(pid, body):
             # bytes are immutable once shared; until then they may be filled
             # in place, as C code does.
             copy = reader.new_bytes(None, length)
-            target = ctypes.cast(ctypes.c_char_p(copy), ctypes.c_void_p).value
+            target = ctypes.cast(ctypes.c_char_p(copy), ctypes.c_void_p).value or 0
         else:
             copy = bytearray(length)
             target = ctypes.addressof(ctypes.c_char.from_buffer(copy)) if length else 0
@@ -2954,7 +2987,7 @@ def _log_task_record(state, key):
             # A filter or handler of ours that raises: reported as logging
             # reports a handler's error, never the run's.  (The task logged
             # in another process: its log call returned long ago.)
-            logging.Handler.handleError(None, record)
+            logging.Handler.handleError(None, record)  # type: ignore[arg-type]
 
 
 # -- Starting workers ---------------------------------------------------------
@@ -3053,7 +3086,8 @@ def _interpreter_flags():
     tasks as isolated, as optimized and with the warnings the caller has."""
     if _state.interpreter_flags is None:
         import subprocess
-        _state.interpreter_flags = subprocess._args_from_interpreter_flags()
+        flags = subprocess._args_from_interpreter_flags  # type: ignore[attr-defined]
+        _state.interpreter_flags = flags()
     return _state.interpreter_flags
 
 
@@ -3126,7 +3160,7 @@ def _worker_code():
 class _Child:
     """A child process with a result pipe we read frames from."""
 
-    def __init__(self, pid, result_fd):
+    def __init__(self, pid, result_fd) -> None:
         self.pid = pid
         self.fd = result_fd
         os.set_blocking(result_fd, False)
@@ -3146,7 +3180,8 @@ class _Child:
         self.hurried = False  # its tasks were asked back while it had not spoken yet
         self.last_outcome = 0.0  # when its last task's outcome arrived
         self.task_started = 0.0  # when its current task began, as we know it
-        self.claim_fd = None  # our read end of the pipe it takes claims from
+        self.claim_fd: int | None = None  # our read end of the pipe it takes claims from
+        self.forked_at = 0  # a fork child: the classes made before it (worker._class_at)
         self.took_back = False  # claims were taken back since it was last idle
         self.busy = False  # it has tasks whose outcome has not arrived
 
@@ -3264,25 +3299,25 @@ class _Run:
     """The select() loop of one run: start tasks, collect frames, notice dead
     children, enforce the deadline.  Subclasses say how a task starts."""
 
-    def __init__(self, count, outcomes, timeout, deadline, stop):
+    def __init__(self, count, outcomes, timeout, deadline, stop) -> None:
         self.pending = collections.deque(range(count))
-        self.free = []  # children with no task, the next to use last
-        self.running = {}  # child -> index of its current task
-        self.queued = {}   # child -> indices sent to it after the current one
+        self.free: list = []  # children with no task, the next to use last
+        self.running: dict = {}  # child -> index of its current task
+        self.queued: dict = {}   # child -> indices sent to it after the current one
         self.outcomes = outcomes
         self.timeout = timeout
         self.deadline = deadline
         self.progress = time.monotonic()  # when a task last ended
         self.cpu_sample = None  # (when, {pid: CPU seconds}) of the last look
         self.stop = stop
-        self.selector = None  # made as the run starts: see completions()
+        self.selector: Any = None  # made as the run starts: see completions()
         self.wire = _worker_module()  # frame kinds and their decoding
 
     def start_tasks(self):
         """Start pending tasks on free capacity."""
         raise NotImplementedError
 
-    def on_frame(self, child, index, kind, body):
+    def on_frame(self, child, index, kind, body, /):
         """Handle a frame; return True when the child has no task left."""
         wire = self.wire
         if kind == wire.LOG:  # a record a task logged
@@ -3322,12 +3357,12 @@ class _Run:
         child.last_outcome = now
         return False
 
-    def top_up(self, child):
+    def top_up(self, child, /):
         """Send more tasks to a child that has few left, and ends them fast:
         they are in its pipe before it runs out, so it never waits for us,
         and we never wake it up."""
 
-    def task_numbered(self, child, number):
+    def task_numbered(self, child, number, /):
         """The index of the task the child numbers ``number``, or None when
         it is no task of this run's."""
         return number if 0 <= number < self.outcomes.count else None
@@ -3383,12 +3418,12 @@ class _Run:
     # once, which has them done sooner -- two tiny tasks in two fresh fork
     # children end in one.
 
-    def has_room(self):
+    def has_room(self) -> bool:
         """True while a task sent now could start at once, on a free child
         or on one the run may still add."""
         return False
 
-    def claimed_indices(self, child, numbers):
+    def claimed_indices(self, child, numbers, /):
         """Indices of the tasks whose claims were taken back from ``child``."""
         return numbers
 
@@ -3444,7 +3479,7 @@ class _Run:
     # not finish sooner: then only after _GROW_ANYWAY, so that a task that
     # computes forever does not hold back the ones waiting behind it.
 
-    def may_grow(self):
+    def may_grow(self) -> bool:
         """True while the run could use more children than it does."""
         return False
 
@@ -3494,7 +3529,7 @@ class _Run:
         self.cpu_sample = (now, sample)
         return used >= 0.75 * cores
 
-    def on_died(self, child, index):
+    def on_died(self, child, index, /):
         """The child died before the outcome of task ``index`` arrived."""
         raise NotImplementedError
 
@@ -3634,7 +3669,7 @@ class _Run:
         for index in unfinished:
             self.outcomes.fail(index, TaskTimeout(self.outcomes.key(index), keys, self.timeout))
 
-    def on_killed(self, child):
+    def on_killed(self, child, /):
         """The child was killed by this run (timeout or interrupt)."""
 
 
@@ -3730,13 +3765,13 @@ class _Reaper:
     fork child would get none of it: the thread is stopped before every
     os.fork() of this process (at-fork hook) and started again after."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.thread = None
-        self.wake_fds = None  # (read, write), ours, made on first use
+        self.wake_fds: Any = None  # (read, write), ours, made on first use
         self.stopping = False
         self.paused = 0  # runs forking now: they start it again when done
         self.resume = False  # stopped for an os.fork(): start it again after
-        self.dead = []  # ended threads (see _bury)
+        self.dead: list = []  # ended threads (see _bury)
         self.closed = False  # the interpreter is exiting: _shutdown reaps
 
     def start(self):
@@ -3830,6 +3865,7 @@ class _Reaper:
             for fd in watched:
                 waiting.register(fd, select.POLLIN)
             timeout = None if due is None else max(0.0, min(due, _LONGEST_WAIT)) * 1000 + 1
+            events = []
             try:
                 events = waiting.poll(timeout)
                 while os.read(self.wake_fds[0], 64):
@@ -3890,7 +3926,7 @@ _ASYNC_SIGNALS = frozenset(signal.valid_signals()) - {
     if hasattr(signal, name)}
 # The C function: signal.pthread_sigmask() turns every mask it returns into
 # a set of enums, at 30 times the cost.
-_sigmask = getattr(getattr(signal, "_signal", signal), "pthread_sigmask", None)
+_sigmask: Any = getattr(getattr(signal, "_signal", signal), "pthread_sigmask", None)
 
 
 class _SignalsHeld:
@@ -4991,7 +5027,7 @@ def _local_dask_client(threads):
             # free port of loopback, not on 8787, which may well be taken.
             cluster = distributed.LocalCluster(
                 n_workers=1, threads_per_worker=threads, processes=False,
-                dashboard_address=None,
+                dashboard_address=None,  # type: ignore[arg-type]
                 scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
             _state.dask_local = (cluster, distributed.Client(cluster, set_as_default=False))
         return _state.dask_local[1]
@@ -5480,7 +5516,7 @@ def _dask_task_dropped():
     dropped by its worker; one that always says no outside a Dask task, or
     with a distributed that has no such state (timeouts still hold)."""
     try:
-        from distributed.worker import get_worker, thread_state
+        from distributed.worker import get_worker, thread_state  # type: ignore[attr-defined]
         worker, key = get_worker(), thread_state.key
         worker.state.tasks
     except Exception:
@@ -5771,7 +5807,7 @@ def _config_path():
     return os.environ.get(CONFIG_ENV) or CONFIG_FILE
 
 
-def _read_config():
+def _read_config() -> dict[str, Any]:
     """The validated settings of concurrency.ini, {} when there is none.
 
     The file is read from the current directory, so whoever controls that
@@ -5826,7 +5862,7 @@ def _read_config():
         raise ConfigError("%s: cannot be parsed: %s" % (path, exc)) from None
     if not parser.has_section(_CONFIG_SECTION):
         raise ConfigError("%s: has no [%s] section" % (path, _CONFIG_SECTION))
-    config = {"path": path}
+    config: dict[str, Any] = {"path": path}
     for name, raw in parser.items(_CONFIG_SECTION):
         value = raw.strip()
         if name == "default":
@@ -5846,14 +5882,14 @@ def _read_config():
             if value.lower() in ("", "none"):
                 continue
             try:
-                number = float(value)
-                if not _TIMEOUT_MIN <= number:
+                seconds = float(value)
+                if not _TIMEOUT_MIN <= seconds:
                     raise ValueError
             except ValueError:
                 raise ConfigError("%s: timeout = %s is not allowed; use a positive number of "
                                   "seconds (%g at least), or none (or inf) for no limit"
                                   % (path, value, _TIMEOUT_MIN)) from None
-            config["timeout"] = _check_timeout(number)
+            config["timeout"] = _check_timeout(seconds)
         elif name == "dask_address":
             if value.lower() in ("", "none"):
                 continue

@@ -87,6 +87,10 @@ import threading
 import time
 import types
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING's meaning, without its import
+if TYPE_CHECKING:
+    import weakref
+
 
 # -- The wire: frames between the parent and its children ---------------------
 #
@@ -620,7 +624,7 @@ def run_task(fn, lend_min=0):
 # inherited; dask: sent with each chunk), or, in a worker, the one the run's
 # context carries (sent once per worker: TaskContext.map_function).
 
-RUNNING_CONTEXT = [None]  # in a worker: the context of the task running
+RUNNING_CONTEXT: list = [None]  # in a worker: the context of the task running
 _map_function = [None, None]  # (payload, function): the last one loaded here
 
 
@@ -788,10 +792,15 @@ _OWN_GLOBALS = globals()  # this module's functions pickle by name, always
 _GLOBAL_OPS: dict = {}      # opcode -> shift of its argument into co_names
 _global_names_cache: dict = {}
 
-_tracker_ids = None   # class or TypeVar -> its tracker id (weak keys)
-_tracked = None       # tracker id -> class or TypeVar (weak values)
-_fresh_classes = None  # classes made by make_class, their state not set yet
-_made_at = None       # class made here -> its number (see MADE below)
+# Made on first use, by _trackers(): typed as made, for type checkers.
+# class or TypeVar -> its tracker id (weak keys)
+_tracker_ids: "weakref.WeakKeyDictionary" = None  # type: ignore[assignment]
+# tracker id -> class or TypeVar (weak values)
+_tracked: "weakref.WeakValueDictionary" = None  # type: ignore[assignment]
+# classes made by make_class, their state not set yet
+_fresh_classes: "weakref.WeakSet" = None  # type: ignore[assignment]
+# class made here -> its number (see MADE below)
+_made_at: "weakref.WeakKeyDictionary" = None  # type: ignore[assignment]
 ADOPT_INTO_MAIN = [False]  # a worker puts the caller's top-level classes in __main__
 FORKED_FROM = [None]  # in a fork driver's child: the parent's pid
 
@@ -978,7 +987,7 @@ class _ByValue:
 
     def reset(self):
         """Before the next dump(): a new object graph of its own."""
-        self.clear_memo()
+        self.clear_memo()  # type: ignore[attr-defined]  # a mixin of pickle.Pickler
         self.globals_ref.clear()
         self.filled.clear()
 
@@ -1287,8 +1296,8 @@ def class_setstate(cls, state):
 
 def make_typevar(name, bound, constraints, covariant, contravariant, tracker):
     import typing
-    made = typing.TypeVar(name, *constraints, bound=bound, covariant=covariant,
-                          contravariant=contravariant)
+    options = dict(bound=bound, covariant=covariant, contravariant=contravariant)
+    made = typing.TypeVar(name, *constraints, **options)  # type: ignore  # made at run time
     return _track(tracker, made)
 
 
@@ -1363,7 +1372,7 @@ def _reduce_class(cls):
                 namespace.pop("_%s%s" % (cls.__name__.lstrip("_"), slot), None)
     if "_abc_impl" in namespace:
         import abc
-        registry = abc._get_dump(cls)[0]
+        registry = abc._get_dump(cls)[0]  # type: ignore[attr-defined]
         namespace["_abc_impl"] = [ref() for ref in registry if ref() is not None]
     namespace.pop("__annotate_func__", None)  # 3.14: made anew from the rest
     main = sys.modules.get("__main__")
@@ -1570,7 +1579,8 @@ _REDUCERS_OF_MODULES = [
 def _singledispatch_code():
     if not _singledispatch:
         import functools
-        _singledispatch.append(functools.singledispatch(lambda value: value).__code__)
+        _singledispatch.append(
+            functools.singledispatch(lambda value: value).__code__)  # type: ignore[attr-defined]
     return _singledispatch[0]
 
 
@@ -1834,15 +1844,15 @@ def forward_records(write, running):
         try:
             message = record.getMessage()
         except Exception:  # arguments that don't fit the format
-            return logging.Handler.handleError(None, record)
+            return logging.Handler.handleError(None, record)  # type: ignore[arg-type]
         # Anything raised from here on is a signal handler's: the task's.
         body = encode_record(running(), record, message, formatter)
         try:
             write(LOG, [body])
         except OSError:  # our pipe is gone: so is the parent, or its run
-            logging.Handler.handleError(None, record)
+            logging.Handler.handleError(None, record)  # type: ignore[arg-type]
 
-    logging.Logger.handle = handle  # in this child only
+    logging.Logger.handle = handle  # type: ignore[method-assign]  # in this child only
     _forwarding[:] = [None]
 
 
@@ -1898,7 +1908,7 @@ def _log_as_text(record, formatter):
         sys.stderr.flush()
     except Exception:
         import logging
-        logging.Handler.handleError(None, record)
+        logging.Handler.handleError(None, record)  # type: ignore[arg-type]
 
 
 def _forward_logging(levels, channel):
