@@ -3325,6 +3325,22 @@ class RegistryTest(CleanTestCase):
         with self.assertRaisesRegex(ValueError, "custom"):
             minimal.run([lambda: raise_value_error("custom")], progress=True)
 
+    def test_custom_driver_that_names_progress_still_gets_the_progress_line(self):
+        # As pyright wants an override of Driver.run written: taking every
+        # argument the base's signature has.
+        class Typed(concurrency.Driver):
+            def run(self, tasks, *, timeout=None, return_exceptions=False, progress=False):
+                self.progress_seen = progress
+                return concurrency.SyncDriver().run(tasks, return_exceptions=return_exceptions)
+
+        typed = Typed()
+        stream = Terminal()
+        with contextlib.redirect_stderr(stream):
+            self.assertEqual(typed.run([lambda: 1, lambda: 2], progress=True), [1, 2])
+        self.assertFalse(typed.progress_seen)
+        last = stream.getvalue().rstrip("\n").split("\r")[-1]
+        self.assertRegex(last, r"^concurrency: 2/2 done, [0-9.]+ s, ")
+
     def test_custom_driver_gets_map_built_on_run(self):
         class Recording(concurrency.Driver):
             def __init__(self):
@@ -3758,6 +3774,29 @@ class DocstringTest(unittest.TestCase):
         self.assertIn("A custom driver may implement this", concurrency.Driver.defer.__doc__)
 
 
+_wheel = []
+
+
+def built_wheel(test):
+    """The wheel pip builds from this checkout (made once per test run), or
+    the test skipped where pip is missing."""
+    if not _wheel:
+        out = tempfile.mkdtemp(prefix="concurrency-wheel-")
+        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                               "-w", out, REPO], capture_output=True, text=True,
+                              timeout=LONG_TIMEOUT)
+        for leftover in ("build", "concurrency.egg-info"):
+            shutil.rmtree(os.path.join(REPO, leftover), ignore_errors=True)
+        if done.returncode != 0 and "No module named pip" in done.stderr:
+            shutil.rmtree(out, ignore_errors=True)
+            test.skipTest("pip is not installed")
+        test.assertEqual(done.returncode, 0, done.stderr)
+        [wheel] = os.listdir(out)
+        _wheel.append(os.path.join(out, wheel))
+        unittest.addModuleCleanup(shutil.rmtree, out, ignore_errors=True)
+    return _wheel[0]
+
+
 class PackagingTest(unittest.TestCase):
 
     def test_pyproject_declares_the_setuptools_backend(self):
@@ -3773,23 +3812,215 @@ class PackagingTest(unittest.TestCase):
     def test_an_installed_copy_takes_no_module_named_worker(self):
         # The wheel pip installs: concurrency.py and the child entrypoint
         # under its private name, beside it -- and from the sdist as well.
-        out = tempfile.mkdtemp(prefix="concurrency-wheel-")
-        self.addCleanup(shutil.rmtree, out, ignore_errors=True)
-        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-                               "-w", out, REPO], capture_output=True, text=True,
-                              timeout=LONG_TIMEOUT)
-        for leftover in ("build", "concurrency.egg-info"):
-            shutil.rmtree(os.path.join(REPO, leftover), ignore_errors=True)
-        if done.returncode != 0 and "No module named pip" in done.stderr:
-            self.skipTest("pip is not installed")
-        self.assertEqual(done.returncode, 0, done.stderr)
         import zipfile
-        [wheel] = os.listdir(out)
-        with zipfile.ZipFile(os.path.join(out, wheel)) as archive:
-            modules = sorted(name for name in archive.namelist() if "/" not in name)
+        with zipfile.ZipFile(built_wheel(self)) as archive:
+            names = archive.namelist()
+        modules = sorted(name for name in names if "/" not in name)
         self.assertEqual(modules, ["_concurrency_worker.py", "concurrency.py"])
+        # Its types, for mypy, as a stub-only package (PEP 561).
+        self.assertIn("concurrency-stubs/__init__.pyi", names)
         with open(os.path.join(REPO, "MANIFEST.in"), encoding="utf-8") as file:
             self.assertIn("include worker.py", file.read())
+
+
+# What a user writes, as an editor's type checker should read it: each
+# reveal_type() with the type it must show ("# -> "), each "# error" line a
+# mistake it must flag -- and nothing else flagged, in it or in the library.
+TYPED_USE = """\
+import asyncio
+{import_line}
+
+
+def count(table: str) -> int:
+    return len(table)
+
+
+async def fetch(url: str) -> bytes:
+    return url.encode()
+
+
+reveal_type(concurrency.run([lambda: count("users"), lambda: count("orders")]))  # -> list[int]
+reveal_type(concurrency.run({{"users": lambda: count("users")}}))  # -> dict[str, int]
+reveal_type(concurrency.run(lambda: count("users")))  # -> list[int]
+reveal_type(concurrency.run([lambda: fetch("a"), lambda: fetch("b")]))  # -> list[bytes]
+reveal_type(concurrency.run({{"a": lambda: fetch("a")}}))  # -> dict[str, bytes]
+reveal_type(concurrency.run([lambda: count("a")], return_exceptions=True))  # -> list[int | BaseException]
+reveal_type(concurrency.driver("fork").run({{1: lambda: 2.5}}, timeout=3))  # -> dict[int, float]
+reveal_type(concurrency.map(count, ["users", "orders"]))  # -> list[int]
+reveal_type(concurrency.map(fetch, ["a"], return_exceptions=True))  # -> list[bytes | BaseException]
+for key, value in concurrency.as_completed({{"users": lambda: count("users")}}):
+    reveal_type(key)  # -> str
+    reveal_type(value + 1)  # -> int
+for index, result in concurrency.as_completed([lambda: count("a")], return_exceptions=True):
+    reveal_type(index)  # -> int
+    reveal_type(result)  # -> int | BaseException
+
+
+async def main() -> None:
+    reveal_type(await concurrency.run_async({{"a": lambda: fetch("a")}}))  # -> dict[str, bytes]
+    async for name, size in concurrency.as_completed_async([lambda: count("a")]):
+        reveal_type(size)  # -> int
+
+with concurrency.deferring():
+    concurrency.defer(lambda: count("users"))
+
+
+@concurrency.deferring
+def handle(update: str) -> int:
+    return 1
+
+
+reveal_type(handle)  # -> (update: str) -> int
+reveal_type(concurrency.driver())  # -> Driver
+try:
+    concurrency.run([lambda: count("a")], timeout=1.5)
+except concurrency.TaskTimeout as exc:
+    reveal_type(exc.timeout)  # -> float
+except concurrency.WorkerCrashed as exc:
+    reveal_type(exc.exitcode)  # -> int | None
+
+concurrency.run([count("users")])  # error
+concurrency.run([count])  # error
+concurrency.run({{"users": count("users")}})  # error
+concurrency.run([lambda: 1], timeout="30")  # error
+concurrency.map(count, [1, 2])  # error
+"""
+
+
+class TypingTest(unittest.TestCase):
+    """mypy and pyright, at their defaults, on user code and on the library:
+    an installed copy (the wheel, its stub) and a vendored one (the two
+    files).  .ci/run sets CONCURRENCY_TYPECHECK=1 where it installs mypy,
+    which turns a missing mypy from a skip into a failure."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.folder = tempfile.mkdtemp(prefix="concurrency-types-")
+        cls.addClassCleanup(shutil.rmtree, cls.folder, ignore_errors=True)
+
+    def mypy(self):
+        if importlib.util.find_spec("mypy") is None:
+            if os.environ.get("CONCURRENCY_TYPECHECK") == "1":
+                self.fail("mypy is not installed, and CONCURRENCY_TYPECHECK=1 asks for it")
+            self.skipTest("mypy is not installed (pip install mypy)")
+        return [sys.executable, "-m", "mypy", "--cache-dir", os.path.join(self.folder, "cache")]
+
+    def pyright(self):
+        found = os.environ.get("PYRIGHT") or shutil.which("pyright")
+        if not found:
+            self.skipTest("pyright is not installed (npm install pyright; "
+                          "PYRIGHT=node_modules/.bin/pyright)")
+        return [found, "--outputjson", "--pythonpath", sys.executable]
+
+    def installed(self):
+        """A folder holding the wheel's files, as site-packages would."""
+        site = os.path.join(self.folder, "site")
+        if not os.path.isdir(site):
+            import zipfile
+            with zipfile.ZipFile(built_wheel(self)) as archive:
+                archive.extractall(site)
+        return site
+
+    def user_code(self, where, import_line):
+        path = os.path.join(where, "typed_use.py")
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(TYPED_USE.format(import_line=import_line))
+        expected = {}
+        for number, line in enumerate(TYPED_USE.splitlines(), 1):
+            if "  # -> " in line:
+                expected[number] = ("type", line.split("  # -> ")[1])
+            elif line.endswith("  # error"):
+                expected[number] = ("error", None)
+        return path, expected
+
+    def check(self, command, where, site, path, expected, read):
+        env = dict(os.environ, PYTHONPATH=site or "")
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        done = subprocess.run(command, cwd=where, env=env, capture_output=True, text=True,
+                              timeout=LONG_TIMEOUT)
+        found = {}
+        stray = []
+        for file, line, severity, message in read(done.stdout):
+            if os.path.realpath(os.path.join(where, file)) != os.path.realpath(path):
+                if severity == "error":
+                    stray.append("%s:%s: %s" % (file, line, message))
+                continue
+            if severity == "error":
+                found[line] = ("error", None)
+            else:
+                revealed = re.search(r'(?:Revealed type is|Type of ".*" is) "(.*)"$', message)
+                if revealed:
+                    found[line] = ("type", _plain_type(revealed.group(1)))
+        self.assertEqual(stray, [], "errors inside the library:\n" + done.stdout + done.stderr)
+        self.assertEqual(found, expected, done.stdout + done.stderr)
+
+    def read_mypy(self, output):
+        for line in output.splitlines():
+            match = re.match(r"^(.+?):(\d+): (error|note): (.*)$", line)
+            if match:
+                yield match.group(1), int(match.group(2)), match.group(3), match.group(4)
+
+    def read_pyright(self, output):
+        for diagnostic in json.loads(output)["generalDiagnostics"]:
+            yield (diagnostic["file"], diagnostic["range"]["start"]["line"] + 1,
+                   diagnostic["severity"], diagnostic["message"].split("\n")[0])
+
+    def vendored(self):
+        """A project with the two files copied into myapp/_vendor/."""
+        where = os.path.join(self.folder, "project")
+        vendor = os.path.join(where, "myapp", "_vendor")
+        if not os.path.isdir(vendor):
+            os.makedirs(vendor)
+            for name in ("myapp/__init__.py", "myapp/_vendor/__init__.py"):
+                open(os.path.join(where, name), "w").close()
+            for name in ("concurrency.py", "worker.py"):
+                shutil.copy(os.path.join(REPO, name), vendor)
+        return where
+
+    def test_mypy_on_an_installed_copy(self):
+        command = self.mypy()
+        where = tempfile.mkdtemp(dir=self.folder)
+        path, expected = self.user_code(where, "import concurrency")
+        self.check(command + [path], where, self.installed(), path, expected, self.read_mypy)
+
+    def test_pyright_on_an_installed_copy(self):
+        command = self.pyright()
+        where = tempfile.mkdtemp(dir=self.folder)
+        path, expected = self.user_code(where, "import concurrency")
+        self.check(command + [path], where, self.installed(), path, expected,
+                   self.read_pyright)
+
+    def test_mypy_on_a_vendored_copy_and_the_library(self):
+        command = self.mypy()
+        where = self.vendored()
+        path, expected = self.user_code(os.path.join(where, "myapp"),
+                                        "from myapp._vendor import concurrency")
+        self.check(command + ["myapp"], where, None, path, expected, self.read_mypy)
+
+    def test_pyright_on_a_vendored_copy_and_the_library(self):
+        command = self.pyright()
+        where = self.vendored()
+        path, expected = self.user_code(os.path.join(where, "myapp"),
+                                        "from myapp._vendor import concurrency")
+        self.check(command + ["myapp"], where, None, path, expected, self.read_pyright)
+
+    def test_the_installed_stub_matches_the_module(self):
+        # mypy's stubtest: every public name's stub against the module as
+        # it runs (parameters, defaults, kinds).
+        command = self.mypy()
+        command[2:] = ["mypy.stubtest", "concurrency", "--mypy-config-file", os.devnull]
+        env = dict(os.environ, PYTHONPATH=self.installed())
+        done = subprocess.run(command, cwd=self.folder, env=env, capture_output=True,
+                              text=True, timeout=LONG_TIMEOUT)
+        self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
+        self.assertIn("Success", done.stdout)
+
+
+def _plain_type(text):
+    """A revealed type as both checkers spell it: no module prefixes, no
+    mypy "def " before a callable."""
+    text = re.sub(r"\b(?:builtins|typing|myapp\._vendor\.concurrency|concurrency)\.", "", text)
+    return text[4:] if text.startswith("def ") else text
 
 
 class ImportTest(unittest.TestCase):
