@@ -392,8 +392,10 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
         marker = self.path("deferred")
         self.d.defer({"writes": lambda: write_file(marker, "done"),
                       "fails": lambda: raise_value_error("deferred failure 41")})
-        wait_until(lambda: os.path.exists(marker), LONG_TIMEOUT, "the deferred task to run")
-        self.assertEqual(read_file(marker), "done")
+        # Its content, not the file's existence: the task's write_file()
+        # makes the file first and writes it after.
+        wait_until(lambda: os.path.exists(marker) and read_file(marker) == "done",
+                   LONG_TIMEOUT, "the deferred task to run")
         wait_until(lambda: "deferred failure 41" in read_file(self.cluster.worker_log),
                    LONG_TIMEOUT, "the failure to be reported in the workers' log")
         log = read_file(self.cluster.worker_log)
@@ -569,8 +571,8 @@ class DaskScriptTest(ScriptTestCase):
         self.assertEqual(done.stdout.splitlines(),
                          ["[('Row', 'orders', 345), ('Row', 'users', 120)]",
                           "raised ZeroDivisionError"])
-        wait_until(lambda: os.path.exists(marker), LONG_TIMEOUT, "the deferred task to run")
-        self.assertEqual(read_file(marker), "deferred")
+        wait_until(lambda: os.path.exists(marker) and read_file(marker) == "deferred",
+                   LONG_TIMEOUT, "the deferred task to run")
 
     def test_the_environment_names_the_driver_and_the_cluster(self):
         marker = self.path("marker")
