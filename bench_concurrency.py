@@ -33,10 +33,14 @@ Scenarios:
   big64mb   2 tasks each returning 64 MB of bytes (ms)
   rss       peak RSS of the parent after big64mb, and RSS of an idle worker (MB)
 
-Where Dask's distributed is installed, the dask driver is measured on warm2
-and many1000 against plain Dask -- client.submit() of the same lambdas, then
-client.gather() -- on the same cluster: a scheduler and two workers (two
-threads each) on 127.0.0.1, started once for the whole benchmark.
+Where Dask's distributed is installed, the dask driver is measured against
+plain Dask -- client.submit() of the same lambdas, then client.gather() -- on
+the same cluster: a scheduler and two workers (two threads each) on
+127.0.0.1, started once for the whole benchmark, on warm2, many1000 and:
+  capture   8 tasks capturing the same 16 MB bytes object, returning its
+            length (ms); plain Dask as its users share an object: scattered
+            once, then client.map() over its future
+  big       2 tasks each returning 16 MB of bytes (ms)
 """
 
 # Only what every child needs: first2 times a whole interpreter, and what the
@@ -48,12 +52,13 @@ import time
 OURS = ["concurrency-process", "concurrency-fork"]
 PEERS = ["ProcessPoolExecutor+dill", "loky", "joblib", "pathos", "mpire"]
 DASK = ["concurrency-dask", "dask"]  # ours and plain Dask, on one cluster
-DASK_SCENARIOS = ["warm2", "many1000"]
+DASK_SCENARIOS = ["warm2", "many1000", "capture", "big"]
+DASK_ONLY = ["capture", "big"]
 SHORT = {"concurrency-process": "process", "concurrency-fork": "fork",
          "ProcessPoolExecutor+dill": "PPE+dill", "concurrency-dask": "on dask",
          "dask": "dask"}
 SCENARIOS = ["first2", "first2-B", "warm2", "many1000", "many10k", "many100k",
-             "map10k", "map100k", "capture64mb", "cpu", "big64mb", "rss"]
+             "map10k", "map100k", "capture64mb", "cpu", "big64mb", "rss", "capture", "big"]
 MANY = {"many1000": 1000, "many10k": 10000, "many100k": 100000}
 MAPS = {"map10k": 10000, "map100k": 100000}
 CORES = os.cpu_count() or 1
@@ -235,6 +240,8 @@ def child(system, scenario, iterations):
             times.append(time.perf_counter() - started)
             del tasks
         return {"value": statistics.median(times) * 1000, "rss": _peak_rss()}
+    if scenario in DASK_ONLY:
+        return _dask_scenario(system, scenario, run)
     if scenario == "capture64mb":
         data = b"x" * (64 << 20)
         times = []
@@ -273,6 +280,36 @@ def child(system, scenario, iterations):
         run([lambda: 0, lambda: 0])
         return {"value": _peak_rss(), "worker": _idle_worker_rss()}
     raise SystemExit("unknown scenario %r" % scenario)
+
+
+def _dask_scenario(system, scenario, run):
+    """capture and big, timed as the median of 5 after a warm-up."""
+    import statistics
+    size = 16 << 20
+    if scenario == "capture":
+        data = b"x" * size
+        if system == "dask":
+            import distributed
+            client = distributed.Client(os.environ["BENCH_DASK_ADDRESS"])
+
+            def once():
+                shared = client.scatter(data)
+                return client.gather(client.map(len, [shared] * 8, pure=False))
+        else:
+            def once():
+                return run([lambda: len(data)] * 8)
+        expected = [size] * 8
+    else:
+        def once():
+            return [len(blob) for blob in run([lambda: b"x" * size, lambda: b"y" * size])]
+        expected = [size] * 2
+    assert once() == expected  # warm up
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        assert once() == expected
+        times.append(time.perf_counter() - started)
+    return {"value": statistics.median(times) * 1000}
 
 
 def _peak_rss():
@@ -452,7 +489,8 @@ def run_all(repeat, systems, scenarios):
           "interpreter" % (CORES, sys.version.split()[0], sys.platform, repeat))
     rows, bare, cpu_ratios = {}, [], {}
     for scenario in scenarios:
-        measured = [s for s in systems if s not in DASK or scenario in DASK_SCENARIOS]
+        measured = [s for s in systems if (s in DASK) == (scenario in DASK_ONLY)
+                    or (s in DASK and scenario in DASK_SCENARIOS)]
         if scenario == "warm2" and "concurrency-fork" in measured:
             measured.append("os.fork")  # two bare forks, what fork's warm2 is held to
         for system in measured:
@@ -491,7 +529,8 @@ def print_table(rows, systems, cpu_ratios):
              "big64mb": "ms",
              "rss": "MB peak", "idle worker rss": "MB", "many10k rss": "MB peak",
              "many1000 rss": "MB peak", "many100k rss": "MB peak", "capture64mb rss": "MB peak",
-             "map10k": "ms", "map100k": "ms", "map10k rss": "MB peak", "map100k rss": "MB peak"}
+             "map10k": "ms", "map100k": "ms", "map10k rss": "MB peak", "map100k rss": "MB peak",
+             "capture": "ms", "big": "ms"}
     names = [s for s in systems] + ["os.fork"]
     shown = [n for n in names if any(n in row for row in rows.values())]
     width = 9

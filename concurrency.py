@@ -1596,7 +1596,7 @@ class DaskDriver(_ChildDriver):
         timeout, deadline = self._deadline(timeout)
         if not batch.calls:
             return
-        payloads = _dumps_tasks(batch.keys, batch.calls, outcomes)
+        payloads = _SharedPayloads(batch.keys, batch.calls, outcomes)
         client = self.client()
         if stop is not None and stop.is_set():
             raise _Stopped()  # cancelled meanwhile: send nothing
@@ -2516,6 +2516,22 @@ def _dumps_tasks(keys, calls, outcomes=None):
     serializer = _TaskSerializer(calls)
     return [_dumps_task(serializer, index, keys[index], fn, outcomes)
             for index, fn in enumerate(calls)]
+
+
+class _SharedPayloads(list):
+    """The serialized tasks of a dask run, all made at once, naming the
+    large buffers they capture (worker.SharedBuffers) instead of holding
+    them: ``buffers`` (number -> the bytes or bytearray) and ``needs``
+    (index -> the numbers its task names)."""
+
+    def __init__(self, keys, calls, outcomes=None):
+        serializer = _TaskSerializer(calls, share=True)
+        self.needs = {}
+        for index, fn in enumerate(calls):
+            self.append(_dumps_task(serializer, index, keys[index], fn, outcomes))
+            if serializer.named:
+                self.needs[index] = serializer.named
+        self.buffers = serializer.shared.buffers
 
 
 def _dumps_task(serializer, index, key, fn, outcomes):
@@ -5201,6 +5217,9 @@ class _DaskRun:
         self.timed = [0.0, 0]  # seconds the tasks took, tasks
         self.lock = threading.Lock()
         self.wake_fd = None  # the pipe's write end, None once the run is over
+        # number -> the future of a large buffer the tasks capture, sent to
+        # the cluster once for the run (see shared_call).
+        self.scattered = {}
 
     def completions(self):
         wake_read, self.wake_fd = _pipe()
@@ -5243,12 +5262,18 @@ class _DaskRun:
             os.close(wake_read)
             if self.chunks:
                 _uninterrupted(self.cancel)
+            self.scattered.clear()  # the cluster lets them go
 
     def submit(self):
         """Submit chunks of pending tasks while the cluster has room."""
         chunks = []
+        # Tasks that capture large buffers, their time not known yet: one
+        # chunk per thread, as each chunk hands its buffers to a child anew.
+        needs = getattr(self.payloads, "needs", None) or {}
+        sharing = (not self.timed[1] and self.pending and self.pending[0] in needs
+                   and -(-len(self.pending) // self.threads))
         while self.pending and len(self.chunks) + len(chunks) < _DASK_IN_FLIGHT * self.threads:
-            count = self.chunk_size()
+            count = sharing or self.chunk_size()
             chunk = [self.pending.popleft()]
             size = len(self.payloads[chunk[0]])
             while (self.pending and len(chunk) < count
@@ -5259,14 +5284,44 @@ class _DaskRun:
         if not chunks:
             return
         dask_task = _worker_module().dask_task
-        calls = _dask_arguments(self.client, [
-            _remote_call(dask_task, [self.payloads[i] for i in chunk],
-                         _remote_timeout(self.timeout), None, sys.implementation.cache_tag)
-            for chunk in chunks])
-        futures = self.client.map(pickle.loads, calls, key=_dask_keys(len(chunks)), pure=False)
-        for future, chunk in zip(futures, chunks):
+        sharing = [chunk for chunk in chunks if any(index in needs for index in chunk)]
+        plain = [chunk for chunk in chunks if not any(index in needs for index in chunk)]
+        submitted = []
+        if plain:
+            calls = _dask_arguments(self.client, [
+                _remote_call(dask_task, [self.payloads[i] for i in chunk],
+                             _remote_timeout(self.timeout), None, sys.implementation.cache_tag)
+                for chunk in plain])
+            submitted += zip(self.client.map(pickle.loads, calls, key=_dask_keys(len(plain)),
+                                             pure=False), plain)
+        for chunk, key in zip(sharing, _dask_keys(len(sharing))):
+            call, buffers = self.shared_call(dask_task, chunk)
+            submitted.append((self.client.submit(pickle.loads, call, buffers=buffers, key=key,
+                                                 pure=False), chunk))
+        for future, chunk in submitted:
             self.chunks[future] = chunk
             self.fetch(future)
+
+    def shared_call(self, dask_task, chunk):
+        """The call of a chunk whose tasks name large buffers, and the
+        futures of those buffers, its out-of-band pickle buffers: the Dask
+        worker holds each buffer once, fetched from the cluster the first
+        time one of its tasks needs it, and hands it to pickle.loads()."""
+        needs = self.payloads.needs
+        numbers = sorted(set().union(*(needs.get(index, ()) for index in chunk)))
+        missing = [number for number in numbers if number not in self.scattered]
+        if missing:
+            futures = self.client.scatter([self.payloads.buffers[n] for n in missing],
+                                          hash=False)
+            self.scattered.update(zip(missing, futures))
+        out_of_band = []
+        call = pickle.dumps(_RemoteCall(dask_task, (
+            [self.payloads[i] for i in chunk], _remote_timeout(self.timeout), None,
+            sys.implementation.cache_tag, [sorted(needs.get(i, ())) for i in chunk],
+            [(number, pickle.PickleBuffer(self.payloads.buffers[number]))
+             for number in numbers])), protocol=5, buffer_callback=out_of_band.append)
+        assert len(out_of_band) == len(numbers)
+        return call, [self.scattered[number] for number in numbers]
 
     def chunk_size(self):
         seconds, tasks = self.timed
@@ -5415,10 +5470,12 @@ def _report_deferred_on_dask(key, future):
 
 # -- On a Dask worker ---
 
-def _run_for_dask(payloads, timeout):
+def _run_for_dask(payloads, timeout, needs=None, shared=None):
     """On a Dask worker: run a chunk of tasks one after another in a warm
     child, as the process driver does, and return their outcomes still
-    encoded, with the seconds they took (see worker.dask_task)."""
+    encoded, with the seconds they took (see worker.dask_task).  ``shared``:
+    (number, buffer) of the large buffers the tasks name, ``needs`` which,
+    by task: they go to the child as on the process driver."""
     with _state.dask_lock:
         if _state.dask_pool is None:
             # Without lending: the outcome goes on over the network, so
@@ -5432,8 +5489,13 @@ def _run_for_dask(payloads, timeout):
     try:
         # One child: the Dask worker gave this chunk one of its threads.
         workers = pool.acquire(1, deadline)
-        for _index in _DaskWorkerRun(pool, workers, payloads, outcomes, timeout, deadline,
-                                     _dask_task_dropped()).completions():
+        run = _DaskWorkerRun(pool, workers, payloads, outcomes, timeout, deadline,
+                             _dask_task_dropped())
+        if shared:
+            run.payloads.buffers = dict(shared)
+            run.payloads.needs = {index: numbers for index, numbers in enumerate(needs)
+                                  if numbers}
+        for _index in run.completions():
             pass
     except _Stopped:
         pass  # dropped: nobody waits for these outcomes any more

@@ -50,7 +50,7 @@ class Cluster:
     """A scheduler and two workers (2 threads each), in process groups of
     their own, stopped and reaped at the end; workers' stderr kept."""
 
-    def __init__(self):
+    def __init__(self, worker_options=()):
         self.folder = tempfile.mkdtemp(prefix="concurrency-dask-")
         self.scheduler_file = os.path.join(self.folder, "scheduler.json")
         self.worker_log = os.path.join(self.folder, "workers.log")
@@ -67,7 +67,8 @@ class Cluster:
                 self.start([sys.executable, "-m", "distributed.cli.dask_worker",
                             "--scheduler-file", self.scheduler_file, "--host", "127.0.0.1",
                             "--nthreads", "2", "--no-dashboard", "--name", name,
-                            "--local-directory", os.path.join(self.folder, name)], env)
+                            "--local-directory", os.path.join(self.folder, name),
+                            *worker_options], env)
             self.client = distributed.Client(scheduler_file=self.scheduler_file,
                                              timeout=CLUSTER_START_TIMEOUT,
                                              set_as_default=False)
@@ -374,6 +375,69 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
         self.assertEqual([str(w.message) for w in caught if "large" in str(w.message).lower()],
                          [])
 
+    def test_a_large_capture_goes_to_the_cluster_once_and_to_each_worker_once(self):
+        blob = os.urandom(16 << 20)
+        mutable = bytearray(2 << 20)
+        twice = (mutable, mutable, blob, blob)  # one object reached twice stays one
+
+        def touch(i):
+            seen = mutable[0]
+            mutable[0] = i + 1
+            return seen
+
+        client = self.d.client()
+        handed = []  # the size of each buffer of ours that Dask is handed
+
+        def sizes(values):
+            for value in values:
+                if isinstance(value, (bytes, bytearray)):
+                    handed.append(len(value))
+                elif isinstance(value, (list, tuple)):
+                    sizes(value)
+
+        scatter, submit, map_ = client.scatter, client.submit, client.map
+
+        def spy(real):
+            def call(*args, **kwargs):
+                sizes(args)
+                sizes(kwargs.values())
+                return real(*args, **kwargs)
+            return call
+
+        def received(dask_worker):
+            return sum(entry["total"] for entry in dask_worker.transfer_incoming_log)
+
+        before = client.run(received)
+        with mock.patch.object(client, "scatter", spy(scatter)), \
+                mock.patch.object(client, "submit", spy(submit)), \
+                mock.patch.object(client, "map", spy(map_)):
+            results = self.d.run([lambda i=i: (len(blob), blob[i], touch(i),
+                                               twice[0] is twice[1], twice[2] is twice[3])
+                                  for i in range(16)])
+        after = client.run(received)
+        self.assertEqual(results, [(len(blob), blob[i], 0, True, True) for i in range(16)])
+        self.assertEqual(mutable[0], 0)  # the caller's bytearray: untouched
+        # Sent by the caller: each buffer once, and calls that are small.
+        self.assertEqual(sorted(size for size in handed if size >= 1 << 20),
+                         [2 << 20, 16 << 20], handed)
+        self.assertLess(sum(handed), (18 << 20) + (1 << 20), handed)
+        # Between the workers: at most one copy more for each of them.
+        moved = sum(after[worker] - before.get(worker, 0) for worker in after)
+        self.assertLessEqual(moved, (18 << 20) * (len(after) - 1) + (1 << 20))
+
+    def test_a_result_larger_than_a_dask_frame_comes_back_whole(self):
+        import dask.utils
+        shard = dask.utils.parse_bytes(dask.config.get("distributed.comm.shard"))
+        size = shard + (3 << 20)
+
+        def large():
+            data = os.urandom(size)
+            return hashlib.sha256(data).hexdigest(), data
+
+        [(digest, data)] = self.d.run([large])
+        self.assertEqual(len(data), size)
+        self.assertEqual(hashlib.sha256(data).hexdigest(), digest)
+
     def test_a_closure_over_a_class_made_in_the_caller_comes_back_as_that_class(self):
         Model = type("Model", (), {"label": lambda self: "model %d" % self.n})
         instance = Model()
@@ -536,6 +600,69 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
             concurrency.DaskDriver(connect_timeout=float("inf"))
         with self.assertRaisesRegex(TypeError, "needs a synchronous distributed.Client"):
             concurrency.DaskDriver(client=mock.Mock(asynchronous=True))
+
+
+@NEEDS_DISTRIBUTED
+class LostWorkerTest(ClusterTestCase):
+    """On a cluster of its own, whose scheduler gives up on a task the first
+    time the worker running it is lost (allowed-failures = 0; by default
+    Dask runs it again elsewhere, up to three times), and whose workers no
+    nanny starts again."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        with mock.patch.dict(os.environ, {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}):
+            cls.own = Cluster(worker_options=["--no-nanny"])
+
+        def stop():
+            concurrency._close_dask()  # first: its client would try the scheduler again
+            cls.own.stop()
+        cls.addClassCleanup(stop)
+
+    def setUp(self):
+        super().setUp()
+        self.cluster = self.own
+        patcher = mock.patch.dict(os.environ, {"CONCURRENCY_DASK_ADDRESS": self.own.address})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_a_worker_lost_mid_run_fails_only_its_own_tasks(self):
+        folder = self.subdir("started")
+        go = os.path.join(self.tmp, "go")
+
+        def task(i):
+            path = os.path.join(folder, str(i))
+            write_file(path + ".tmp", str(os.getppid()))  # its Dask worker
+            os.rename(path + ".tmp", path)
+            deadline = time.monotonic() + LONG_TIMEOUT
+            while not os.path.exists(go) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return i
+
+        results = []
+        runner = threading.Thread(target=lambda: results.append(concurrency.driver("dask").run(
+            [lambda i=i: task(i) for i in range(4)], return_exceptions=True)))
+        runner.start()
+        try:
+            wait_until(lambda: len(os.listdir(folder)) >= 4, LONG_TIMEOUT, "all tasks to start")
+            workers = {int(name): int(read_file(os.path.join(folder, name)))
+                       for name in os.listdir(folder) if not name.endswith(".tmp")}
+            lost = workers[0]
+            os.kill(lost, signal.SIGKILL)
+            wait_until(lambda: not pid_alive(lost), SHORT_TIMEOUT, "the worker to die")
+        finally:
+            write_file(go, "")
+            runner.join(LONG_TIMEOUT)
+        self.assertFalse(runner.is_alive())
+        [outcome] = results
+        for i, value in enumerate(outcome):
+            if workers[i] == lost:
+                self.assertIsInstance(value, concurrency.WorkerCrashed, i)
+            else:
+                self.assertEqual(value, i)
+        self.assertIn(lost, workers.values())
+        self.assertNotEqual(set(workers.values()), {lost})  # the other worker ran some
 
 
 @NEEDS_DISTRIBUTED

@@ -2397,7 +2397,7 @@ DASK_WORKER_FILE = "_concurrency_worker.py"
 DASK_RUNNER_NAME = "_concurrency_on_dask"
 
 
-def dask_task(payloads, timeout, report_as=None, python=None):
+def dask_task(payloads, timeout, report_as=None, python=None, needs=None, shared=None):
     """A task of the ``dask`` driver, called by a Dask worker: a chunk of
     the caller's tasks.
 
@@ -2412,7 +2412,9 @@ def dask_task(payloads, timeout, report_as=None, python=None):
     for; they go to stderr.  ``python``: the caller's
     sys.implementation.cache_tag; on another Python (a worker that joined
     the cluster later) no task is unpickled: this one would crash on the
-    caller's code."""
+    caller's code.  ``shared``: (number, buffer) of the large buffers the
+    tasks capture, sent ahead once and handed in by Dask; ``needs``: the
+    numbers each task names."""
     if python is not None and python != sys.implementation.cache_tag:
         detail = ("its Dask worker runs %s, this process's tasks need %s: run the "
                   "workers on the caller's Python" % (sys.implementation.cache_tag, python))
@@ -2421,7 +2423,7 @@ def dask_task(payloads, timeout, report_as=None, python=None):
     else:
         import importlib
         runner = importlib.import_module(DASK_RUNNER_NAME)
-        outcomes, seconds = runner._run_for_dask(payloads, timeout)
+        outcomes, seconds = runner._run_for_dask(payloads, timeout, needs, shared)
     for key, outcome in zip(report_as or (), outcomes):
         report_outcome(key, outcome)
     return outcomes, seconds
