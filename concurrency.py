@@ -5230,7 +5230,7 @@ class _DaskRun:
             selector.register(wake_read, selectors.EVENT_READ, None)
             if self.stop is not None:
                 selector.register(self.stop.fileno(), selectors.EVENT_READ, self.stop)
-            self.threads = _dask_threads(self.client)
+            self.threads, self.direct = _dask_cluster(self.client)
             self.submit()
             while self.chunks:
                 if self.done:
@@ -5337,7 +5337,8 @@ class _DaskRun:
         of which a run of few tasks would feel), then hand it to the run."""
         async def fetch():
             try:
-                [result] = await self.client.gather([future], asynchronous=True)
+                [result] = await self.client.gather([future], asynchronous=True,
+                                                    direct=self.direct)
                 outcome = (result, None)
             except BaseException as exc:  # its failure, to be the task's
                 outcome = (None, exc)
@@ -5369,9 +5370,15 @@ class _DaskRun:
 
     def decode(self, index, outcome):
         key = self.outcomes.key(index)
-        kind, body = outcome
+        kind, body, *lent = outcome
         if kind != _worker_module().LOST:
-            self.outcomes.arrived(index, kind, body)
+            # A lent buffer arrives as Dask's frame: the object the task
+            # returned is made of it (bytes if it was read-only, else
+            # bytearray), and the result of that object.
+            self.outcomes.arrived(index, kind, body, [
+                buffer if type(buffer) in (bytes, bytearray)
+                else bytes(buffer) if memoryview(buffer).readonly else bytearray(buffer)
+                for buffer in lent[0]] if lent else None)
             exc = self.outcomes.values[index]
             if (self.outcomes.failed[index] and isinstance(exc, SerializationError)
                     and "No module named 'dill'" in str(exc)):
@@ -5404,15 +5411,35 @@ class _DaskRun:
             pass  # the scheduler is gone: so are its tasks
 
 
-def _dask_threads(client):
-    """The cluster's thread count, asked again every few seconds (it costs
-    a round trip to the scheduler, which a short run would feel)."""
+def _dask_cluster(client):
+    """(the cluster's thread count, whether results come straight from the
+    workers), asked again every few seconds (it costs a round trip to the
+    scheduler, which a short run would feel).
+
+    Straight from the workers where the client says so (direct_to_workers),
+    or, where it says nothing, when they are on this machine: a fetch
+    through the scheduler is a hop more.  Dask's own default, through the
+    scheduler, where they are elsewhere: a client outside the cluster's
+    network may not reach them, and would wait for its connect timeout."""
     now = time.monotonic()
-    known = _state.dask_thread_counts.get(client)
+    known = _state.dask_clusters.get(client)
     if known is None or now - known[0] > 5.0:
-        known = (now, max(1, sum(client.nthreads().values())))
-        _state.dask_thread_counts[client] = known
-    return known[1]
+        workers = client.nthreads()
+        direct = getattr(client, "direct_to_workers", None)
+        if direct is None:
+            direct = bool(workers) and all(_on_this_machine(address) for address in workers)
+        known = (now, max(1, sum(workers.values())), direct)
+        _state.dask_clusters[client] = known
+    return known[1:]
+
+
+def _on_this_machine(address):
+    """Whether a Dask address (tcp://host:port, inproc://...) is this machine's."""
+    scheme, _, rest = address.partition("://")
+    if scheme == "inproc":
+        return True
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
 def _dask_failure(key, exc):
@@ -5478,9 +5505,9 @@ def _run_for_dask(payloads, timeout, needs=None, shared=None):
     by task: they go to the child as on the process driver."""
     with _state.dask_lock:
         if _state.dask_pool is None:
-            # Without lending: the outcome goes on over the network, so
-            # copying it out of the child saves nothing.
-            _state.dask_pool = _WorkerPool(_MAX_WORKERS_MAX, DEFAULT_IDLE_TIMEOUT, lend=False)
+            # Lending: a large result is copied out of the child once,
+            # and sent on as it is (see _RelayedOutcomes).
+            _state.dask_pool = _WorkerPool(_MAX_WORKERS_MAX, DEFAULT_IDLE_TIMEOUT)
     pool = _state.dask_pool
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
@@ -5513,7 +5540,11 @@ def _release_dask_workers():
 
 class _RelayedOutcomes:
     """The outcomes of a run on a Dask worker, kept as the child encoded
-    them: the caller, who has the classes, decodes them."""
+    them: the caller, who has the classes, decodes them.  Kept as bytes and
+    bytearrays, never copied: Dask sends those as frames of their own, as
+    they are (its "dask" serializer, for the items of these tuples and
+    lists, as their first item is bytes).  Not as pickle buffers: through
+    the scheduler Dask pickles with protocol 4."""
 
     def __init__(self, count):
         self.count = count
@@ -5524,7 +5555,7 @@ class _RelayedOutcomes:
         return None
 
     def arrived(self, index, kind, body, lent=None):
-        self.encoded[index] = (kind, bytes(body))
+        self.encoded[index] = (kind, body) if lent is None else (kind, body, list(lent))
         self.completed.append(index)
 
     def fail(self, index, exc):
@@ -5756,7 +5787,7 @@ class _ProcessState:
         self.dask_clients = {}  # address -> the Client we connected to it
         self.dask_local = None  # (cluster, client) of the local cluster, once started
         self.dask_uploaded = weakref.WeakKeyDictionary()  # client -> digest of the files it got
-        self.dask_thread_counts = weakref.WeakKeyDictionary()  # client -> (when, threads)
+        self.dask_clusters = weakref.WeakKeyDictionary()  # client -> (when, threads, direct)
         self.dask_exit_registered = False
         self.dask_pool = None  # on a Dask worker: the warm children of dask_task()
 

@@ -2437,7 +2437,7 @@ def dask_release():
 
 
 def report_outcome(key, outcome):
-    kind, body = outcome
+    kind, body = outcome[:2]
     if kind == ERROR:
         info = pickle.loads(body)
         if info["kind"] == TASK_FAILED:
