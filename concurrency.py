@@ -5312,14 +5312,15 @@ class _DaskRun:
         missing = [number for number in numbers if number not in self.scattered]
         if missing:
             futures = self.client.scatter([self.payloads.buffers[n] for n in missing],
-                                          hash=False)
+                                          hash=False, direct=self.direct)
             self.scattered.update(zip(missing, futures))
         out_of_band = []
         call = pickle.dumps(_RemoteCall(dask_task, (
             [self.payloads[i] for i in chunk], _remote_timeout(self.timeout), None,
             sys.implementation.cache_tag, [sorted(needs.get(i, ())) for i in chunk],
-            [(number, pickle.PickleBuffer(self.payloads.buffers[number]))
-             for number in numbers])), protocol=5, buffer_callback=out_of_band.append)
+            [(number, self.scattered[number].key,
+              pickle.PickleBuffer(self.payloads.buffers[number])) for number in numbers])),
+            protocol=5, buffer_callback=out_of_band.append)
         assert len(out_of_band) == len(numbers)
         return call, [self.scattered[number] for number in numbers]
 
@@ -5501,7 +5502,7 @@ def _run_for_dask(payloads, timeout, needs=None, shared=None):
     """On a Dask worker: run a chunk of tasks one after another in a warm
     child, as the process driver does, and return their outcomes still
     encoded, with the seconds they took (see worker.dask_task).  ``shared``:
-    (number, buffer) of the large buffers the tasks name, ``needs`` which,
+    (number, Dask key, buffer) of the large buffers the tasks name, ``needs`` which,
     by task: they go to the child as on the process driver."""
     with _state.dask_lock:
         if _state.dask_pool is None:
@@ -5518,8 +5519,11 @@ def _run_for_dask(payloads, timeout, needs=None, shared=None):
         workers = pool.acquire(1, deadline)
         run = _DaskWorkerRun(pool, workers, payloads, outcomes, timeout, deadline,
                              _dask_task_dropped())
+        if _state.dask_files:
+            _forget_dask_files()
         if shared:
-            run.payloads.buffers = dict(shared)
+            run.payloads.buffers = {number: buffer for number, _key, buffer in shared}
+            run.shared_keys = {number: key for number, key, _buffer in shared}
             run.payloads.needs = {index: numbers for index, numbers in enumerate(needs)
                                   if numbers}
         for _index in run.completions():
@@ -5536,6 +5540,42 @@ def _release_dask_workers():
         pool = _state.dask_pool
     if pool is not None:
         pool.shutdown()
+    _forget_dask_files(everything=True)
+
+
+def _dask_file(key, buffer):
+    """(descriptor, name) of the anonymous file holding the shared buffer
+    Dask holds as ``key`` on this worker, written by the first chunk that
+    needs it (the others wait for that), or None where one can't be made."""
+    with _state.dask_lock:
+        if key not in _state.dask_files:
+            name = "concurrency-shared-%s" % os.urandom(8).hex()
+            try:
+                fd = _above_std(os.memfd_create(name, os.MFD_CLOEXEC))
+            except OSError:
+                return None  # no memory, no descriptor: the pipe will do
+            try:
+                _write_all(fd, buffer)
+            except BaseException:
+                os.close(fd)
+                raise
+            _state.dask_files[key] = (fd, name)
+        return _state.dask_files[key]
+
+
+def _forget_dask_files(everything=False):
+    """Close the files of the shared buffers this Dask worker no longer
+    holds (their run is over): looked at as each chunk starts, and when
+    the warm children are let go."""
+    try:
+        from distributed import get_worker
+        held = get_worker().data
+    except Exception:
+        held = ()
+    with _state.dask_lock:
+        for key in list(_state.dask_files):
+            if everything or key not in held:
+                os.close(_state.dask_files.pop(key)[0])
 
 
 class _RelayedOutcomes:
@@ -5582,6 +5622,15 @@ class _DaskWorkerRun(_ProcessRun):
                          timeout, deadline, None)
         self.dropped = dropped
         self.next_look = time.monotonic() + _DASK_WATCH_INTERVAL
+        self.shared_keys = {}  # number -> the Dask key of that shared buffer
+
+    def shared_file(self, number):
+        """The file of a shared buffer is made once on this Dask worker for
+        every chunk that names it, not once a chunk (see _dask_file)."""
+        key = self.shared_keys.get(number)
+        if key is None or not _state.sharing_by_file:
+            return super().shared_file(number)
+        return _dask_file(key, self.payloads.buffers[number])
 
     def wake_after(self):
         due = super().wake_after()
@@ -5788,6 +5837,7 @@ class _ProcessState:
         self.dask_local = None  # (cluster, client) of the local cluster, once started
         self.dask_uploaded = weakref.WeakKeyDictionary()  # client -> digest of the files it got
         self.dask_clusters = weakref.WeakKeyDictionary()  # client -> (when, threads, direct)
+        self.dask_files = {}  # on a Dask worker: key of a shared buffer -> its file
         self.dask_exit_registered = False
         self.dask_pool = None  # on a Dask worker: the warm children of dask_task()
 

@@ -424,6 +424,18 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
         # Between the workers: at most one copy more for each of them.
         moved = sum(after[worker] - before.get(worker, 0) for worker in after)
         self.assertLessEqual(moved, (18 << 20) * (len(after) - 1) + (1 << 20))
+        # The file a worker writes a buffer into, once for its chunks, goes
+        # once the run is over: when Dask has let the buffer go there, the
+        # worker's next chunk closes it.
+        def files_left(dask_worker):
+            runner = sys.modules.get("_concurrency_on_dask")
+            if runner is None:
+                return []
+            runner._forget_dask_files()  # as its next chunk does
+            return sorted(runner._state.dask_files)
+
+        wait_until(lambda: client.run(files_left) == {worker: [] for worker in after},
+                   SHORT_TIMEOUT, "the workers to close the files of the run's buffers")
 
     def test_a_result_larger_than_a_dask_frame_comes_back_whole(self):
         import dask.utils

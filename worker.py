@@ -2412,9 +2412,9 @@ def dask_task(payloads, timeout, report_as=None, python=None, needs=None, shared
     for; they go to stderr.  ``python``: the caller's
     sys.implementation.cache_tag; on another Python (a worker that joined
     the cluster later) no task is unpickled: this one would crash on the
-    caller's code.  ``shared``: (number, buffer) of the large buffers the
-    tasks capture, sent ahead once and handed in by Dask; ``needs``: the
-    numbers each task names."""
+    caller's code.  ``shared``: (number, Dask key, buffer) of the large
+    buffers the tasks capture, sent ahead once and handed in by Dask;
+    ``needs``: the numbers each task names."""
     if python is not None and python != sys.implementation.cache_tag:
         detail = ("its Dask worker runs %s, this process's tasks need %s: run the "
                   "workers on the caller's Python" % (sys.implementation.cache_tag, python))
