@@ -5270,10 +5270,11 @@ class _DaskRun:
         # Tasks that capture large buffers, their time not known yet: one
         # chunk per thread, as each chunk hands its buffers to a child anew.
         needs = getattr(self.payloads, "needs", None) or {}
-        sharing = (not self.timed[1] and self.pending and self.pending[0] in needs
-                   and -(-len(self.pending) // self.threads))
+        per_thread = 0
+        if not self.timed[1] and self.pending and self.pending[0] in needs:
+            per_thread = -(-len(self.pending) // self.threads)
         while self.pending and len(self.chunks) + len(chunks) < _DASK_IN_FLIGHT * self.threads:
-            count = sharing or self.chunk_size()
+            count = per_thread or self.chunk_size()
             chunk = [self.pending.popleft()]
             size = len(self.payloads[chunk[0]])
             while (self.pending and len(chunk) < count
@@ -5524,7 +5525,7 @@ def _run_for_dask(payloads, timeout, needs=None, shared=None):
         if shared:
             run.payloads.buffers = {number: buffer for number, _key, buffer in shared}
             run.shared_keys = {number: key for number, key, _buffer in shared}
-            run.payloads.needs = {index: numbers for index, numbers in enumerate(needs)
+            run.payloads.needs = {index: numbers for index, numbers in enumerate(needs or ())
                                   if numbers}
         for _index in run.completions():
             pass
@@ -5586,10 +5587,10 @@ class _RelayedOutcomes:
     lists, as their first item is bytes).  Not as pickle buffers: through
     the scheduler Dask pickles with protocol 4."""
 
-    def __init__(self, count):
+    def __init__(self, count) -> None:
         self.count = count
-        self.completed = collections.deque()
-        self.encoded = [(_worker_module().LOST, pickle.dumps(("error", "cancelled")))] * count
+        self.completed: collections.deque = collections.deque()
+        self.encoded: list = [(_worker_module().LOST, pickle.dumps(("error", "cancelled")))] * count
 
     def key(self, index):
         return None
