@@ -117,6 +117,9 @@ DaskDriver
     worker.dask_task() on a Dask worker; that runs them in a warm child of
     its own (_run_for_dask: this module, uploaded there, runs a _ProcessRun)
     and returns the outcome frames undecoded, for _DaskRun to decode here.
+    Large buffers the tasks capture are scattered once a run and reach the
+    chunks as Dask's data (_DaskRun.shared_call); large results are lent by
+    the child and go back as the bytes Dask sends as they are.
 
 as_completed(), run_async(), progress=True
     All built on each driver's ``_completions`` generator, which yields the
