@@ -5265,7 +5265,24 @@ class _DaskRun:
             os.close(wake_read)
             if self.chunks:
                 _uninterrupted(self.cancel)
-            self.scattered.clear()  # the cluster lets them go
+            if self.scattered:
+                self.forget_scattered()
+
+    def forget_scattered(self):
+        """The run is over: the cluster lets its shared buffers go, and the
+        workers close the files they wrote them into -- told now, on the
+        client's event loop, not waited for."""
+        keys = [future.key for future in self.scattered.values()]
+        self.scattered.clear()
+        call = _remote_call(_worker_module().dask_forget, keys)
+        client = self.client
+
+        async def forget():
+            try:
+                await client.run(pickle.loads, call, on_error="ignore", asynchronous=True)
+            except Exception:
+                pass  # the cluster is gone, and the files with it
+        client.loop.add_callback(forget)
 
     def submit(self):
         """Submit chunks of pending tasks while the cluster has room."""
@@ -5567,18 +5584,21 @@ def _dask_file(key, buffer):
         return _state.dask_files[key]
 
 
-def _forget_dask_files(everything=False):
+def _forget_dask_files(everything=False, keys=()):
     """Close the files of the shared buffers this Dask worker no longer
-    holds (their run is over): looked at as each chunk starts, and when
-    the warm children are let go."""
-    try:
-        from distributed import get_worker
-        held = get_worker().data
-    except Exception:
-        held = ()
+    holds: told by the caller as its run ends (``keys``); as each chunk
+    starts, those whose buffer Dask has let go (a caller that vanished
+    could not tell); all when the warm children are let go."""
+    held = ()
+    if not everything and not keys:
+        try:
+            from distributed import get_worker
+            held = get_worker().data
+        except Exception:
+            pass
     with _state.dask_lock:
         for key in list(_state.dask_files):
-            if everything or key not in held:
+            if everything or (key in keys if keys else key not in held):
                 os.close(_state.dask_files.pop(key)[0])
 
 

@@ -425,14 +425,10 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
         moved = sum(after[worker] - before.get(worker, 0) for worker in after)
         self.assertLessEqual(moved, (18 << 20) * (len(after) - 1) + (1 << 20))
         # The file a worker writes a buffer into, once for its chunks, goes
-        # once the run is over: when Dask has let the buffer go there, the
-        # worker's next chunk closes it.
+        # once the run is over: the caller tells the workers so.
         def files_left(dask_worker):
             runner = sys.modules.get("_concurrency_on_dask")
-            if runner is None:
-                return []
-            runner._forget_dask_files()  # as its next chunk does
-            return sorted(runner._state.dask_files)
+            return sorted(runner._state.dask_files) if runner is not None else []
 
         wait_until(lambda: client.run(files_left) == {worker: [] for worker in after},
                    SHORT_TIMEOUT, "the workers to close the files of the run's buffers")

@@ -2436,6 +2436,14 @@ def dask_release():
         runner._release_dask_workers()
 
 
+def dask_forget(keys):
+    """On a Dask worker: a run is over; close the files of its shared
+    buffers (Dask's ``keys``) written here."""
+    runner = sys.modules.get(DASK_RUNNER_NAME)
+    if runner is not None:
+        runner._forget_dask_files(keys=keys)
+
+
 def report_outcome(key, outcome):
     kind, body = outcome[:2]
     if kind == ERROR:
