@@ -5282,14 +5282,18 @@ class _DaskRun:
                 await client.run(pickle.loads, call, on_error="ignore", asynchronous=True)
             except Exception:
                 pass  # the cluster is gone, and the files with it
-        client.loop.add_callback(forget)
+        try:
+            client.loop.add_callback(forget)
+        except RuntimeError:
+            pass  # the client is closed: each worker's next chunk closes them
+
 
     def submit(self):
         """Submit chunks of pending tasks while the cluster has room."""
         chunks = []
         # Tasks that capture large buffers, their time not known yet: one
         # chunk per thread, as each chunk hands its buffers to a child anew.
-        needs = getattr(self.payloads, "needs", None) or {}
+        needs = self.payloads.needs
         per_thread = 0
         if not self.timed[1] and self.pending and self.pending[0] in needs:
             per_thread = -(-len(self.pending) // self.threads)
@@ -5394,9 +5398,9 @@ class _DaskRun:
         key = self.outcomes.key(index)
         kind, body, *lent = outcome
         if kind != _worker_module().LOST:
-            # A lent buffer arrives as Dask's frame: the object the task
-            # returned is made of it (bytes if it was read-only, else
-            # bytearray), and the result of that object.
+            # A lent buffer arrives as Dask sent it; the result is rebuilt
+            # around the object the task returned: bytes where the lent
+            # buffer was read-only, else a bytearray.
             self.outcomes.arrived(index, kind, body, [
                 buffer if type(buffer) in (bytes, bytearray)
                 else bytes(buffer) if memoryview(buffer).readonly else bytearray(buffer)
@@ -5461,7 +5465,7 @@ def _on_this_machine(address):
     if scheme == "inproc":
         return True
     host = rest.rsplit(":", 1)[0].strip("[]")
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+    return host in ("::1", "localhost") or host.startswith("127.")
 
 
 def _dask_failure(key, exc):
@@ -5523,8 +5527,9 @@ def _run_for_dask(payloads, timeout, needs=None, shared=None):
     """On a Dask worker: run a chunk of tasks one after another in a warm
     child, as the process driver does, and return their outcomes still
     encoded, with the seconds they took (see worker.dask_task).  ``shared``:
-    (number, Dask key, buffer) of the large buffers the tasks name, ``needs`` which,
-    by task: they go to the child as on the process driver."""
+    (number, Dask key, buffer) of the large buffers the tasks name, and
+    ``needs`` which, by task: they go to the child as on the process
+    driver."""
     with _state.dask_lock:
         if _state.dask_pool is None:
             # Lending: a large result is copied out of the child once,
@@ -5538,16 +5543,10 @@ def _run_for_dask(payloads, timeout, needs=None, shared=None):
     try:
         # One child: the Dask worker gave this chunk one of its threads.
         workers = pool.acquire(1, deadline)
-        run = _DaskWorkerRun(pool, workers, payloads, outcomes, timeout, deadline,
-                             _dask_task_dropped())
         if _state.dask_files:
             _forget_dask_files()
-        if shared:
-            run.payloads.buffers = {number: buffer for number, _key, buffer in shared}
-            run.shared_keys = {number: key for number, key, _buffer in shared}
-            run.payloads.needs = {index: numbers for index, numbers in enumerate(needs or ())
-                                  if numbers}
-        for _index in run.completions():
+        for _index in _DaskWorkerRun(pool, workers, payloads, outcomes, timeout, deadline,
+                                     _dask_task_dropped(), needs, shared).completions():
             pass
     except _Stopped:
         pass  # dropped: nobody waits for these outcomes any more
@@ -5577,8 +5576,10 @@ def _dask_file(key, buffer):
                 return None  # no memory, no descriptor: the pipe will do
             try:
                 _write_all(fd, buffer)
-            except BaseException:
+            except BaseException as exc:
                 os.close(fd)
+                if isinstance(exc, OSError):  # no room for it: the pipe will do
+                    return None
                 raise
             _state.dask_files[key] = (fd, name)
         return _state.dask_files[key]
@@ -5641,12 +5642,17 @@ class _DaskWorkerRun(_ProcessRun):
     stops if so.  Dask offers no call when it drops one; and a thread that
     looked for every run would cost each Dask task more than this does."""
 
-    def __init__(self, pool, workers, payloads, outcomes, timeout, deadline, dropped):
-        super().__init__(pool, workers, 1, _Payloads(None, payloads, ready=payloads), outcomes,
-                         timeout, deadline, None)
+    def __init__(self, pool, workers, payloads, outcomes, timeout, deadline, dropped,
+                 needs=None, shared=None):
+        ready = _Payloads(None, payloads, ready=payloads)
+        if shared:  # see _run_for_dask
+            ready.buffers = {number: buffer for number, _key, buffer in shared}
+            ready.needs = {index: numbers for index, numbers in enumerate(needs or ()) if numbers}
+        super().__init__(pool, workers, 1, ready, outcomes, timeout, deadline, None)
         self.dropped = dropped
         self.next_look = time.monotonic() + _DASK_WATCH_INTERVAL
-        self.shared_keys = {}  # number -> the Dask key of that shared buffer
+        # number -> the Dask key of that shared buffer
+        self.shared_keys = {number: key for number, key, _buffer in shared or ()}
 
     def shared_file(self, number):
         """The file of a shared buffer is made once on this Dask worker for
