@@ -4419,9 +4419,13 @@ class _ProcessRun(_Run):
         has = self.has_buffers.setdefault(worker, set())
         wanted = set().union(*(needs.get(index, ()) for index in indices)) - has
         has |= wanted
-        buffers = self.payloads.buffers
-        return [(number, buffers[number], self.shared_file(number))
-                for number in sorted(wanted)]
+        sent = []
+        for number in sorted(wanted):
+            # The file first: a Dask worker's run may only then put the
+            # buffer's bytes in place of the caller's file (see _DaskWorkerRun).
+            file = self.shared_file(number)
+            sent.append((number, self.payloads.buffers[number], file))
+        return sent
 
     def shared_file(self, number):
         """(descriptor, name) of the anonymous file holding shared buffer
@@ -5223,6 +5227,13 @@ class _DaskRun:
         # number -> the future of a large buffer the tasks capture, sent to
         # the cluster once for the run (see shared_call).
         self.scattered = {}
+        # number -> (descriptor, name) of the anonymous file holding a large
+        # buffer the tasks capture, for workers on this machine to read
+        # (see client_file); whether to share them so is decided as the run
+        # starts.
+        self.client_files = {}
+        self.by_file = False
+        self.threads, self.direct, self.local = 1, False, False  # see _dask_cluster
 
     def completions(self):
         wake_read, self.wake_fd = _pipe()
@@ -5233,7 +5244,9 @@ class _DaskRun:
             selector.register(wake_read, selectors.EVENT_READ, None)
             if self.stop is not None:
                 selector.register(self.stop.fileno(), selectors.EVENT_READ, self.stop)
-            self.threads, self.direct = _dask_cluster(self.client)
+            self.threads, self.direct, self.local = _dask_cluster(self.client)
+            self.by_file = (self.local and _state.sharing_by_file
+                            and self.client not in _state.dask_files_unreachable)
             self.submit()
             while self.chunks:
                 if self.done:
@@ -5267,6 +5280,14 @@ class _DaskRun:
                 _uninterrupted(self.cancel)
             if self.scattered:
                 self.forget_scattered()
+            if self.client_files:
+                # A chunk that still runs has its own descriptors by now,
+                # and one that had not opened them yet fails unused.
+                _uninterrupted(self.close_client_files)
+
+    def close_client_files(self):
+        while self.client_files:
+            os.close(self.client_files.popitem()[1][0])
 
     def forget_scattered(self):
         """The run is over: the cluster lets its shared buffers go, and the
@@ -5292,11 +5313,15 @@ class _DaskRun:
         """Submit chunks of pending tasks while the cluster has room."""
         chunks = []
         # Tasks that capture large buffers, their time not known yet: one
-        # chunk per thread, as each chunk hands its buffers to a child anew.
+        # chunk per thread, as each chunk hands its buffers to a child anew
+        # -- per core where the workers are all on this machine: they share
+        # its cores, and more chunks at once than cores would only copy the
+        # buffers into more children than can run.
         needs = self.payloads.needs
         per_thread = 0
         if not self.timed[1] and self.pending and self.pending[0] in needs:
-            per_thread = -(-len(self.pending) // self.threads)
+            spread = min(self.threads, _CORES) if self.local else self.threads
+            per_thread = -(-len(self.pending) // spread)
         while self.pending and len(self.chunks) + len(chunks) < _DASK_IN_FLIGHT * self.threads:
             count = per_thread or self.chunk_size()
             chunk = [self.pending.popleft()]
@@ -5309,16 +5334,22 @@ class _DaskRun:
         if not chunks:
             return
         dask_task = _worker_module().dask_task
-        sharing = [chunk for chunk in chunks if any(index in needs for index in chunk)]
-        plain = [chunk for chunk in chunks if not any(index in needs for index in chunk)]
+        plain, calls, sharing = [], [], []
+        for chunk in chunks:
+            call = None
+            if any(index in needs for index in chunk):
+                call = self.file_call(dask_task, chunk) if self.by_file else None
+                if call is None:
+                    sharing.append(chunk)
+                    continue
+            plain.append(chunk)
+            calls.append(call or _remote_call(
+                dask_task, [self.payloads[i] for i in chunk], _remote_timeout(self.timeout),
+                None, sys.implementation.cache_tag))
         submitted = []
         if plain:
-            calls = _dask_arguments(self.client, [
-                _remote_call(dask_task, [self.payloads[i] for i in chunk],
-                             _remote_timeout(self.timeout), None, sys.implementation.cache_tag)
-                for chunk in plain])
-            submitted += zip(self.client.map(pickle.loads, calls, key=_dask_keys(len(plain)),
-                                             pure=False), plain)
+            submitted += zip(self.client.map(pickle.loads, _dask_arguments(self.client, calls),
+                                             key=_dask_keys(len(plain)), pure=False), plain)
         for chunk, key in zip(sharing, _dask_keys(len(sharing))):
             call, buffers = self.shared_call(dask_task, chunk)
             submitted.append((self.client.submit(pickle.loads, call, buffers=buffers, key=key,
@@ -5348,6 +5379,42 @@ class _DaskRun:
             protocol=5, buffer_callback=out_of_band.append)
         assert len(out_of_band) == len(numbers)
         return call, [self.scattered[number] for number in numbers]
+
+    def file_call(self, dask_task, chunk):
+        """The call of a chunk whose tasks name large buffers, for workers on
+        this machine: they read those buffers from our anonymous files, each
+        written once for the run (no copy through Dask, nor one held by a
+        Dask worker); None if a file can't be had here."""
+        needs = self.payloads.needs
+        numbers = sorted(set().union(*(needs.get(index, ()) for index in chunk)))
+        files = []
+        for number in numbers:
+            file = self.client_file(number)
+            if file is None:
+                return None
+            files.append((number, os.getpid(), file[0], file[1], len(self.payloads.buffers[number])))
+        return _remote_call(dask_task, [self.payloads[i] for i in chunk],
+                            _remote_timeout(self.timeout), None, sys.implementation.cache_tag,
+                            [sorted(needs.get(i, ())) for i in chunk], None, files)
+
+    def client_file(self, number):
+        """(descriptor, name) of the anonymous file holding shared buffer
+        ``number``, made and written once for the run; None where one
+        can't be (no memory, no descriptor)."""
+        file = self.client_files.get(number)
+        if file is None:
+            name = "concurrency-shared-%s" % os.urandom(8).hex()
+            try:
+                with _SignalsHeld():  # registered as it is made: closed at the run's end
+                    file = self.client_files[number] = (
+                        _above_std(os.memfd_create(name, os.MFD_CLOEXEC)), name)
+                _write_all(file[0], self.payloads.buffers[number])
+            except OSError:
+                _uninterrupted(lambda: os.close(self.client_files.pop(number)[0])
+                               if number in self.client_files else None)
+                self.by_file = False
+                return None
+        return file
 
     def chunk_size(self):
         seconds, tasks = self.timed
@@ -5385,6 +5452,14 @@ class _DaskRun:
             if exc is not None:
                 for index in chunk:
                     self.outcomes.fail(index, _dask_failure(self.outcomes.key(index), exc))
+            elif result[0] is None:
+                # Its Dask worker could not read our files (another user,
+                # another PID namespace): the chunk did not run, and goes
+                # again, its buffers sent by Dask, as will this client's.
+                _state.dask_files_unreachable[self.client] = result[1]
+                self.by_file = False
+                self.pending.extendleft(reversed(chunk))
+                continue
             else:
                 encoded, seconds = result
                 self.timed[0] += seconds
@@ -5439,8 +5514,9 @@ class _DaskRun:
 
 def _dask_cluster(client):
     """(the cluster's thread count, whether results come straight from the
-    workers), asked again every few seconds (it costs a round trip to the
-    scheduler, which a short run would feel).
+    workers, whether all the workers are on this machine), asked again
+    every few seconds (it costs a round trip to the scheduler, which a short
+    run would feel).
 
     Straight from the workers where the client says so (direct_to_workers),
     or, where it says nothing, when they are on this machine: a fetch
@@ -5451,10 +5527,11 @@ def _dask_cluster(client):
     known = _state.dask_clusters.get(client)
     if known is None or now - known[0] > 5.0:
         workers = client.nthreads()
+        local = bool(workers) and all(_on_this_machine(address) for address in workers)
         direct = getattr(client, "direct_to_workers", None)
         if direct is None:
-            direct = bool(workers) and all(_on_this_machine(address) for address in workers)
-        known = (now, max(1, sum(workers.values())), direct)
+            direct = local
+        known = (now, max(1, sum(workers.values())), direct, local)
         _state.dask_clusters[client] = known
     return known[1:]
 
@@ -5523,13 +5600,23 @@ def _report_deferred_on_dask(key, future):
 
 # -- On a Dask worker ---
 
-def _run_for_dask(payloads, timeout, needs=None, shared=None):
+def _run_for_dask(payloads, timeout, needs=None, shared=None, files=None):
     """On a Dask worker: run a chunk of tasks one after another in a warm
     child, as the process driver does, and return their outcomes still
     encoded, with the seconds they took (see worker.dask_task).  ``shared``:
-    (number, Dask key, buffer) of the large buffers the tasks name, and
-    ``needs`` which, by task: they go to the child as on the process
-    driver."""
+    (number, Dask key, buffer) of the large buffers the tasks name, or
+    ``files`` where they are in the caller's anonymous files, and ``needs``
+    which, by task: they go to the child as on the process driver.  None
+    and why, running nothing, where those files can't be read here."""
+    opened = {}  # number -> (our descriptor, name, size) of a caller's file
+    try:
+        for number, pid, fd, name, size in files or ():
+            opened[number] = (_above_std(_worker_module().open_process_file(pid, fd, name)),
+                              name, size)
+    except OSError as exc:
+        for own, _name, _size in opened.values():
+            os.close(own)
+        return None, "%s: %s" % (type(exc).__name__, exc)
     with _state.dask_lock:
         if _state.dask_pool is None:
             # Lending: a large result is copied out of the child once,
@@ -5545,13 +5632,17 @@ def _run_for_dask(payloads, timeout, needs=None, shared=None):
         workers = pool.acquire(1, deadline)
         if _state.dask_files:
             _forget_dask_files()
-        for _index in _DaskWorkerRun(pool, workers, payloads, outcomes, timeout, deadline,
-                                     _dask_task_dropped(), needs, shared).completions():
+        run = _DaskWorkerRun(pool, workers, payloads, outcomes, timeout, deadline,
+                             _dask_task_dropped(), needs, shared, opened)
+        opened = {}  # the run's now: it closes them as it ends
+        for _index in run.completions():
             pass
     except _Stopped:
         pass  # dropped: nobody waits for these outcomes any more
     finally:
         pool.release(workers)
+        for own, _name, _size in opened.values():
+            os.close(own)
     return outcomes.encoded, time.monotonic() - started
 
 
@@ -5643,24 +5734,54 @@ class _DaskWorkerRun(_ProcessRun):
     looked for every run would cost each Dask task more than this does."""
 
     def __init__(self, pool, workers, payloads, outcomes, timeout, deadline, dropped,
-                 needs=None, shared=None):
+                 needs=None, shared=None, files=None):
         ready = _Payloads(None, payloads, ready=payloads)
-        if shared:  # see _run_for_dask
-            ready.buffers = {number: buffer for number, _key, buffer in shared}
+        if shared or files:  # see _run_for_dask
+            ready.buffers = {number: buffer for number, _key, buffer in shared or ()}
             ready.needs = {index: numbers for index, numbers in enumerate(needs or ()) if numbers}
         super().__init__(pool, workers, 1, ready, outcomes, timeout, deadline, None)
         self.dropped = dropped
         self.next_look = time.monotonic() + _DASK_WATCH_INTERVAL
         # number -> the Dask key of that shared buffer
         self.shared_keys = {number: key for number, key, _buffer in shared or ()}
+        # number -> (descriptor, name) of the caller's file of that shared
+        # buffer, opened here: the child reads it as ours; closed as the
+        # run ends.
+        self.caller_files = {}
+        for number, (fd, name, size) in (files or {}).items():
+            self.caller_files[number] = (fd, name)
+            ready.buffers[number] = _FileContents(fd, size)
 
     def shared_file(self, number):
         """The file of a shared buffer is made once on this Dask worker for
-        every chunk that names it, not once a chunk (see _dask_file)."""
+        every chunk that names it, not once a chunk (see _dask_file); the
+        caller's own, where it sent that (see _run_for_dask)."""
+        if number in self.caller_files:
+            if _state.sharing_by_file:
+                return self.caller_files[number]
+            self.buffer_by_pipe(number)
+            return None
         key = self.shared_keys.get(number)
         if key is None or not _state.sharing_by_file:
             return super().shared_file(number)
         return _dask_file(key, self.payloads.buffers[number])
+
+    def buffer_by_pipe(self, number):
+        """A child here can't read files of ours: a buffer held in the
+        caller's file is read here, to go through the pipe."""
+        buffer = self.payloads.buffers.get(number)
+        if type(buffer) is _FileContents:
+            self.payloads.buffers[number] = buffer.read()
+
+    def on_frame(self, worker, index, kind, body):
+        if kind == self.wire.BUFFER_WANTED:
+            self.buffer_by_pipe(self.wire.SHARED_HEADER.unpack_from(body)[0])
+        return super().on_frame(worker, index, kind, body)
+
+    def finish(self):
+        super().finish()
+        while self.caller_files:
+            os.close(self.caller_files.popitem()[1][0])
 
     def wake_after(self):
         due = super().wake_after()
@@ -5674,6 +5795,28 @@ class _DaskWorkerRun(_ProcessRun):
             self.next_look = now + _DASK_WATCH_INTERVAL
             if self.dropped():
                 raise _Stopped()
+
+
+class _FileContents:
+    """A shared buffer still in the caller's file, opened as ``fd``: its
+    size, and its bytes when a child can't read the file itself."""
+
+    def __init__(self, fd, size):
+        self.fd = fd
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def read(self):
+        data = bytearray(self.size)
+        view, got = memoryview(data), 0
+        while got < self.size:
+            count = os.preadv(self.fd, [view[got:]], got)
+            if not count:
+                raise OSError("the caller's file of a shared buffer ended early")
+            got += count
+        return data
 
 
 def _dask_task_dropped():
@@ -5866,7 +6009,10 @@ class _ProcessState:
         self.dask_clients = {}  # address -> the Client we connected to it
         self.dask_local = None  # (cluster, client) of the local cluster, once started
         self.dask_uploaded = weakref.WeakKeyDictionary()  # client -> digest of the files it got
-        self.dask_clusters = weakref.WeakKeyDictionary()  # client -> (when, threads, direct)
+        # client -> (when, threads, direct, local): see _dask_cluster
+        self.dask_clusters = weakref.WeakKeyDictionary()
+        # client -> why its workers could not read our files (see _DaskRun.file_call)
+        self.dask_files_unreachable = weakref.WeakKeyDictionary()
         self.dask_files = {}  # on a Dask worker: key of a shared buffer -> its file
         self.dask_exit_registered = False
         self.dask_pool = None  # on a Dask worker: the warm children of dask_task()

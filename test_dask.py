@@ -50,7 +50,7 @@ class Cluster:
     """A scheduler and two workers (2 threads each), in process groups of
     their own, stopped and reaped at the end; workers' stderr kept."""
 
-    def __init__(self, worker_options=()):
+    def __init__(self, worker_options=(), worker_prefix=()):
         self.folder = tempfile.mkdtemp(prefix="concurrency-dask-")
         self.scheduler_file = os.path.join(self.folder, "scheduler.json")
         self.worker_log = os.path.join(self.folder, "workers.log")
@@ -64,7 +64,7 @@ class Cluster:
             wait_until(lambda: os.path.exists(self.scheduler_file), CLUSTER_START_TIMEOUT,
                        "the scheduler to start")
             for name in ("w1", "w2"):
-                self.start([sys.executable, "-m", "distributed.cli.dask_worker",
+                self.start([*worker_prefix, sys.executable, "-m", "distributed.cli.dask_worker",
                             "--scheduler-file", self.scheduler_file, "--host", "127.0.0.1",
                             "--nthreads", "2", "--no-dashboard", "--name", name,
                             "--local-directory", os.path.join(self.folder, name),
@@ -124,6 +124,21 @@ def write_pid(folder, name):
     path = os.path.join(folder, name)
     write_file(path + ".tmp", str(os.getpid()))
     os.rename(path + ".tmp", path)
+
+
+def shared_files_open(client):
+    """The descriptors on anonymous files of shared buffers open here
+    ("caller") and in each worker of ``client``'s cluster."""
+    def shared_files():  # made here, so sent by value: no worker imports this module
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if "concurrency-shared-" in os.readlink("/proc/self/fd/" + fd):
+                    found.append(fd)
+            except OSError:
+                pass  # closed meanwhile (listdir's own descriptor)
+        return found
+    return dict(client.run(shared_files), caller=shared_files())
 
 
 def pids_of(folder):
@@ -375,7 +390,12 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
         self.assertEqual([str(w.message) for w in caught if "large" in str(w.message).lower()],
                          [])
 
-    def test_a_large_capture_goes_to_the_cluster_once_and_to_each_worker_once(self):
+    def capture_run(self, client):
+        """A run of tasks capturing a 16 MB bytes and a 2 MB bytearray,
+        checked for its results and the identity rules of the process
+        driver; returns the sizes of the buffers of ours Dask was handed
+        (by scatter, submit or map) and the bytes the workers fetched from
+        each other."""
         blob = os.urandom(16 << 20)
         mutable = bytearray(2 << 20)
         twice = (mutable, mutable, blob, blob)  # one object reached twice stays one
@@ -385,7 +405,6 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
             mutable[0] = i + 1
             return seen
 
-        client = self.d.client()
         handed = []  # the size of each buffer of ours that Dask is handed
 
         def sizes(values):
@@ -417,20 +436,62 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
         after = client.run(received)
         self.assertEqual(results, [(len(blob), blob[i], 0, True, True) for i in range(16)])
         self.assertEqual(mutable[0], 0)  # the caller's bytearray: untouched
+        return handed, sum(after[worker] - before.get(worker, 0) for worker in after)
+
+    @unittest.skipUnless(concurrency._state.sharing_by_file, "needs memfd_create and /proc")
+    def test_a_large_capture_is_read_from_the_caller_s_file_by_workers_on_this_machine(self):
+        client = self.d.client()
+        handed, moved = self.capture_run(client)
+        # Nothing large handed to Dask, nor moved between workers: their
+        # children read the caller's file, written once for the run.
+        self.assertEqual([size for size in handed if size >= 1 << 20], [], handed)
+        self.assertLess(moved, 1 << 20)
+        # The files, the caller's and the workers' descriptors on them, go
+        # as the run ends.
+        self.assertEqual(shared_files_open(client),
+                         dict.fromkeys(client.nthreads(), []) | {"caller": []})
+        self.assertEqual(set(client.run(lambda: sys.modules["_concurrency_on_dask"]
+                                        ._state.sharing_by_file).values()), {True})
+
+    @unittest.skipUnless(concurrency._state.sharing_by_file, "needs memfd_create and /proc")
+    def test_a_capture_read_from_the_caller_s_file_goes_by_pipe_to_children_that_cannot_read_files(self):
+        client = self.d.client()
+
+        def by_file(on):
+            import importlib
+            importlib.import_module("_concurrency_on_dask")._state.sharing_by_file = on
+
+        blob = os.urandom(3 << 20)
+        client.run(by_file, False)
+        try:
+            result = self.d.run([lambda i=i: (blob[i], len(blob)) for i in range(4)])
+        finally:
+            client.run(by_file, True)
+        self.assertEqual(result, [(blob[i], len(blob)) for i in range(4)])
+        self.assertEqual(shared_files_open(client),
+                         dict.fromkeys(client.nthreads(), []) | {"caller": []})
+
+    def test_a_large_capture_goes_to_workers_elsewhere_once_and_to_each_worker_once(self):
+        client = self.d.client()
+        # Workers taken for another machine's (as by their address): the
+        # buffers go by Dask, scattered once.
+        concurrency._state.dask_clusters.pop(client, None)
+        self.addCleanup(concurrency._state.dask_clusters.pop, client, None)
+        with mock.patch.object(concurrency, "_on_this_machine", return_value=False):
+            handed, moved = self.capture_run(client)
         # Sent by the caller: each buffer once, and calls that are small.
         self.assertEqual(sorted(size for size in handed if size >= 1 << 20),
                          [2 << 20, 16 << 20], handed)
         self.assertLess(sum(handed), (18 << 20) + (1 << 20), handed)
         # Between the workers: at most one copy more for each of them.
-        moved = sum(after[worker] - before.get(worker, 0) for worker in after)
-        self.assertLessEqual(moved, (18 << 20) * (len(after) - 1) + (1 << 20))
+        self.assertLessEqual(moved, (18 << 20) * (len(client.nthreads()) - 1) + (1 << 20))
         # The file a worker writes a buffer into, once for its chunks, goes
         # once the run is over: the caller tells the workers so.
         def files_left(dask_worker):
             runner = sys.modules.get("_concurrency_on_dask")
             return sorted(runner._state.dask_files) if runner is not None else []
 
-        wait_until(lambda: client.run(files_left) == {worker: [] for worker in after},
+        wait_until(lambda: client.run(files_left) == dict.fromkeys(client.nthreads(), []),
                    SHORT_TIMEOUT, "the workers to close the files of the run's buffers")
 
     def test_a_result_larger_than_a_dask_frame_comes_back_whole(self):
@@ -671,6 +732,77 @@ class LostWorkerTest(ClusterTestCase):
                 self.assertEqual(value, i)
         self.assertIn(lost, workers.values())
         self.assertNotEqual(set(workers.values()), {lost})  # the other worker ran some
+
+
+def own_pid_namespace():
+    """The command that runs a program in a PID namespace of its own, with
+    its own /proc (as a container sharing the host's network would), or
+    None where this machine won't."""
+    for prefix in (["unshare", "--pid", "--fork", "--mount-proc"],
+                   ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]):
+        try:
+            if subprocess.run(prefix + [sys.executable, "-c", "pass"], timeout=SHORT_TIMEOUT,
+                              capture_output=True).returncode == 0:
+                return prefix
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return None
+
+
+@NEEDS_DISTRIBUTED
+class WorkersInTheirOwnNamespaceTest(ClusterTestCase):
+    """On a cluster of its own whose workers run in a PID namespace of their
+    own: on this machine by their address, and yet the caller's processes,
+    and so its files, are out of their sight."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        prefix = own_pid_namespace()
+        if prefix is None or not concurrency._state.sharing_by_file:
+            raise unittest.SkipTest("needs unshare --pid, memfd_create and /proc")
+        cls.own = Cluster(worker_prefix=prefix)
+
+        def stop():
+            concurrency._close_dask()  # first: its client would try the scheduler again
+            cls.own.stop()
+        cls.addClassCleanup(stop)
+
+    def setUp(self):
+        super().setUp()
+        self.cluster = self.own
+        patcher = mock.patch.dict(os.environ, {"CONCURRENCY_DASK_ADDRESS": self.own.address})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def test_a_large_capture_goes_by_dask_when_the_workers_cannot_read_the_caller_s_files(self):
+        d = concurrency.driver("dask")
+        client = d.client()
+        blob = os.urandom(4 << 20)
+        handed = []
+        scatter = client.scatter
+
+        def spy(data, *args, **kwargs):
+            handed.extend(len(item) for item in data)
+            return scatter(data, *args, **kwargs)
+
+        file_call = concurrency._DaskRun.file_call
+        with mock.patch.object(client, "scatter", spy), \
+                mock.patch.object(concurrency._DaskRun, "file_call", autospec=True,
+                                  side_effect=file_call) as tried:
+            first = d.run([lambda i=i: (blob[i], len(blob)) for i in range(6)])
+            self.assertTrue(tried.called)  # they were asked to read our file first
+            tried.reset_mock()
+            second = d.run([lambda i=i: blob[-i] for i in range(6)])
+        self.assertEqual(first, [(blob[i], len(blob)) for i in range(6)])
+        self.assertEqual(second, [blob[-i] for i in range(6)])
+        # The first run's chunks came back unrun, and went again by Dask;
+        # the second went by Dask from the start.
+        self.assertIn(client, concurrency._state.dask_files_unreachable)
+        self.assertFalse(tried.called)
+        self.assertEqual(handed, [len(blob), len(blob)])
+        self.assertEqual(shared_files_open(client),
+                         dict.fromkeys(client.nthreads(), []) | {"caller": []})
 
 
 @NEEDS_DISTRIBUTED

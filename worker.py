@@ -1168,16 +1168,34 @@ class _SharingUnpickler(pickle.Unpickler):
 _shared: dict = {}  # in a worker: number -> the bytes of a b"B" frame of this run
 
 
+def open_process_file(pid, fd, name):
+    """A descriptor of our own on the anonymous file ``name`` (a memfd's)
+    that process ``pid`` has open as ``fd``; OSError where it can't be had
+    (not ours to read, not there, or by now another file under that
+    number).  Looked at by name before it is opened -- opening whatever
+    file that number is now could have effects -- and after, as the
+    number may have changed hands in between."""
+    link = "/memfd:%s (deleted)" % name
+    path = "/proc/%d/fd/%d" % (pid, fd)
+    if os.readlink(path) != link:
+        raise FileNotFoundError("process %d has no file %s open as %d" % (pid, name, fd))
+    own = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if os.readlink("/proc/self/fd/%d" % own) != link:
+            raise FileNotFoundError("process %d has no file %s open as %d" % (pid, name, fd))
+    except BaseException:
+        os.close(own)
+        raise
+    return own
+
+
 def _read_parent_file(fd, size, name):
     """The bytes of the parent's anonymous file ``fd`` (a b"M" frame), or
     None if it can't be read.  Only the file of that very name: by the time
     a frame of tasks taken back from us is read, its descriptor may be
     closed, and its number another file's."""
-    path = "/proc/%d/fd/%d" % (os.getppid(), fd)
     try:
-        if os.readlink(path) != "/memfd:%s (deleted)" % name.decode():
-            return None
-        own = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        own = open_process_file(os.getppid(), fd, name.decode())
     except (OSError, UnicodeDecodeError):
         return None
     try:
@@ -2397,7 +2415,8 @@ DASK_WORKER_FILE = "_concurrency_worker.py"
 DASK_RUNNER_NAME = "_concurrency_on_dask"
 
 
-def dask_task(payloads, timeout, report_as=None, python=None, needs=None, shared=None):
+def dask_task(payloads, timeout, report_as=None, python=None, needs=None, shared=None,
+              files=None):
     """A task of the ``dask`` driver, called by a Dask worker: a chunk of
     the caller's tasks.
 
@@ -2414,7 +2433,11 @@ def dask_task(payloads, timeout, report_as=None, python=None, needs=None, shared
     the cluster later) no task is unpickled: this one would crash on the
     caller's code.  ``shared``: (number, Dask key, buffer) of the large
     buffers the tasks capture, sent ahead once and handed in by Dask;
-    ``needs``: the numbers each task names."""
+    ``files``: (number, pid, descriptor, name, size) of those the caller,
+    on this machine, holds in anonymous files for us to read instead;
+    ``needs``: the numbers each task names.  Where those files can't be
+    read, no task runs, and the outcomes are None (with why): the caller
+    sends the chunk again, its buffers by Dask."""
     if python is not None and python != sys.implementation.cache_tag:
         detail = ("its Dask worker runs %s, this process's tasks need %s: run the "
                   "workers on the caller's Python" % (sys.implementation.cache_tag, python))
@@ -2423,7 +2446,9 @@ def dask_task(payloads, timeout, report_as=None, python=None, needs=None, shared
     else:
         import importlib
         runner = importlib.import_module(DASK_RUNNER_NAME)
-        outcomes, seconds = runner._run_for_dask(payloads, timeout, needs, shared)
+        outcomes, seconds = runner._run_for_dask(payloads, timeout, needs, shared, files)
+        if outcomes is None:
+            return None, seconds
     for key, outcome in zip(report_as or (), outcomes):
         report_outcome(key, outcome)
     return outcomes, seconds
