@@ -5140,6 +5140,12 @@ def _check_dask_pythons(client):
 # for a caller gone before it could cancel it; the caller's comes first.
 _DASK_TIMEOUT_GRACE = 1.0
 
+# Workers on the caller's machine stop a chunk's tasks at the caller's own
+# deadline, and send back what finished before it: a task that ended in time
+# keeps its result, though a task of its chunk ran too long.  The caller
+# waits this long past its deadline for those chunks.
+_DASK_REPORT_GRACE = 0.5
+
 
 def _remote_timeout(timeout):
     return None if timeout is None or timeout == math.inf else timeout + _DASK_TIMEOUT_GRACE
@@ -5234,6 +5240,12 @@ class _DaskRun:
         self.client_files = {}
         self.by_file = False
         self.threads, self.direct, self.local = 1, False, False  # see _dask_cluster
+        # Where the workers are on this machine: the deadline by our clock,
+        # which they share (see _DASK_REPORT_GRACE); when the caller stops
+        # waiting for chunks past it; tasks they stopped at it.
+        self.until = None
+        self.report_by = None
+        self.late = []
 
     def completions(self):
         wake_read, self.wake_fd = _pipe()
@@ -5247,6 +5259,8 @@ class _DaskRun:
             self.threads, self.direct, self.local = _dask_cluster(self.client)
             self.by_file = (self.local and _state.sharing_by_file
                             and self.client not in _state.dask_files_unreachable)
+            if self.local and self.deadline is not None:
+                self.until = time.time() + (self.deadline - time.monotonic())
             self.submit()
             while self.chunks:
                 if self.done:
@@ -5257,8 +5271,12 @@ class _DaskRun:
                     self.submit()
                     yield from indices
                     continue
-                wait = None if self.deadline is None else self.deadline - time.monotonic()
+                deadline = self.deadline if self.report_by is None else self.report_by
+                wait = None if deadline is None else deadline - time.monotonic()
                 if wait is not None and wait <= 0:
+                    if self.report_by is None and self.until is not None:
+                        self.report_by = self.deadline + _DASK_REPORT_GRACE
+                        continue
                     yield from self.expire()
                     return
                 for key, _mask in selector.select(None if wait is None
@@ -5270,6 +5288,8 @@ class _DaskRun:
                         pass
                 except BlockingIOError:
                     pass
+            if self.pending or self.late:  # stopped at the deadline
+                yield from self.expire()
         finally:
             selector.close()
             with self.lock:  # no callback writes to it from now on
@@ -5311,6 +5331,8 @@ class _DaskRun:
 
     def submit(self):
         """Submit chunks of pending tasks while the cluster has room."""
+        if self.report_by is not None:
+            return  # past the deadline: none starts now
         chunks = []
         # Tasks that capture large buffers, their time not known yet: one
         # chunk per thread, as each chunk hands its buffers to a child anew
@@ -5345,7 +5367,7 @@ class _DaskRun:
             plain.append(chunk)
             calls.append(call or _remote_call(
                 dask_task, [self.payloads[i] for i in chunk], _remote_timeout(self.timeout),
-                None, sys.implementation.cache_tag))
+                None, sys.implementation.cache_tag, None, None, None, self.until))
         submitted = []
         if plain:
             submitted += zip(self.client.map(pickle.loads, _dask_arguments(self.client, calls),
@@ -5375,7 +5397,8 @@ class _DaskRun:
             [self.payloads[i] for i in chunk], _remote_timeout(self.timeout), None,
             sys.implementation.cache_tag, [sorted(needs.get(i, ())) for i in chunk],
             [(number, self.scattered[number].key,
-              pickle.PickleBuffer(self.payloads.buffers[number])) for number in numbers])),
+              pickle.PickleBuffer(self.payloads.buffers[number])) for number in numbers],
+            None, self.until)),
             protocol=5, buffer_callback=out_of_band.append)
         assert len(out_of_band) == len(numbers)
         return call, [self.scattered[number] for number in numbers]
@@ -5395,7 +5418,7 @@ class _DaskRun:
             files.append((number, os.getpid(), file[0], file[1], len(self.payloads.buffers[number])))
         return _remote_call(dask_task, [self.payloads[i] for i in chunk],
                             _remote_timeout(self.timeout), None, sys.implementation.cache_tag,
-                            [sorted(needs.get(i, ())) for i in chunk], None, files)
+                            [sorted(needs.get(i, ())) for i in chunk], None, files, self.until)
 
     def client_file(self, number):
         """(descriptor, name) of the anonymous file holding shared buffer
@@ -5465,11 +5488,15 @@ class _DaskRun:
                 self.timed[0] += seconds
                 self.timed[1] += len(chunk)
                 for index, outcome in zip(chunk, encoded):
-                    self.decode(index, outcome)
+                    if self.decode(index, outcome):
+                        filled.append(index)
+                continue
             filled += chunk
         return filled
 
     def decode(self, index, outcome):
+        """Fill the task's outcome; False for one stopped at the deadline,
+        left for expire() to fill, naming every task that did not finish."""
         key = self.outcomes.key(index)
         kind, body, *lent = outcome
         if kind != _worker_module().LOST:
@@ -5485,20 +5512,23 @@ class _DaskRun:
                     and "No module named 'dill'" in str(exc)):
                 _add_note(exc, "the Dask workers need dill to run this task: "
                                "pip install dill, where they run")
-            return
+            return True
         what, detail = pickle.loads(body)
         if what == "crashed":
             self.outcomes.fail(index, WorkerCrashed(key, detail))
         elif what == "timeout":
-            self.outcomes.fail(index, TaskTimeout(key, [key], self.timeout))
+            self.late.append(index)
+            return False
         else:
             self.outcomes.fail(index, ConcurrencyError("task %r failed on its Dask worker: %s"
                                                        % (key, detail)))
+        return True
 
     def expire(self):
-        unfinished = sorted(list(self.pending) + [index for chunk in self.chunks.values()
-                                                  for index in chunk])
+        unfinished = sorted(list(self.pending) + self.late
+                            + [index for chunk in self.chunks.values() for index in chunk])
         self.pending.clear()
+        del self.late[:]
         keys = [self.outcomes.key(index) for index in unfinished]
         for index in unfinished:
             self.outcomes.fail(index, TaskTimeout(self.outcomes.key(index), keys, self.timeout))
@@ -5600,14 +5630,15 @@ def _report_deferred_on_dask(key, future):
 
 # -- On a Dask worker ---
 
-def _run_for_dask(payloads, timeout, needs=None, shared=None, files=None):
+def _run_for_dask(payloads, timeout, needs=None, shared=None, files=None, until=None):
     """On a Dask worker: run a chunk of tasks one after another in a warm
     child, as the process driver does, and return their outcomes still
     encoded, with the seconds they took (see worker.dask_task).  ``shared``:
     (number, Dask key, buffer) of the large buffers the tasks name, or
     ``files`` where they are in the caller's anonymous files, and ``needs``
     which, by task: they go to the child as on the process driver.  None
-    and why, running nothing, where those files can't be read here."""
+    and why, running nothing, where those files can't be read here.
+    ``until``: the caller's deadline by our shared clock (time.time())."""
     opened = {}  # number -> (our descriptor, name, size) of a caller's file
     try:
         for number, pid, fd, name, size in files or ():
@@ -5625,6 +5656,9 @@ def _run_for_dask(payloads, timeout, needs=None, shared=None, files=None):
     pool = _state.dask_pool
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
+    if until is not None:
+        deadline = min(deadline if deadline is not None else math.inf,
+                       started + (until - time.time()))
     outcomes = _RelayedOutcomes(len(payloads))
     workers = []
     try:

@@ -271,6 +271,30 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
         wait_until(lambda: not any(pid_alive(pid) for pid in pids), SHORT_TIMEOUT,
                    "the timed-out tasks' processes to be killed")
 
+    def test_tasks_that_finished_keep_their_results_though_one_of_their_chunk_timed_out(self):
+        # Tasks capturing a large buffer go in as many chunks as the
+        # cluster has threads, at most: the spinner shares a chunk with
+        # tasks that end at once.
+        blob = os.urandom(2 << 20)
+        folder = self.subdir("pids")
+
+        def spin():
+            write_pid(folder, "spin")
+            while blob:
+                pass
+
+        tasks = {"t%d" % n: (lambda n=n: blob[n]) for n in range(64)}
+        tasks["spin"] = spin
+        started = time.monotonic()
+        outcome = self.d.run(tasks, timeout=2, return_exceptions=True)
+        self.assertLess(time.monotonic() - started, 2 + 3)
+        self.assertEqual({key: value for key, value in outcome.items() if key != "spin"},
+                         {"t%d" % n: blob[n] for n in range(64)})
+        self.assertIsInstance(outcome["spin"], concurrency.TaskTimeout)
+        self.assertEqual(outcome["spin"].unfinished, ["spin"])
+        [pid] = pids_of(folder)
+        wait_until(lambda: not pid_alive(pid), SHORT_TIMEOUT, "the spinning task to be killed")
+
     def test_queued_tasks_never_start_once_a_run_times_out(self):
         folder = self.subdir("started")
         threads = sum(self.cluster.client.nthreads().values())

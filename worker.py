@@ -2416,7 +2416,7 @@ DASK_RUNNER_NAME = "_concurrency_on_dask"
 
 
 def dask_task(payloads, timeout, report_as=None, python=None, needs=None, shared=None,
-              files=None):
+              files=None, until=None):
     """A task of the ``dask`` driver, called by a Dask worker: a chunk of
     the caller's tasks.
 
@@ -2437,7 +2437,9 @@ def dask_task(payloads, timeout, report_as=None, python=None, needs=None, shared
     on this machine, holds in anonymous files for us to read instead;
     ``needs``: the numbers each task names.  Where those files can't be
     read, no task runs, and the outcomes are None (with why): the caller
-    sends the chunk again, its buffers by Dask."""
+    sends the chunk again, its buffers by Dask.  ``until``: the caller's
+    deadline by the clock of this machine, which it shares: what is still
+    running then is stopped, and what finished goes back."""
     if python is not None and python != sys.implementation.cache_tag:
         detail = ("its Dask worker runs %s, this process's tasks need %s: run the "
                   "workers on the caller's Python" % (sys.implementation.cache_tag, python))
@@ -2446,7 +2448,7 @@ def dask_task(payloads, timeout, report_as=None, python=None, needs=None, shared
     else:
         import importlib
         runner = importlib.import_module(DASK_RUNNER_NAME)
-        outcomes, seconds = runner._run_for_dask(payloads, timeout, needs, shared, files)
+        outcomes, seconds = runner._run_for_dask(payloads, timeout, needs, shared, files, until)
         if outcomes is None:
             return None, seconds
     for key, outcome in zip(report_as or (), outcomes):
