@@ -1587,6 +1587,66 @@ class ScriptTest(ScriptTestCase):
         # Once a task, the payloads alone would take 24 x 16 MB.
         self.assertLess(report["grown_mb"], 120, report)
 
+    def test_an_object_s_data_that_pickles_out_of_band_is_sent_once_as_bytes_are(self):
+        # A NumPy array pickles its data as a pickle buffer; Frame does the
+        # same without NumPy.
+        done = self.run_script("""\
+            import json, pickle, resource
+            import concurrency
+
+            class Frame:
+                def __init__(self, data):
+                    self.data = data
+
+                def __reduce_ex__(self, protocol):
+                    return Frame, (pickle.PickleBuffer(self.data),)
+
+            frame = Frame(bytearray(range(256)) * (64 << 10))  # 16 MB, writable
+            fixed = Frame(bytes(range(256)) * (16 << 10))  # 4 MB, read-only
+
+            def touch(i):
+                frame.data[i] = 0  # the task's own copy
+                return (len(frame.data), type(frame.data).__name__, frame.data[i],
+                        frame.data[i + 1], type(fixed.data).__name__, fixed.data[i])
+
+            def peak_mb():
+                return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+            concurrency.run([lambda: 0, lambda: 0])  # workers up
+            before = peak_mb()
+            results = concurrency.run([lambda i=i: touch(i) for i in range(24)])
+            report = {
+                "results": [list(r) for r in results] == [
+                    [16 << 20, "bytearray", 0, (i + 1) % 256, "bytes", i] for i in range(24)],
+                "caller's untouched": frame.data[:24] == bytearray(range(24)),
+                "grown_mb": peak_mb() - before}
+            try:
+                import numpy
+            except ImportError:
+                numpy = None
+            if numpy is not None:
+                array = numpy.arange(2 << 20, dtype=numpy.float64)  # 16 MB
+                total = float(array.sum())
+
+                def zero(i):
+                    array[i] = 0.0
+                    return float(array.sum()), bool(array.flags.writeable)
+
+                report["numpy"] = concurrency.run([lambda i=i: zero(i) for i in range(24)]) == [
+                    (total - i, True) for i in range(24)] and bool(array[5] == 5.0)
+                report["numpy_grown_mb"] = peak_mb() - before
+            print(json.dumps(report))
+            """)
+        self.assertSucceeded(done)
+        report = json.loads(done.stdout.splitlines()[-1])
+        self.assertTrue(report["results"])
+        self.assertTrue(report["caller's untouched"])
+        # Once a task, the payloads alone would take 24 x 16 MB.
+        self.assertLess(report["grown_mb"], 120, report)
+        if "numpy" in report:
+            self.assertTrue(report["numpy"])
+            self.assertLess(report["numpy_grown_mb"], 160, report)
+
     def test_where_no_bytecode_is_cached_workers_run_the_code_the_caller_compiled(self):
         # worker.py is edited once the caller has loaded it: a worker that
         # compiles the file itself sees the edit, one that runs the

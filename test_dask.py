@@ -495,6 +495,40 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
         self.assertEqual(shared_files_open(client),
                          dict.fromkeys(client.nthreads(), []) | {"caller": []})
 
+    @unittest.skipUnless(concurrency._state.sharing_by_file, "needs memfd_create and /proc")
+    def test_an_object_s_data_that_pickles_out_of_band_is_shared_as_bytes_are(self):
+        class Frame:  # as a NumPy array pickles: its data as a pickle buffer
+            def __init__(self, data):
+                self.data = data
+
+            def __reduce_ex__(self, protocol):
+                return Frame, (pickle.PickleBuffer(self.data),)
+
+        frame = Frame(bytearray(os.urandom(8 << 20)))
+        original = bytes(frame.data)
+        client = self.d.client()
+        handed = []
+        map_ = client.map
+
+        def spy(*args, **kwargs):
+            # Each call's size; a call too large for the graph goes
+            # scattered ahead, as a future.
+            handed.extend(len(call) if isinstance(call, bytes) else type(call).__name__
+                          for call in args[1])
+            return map_(*args, **kwargs)
+
+        def touch(i):
+            frame.data[i] = 0  # the task's own copy
+            return type(frame.data).__name__, frame.data[i], frame.data[i + 1]
+
+        with mock.patch.object(client, "map", spy):
+            result = self.d.run([lambda i=i: touch(i) for i in range(12)])
+        self.assertEqual(result, [("bytearray", 0, frame.data[i + 1]) for i in range(12)])
+        self.assertEqual(frame.data, original)  # the caller's: untouched
+        self.assertTrue(handed)
+        self.assertTrue(all(type(size) is int for size in handed), handed)
+        self.assertLess(sum(handed), 1 << 20, handed)  # read from the caller's file
+
     def test_a_large_capture_goes_to_workers_elsewhere_once_and_to_each_worker_once(self):
         client = self.d.client()
         # Workers taken for another machine's (as by their address): the

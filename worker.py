@@ -1106,34 +1106,40 @@ class SharedBuffers:
     and which tasks name which."""
 
     def __init__(self):
-        self.buffers = {}  # number -> the bytes or bytearray
-        self.numbers = {}  # id(buffer) -> number
+        self.buffers = {}  # number -> the bytes, bytearray or flat memoryview
+        self.owners = {}  # number -> the object it is the data of (kept alive: its id is its key)
+        self.numbers = {}  # id(owner) -> number
         self.named = set()  # numbers named by the pickle being made
         self.made = 0  # numbers given: never one twice in a run
 
-    def number(self, obj):
-        number = self.numbers.get(id(obj))
+    def number(self, owner, data=None):
+        """The number of ``owner``'s data: the object itself, a bytes or
+        bytearray, or ``data``, a flat view of what owner exports."""
+        number = self.numbers.get(id(owner))
         if number is None:
-            number = self.numbers[id(obj)] = self.made
+            number = self.numbers[id(owner)] = self.made
             self.made += 1
-            self.buffers[number] = obj
+            self.buffers[number] = owner if data is None else data
+            self.owners[number] = owner
         self.named.add(number)
         return number
 
     def forget(self, number):
         """No task still to run names it: a task serialized later that
         captures the same object names it anew, by another number."""
-        obj = self.buffers.pop(number, None)
-        if obj is not None:
-            self.numbers.pop(id(obj), None)
+        self.buffers.pop(number, None)
+        owner = self.owners.pop(number, None)
+        if owner is not None:
+            self.numbers.pop(id(owner), None)
 
 
 class SharingValuePickler(ValuePickler):
     """ValuePickler that names the large buffers it meets by their number in
-    ``shared`` (a SharedBuffers) instead of pickling them.  A persistent ID,
-    not a reduction: the C pickler writes bytes without asking
-    reducer_override; it asks persistent_id first, for every object, which
-    is why only runs that capture large buffers use this one."""
+    ``shared`` (a SharedBuffers) instead of pickling them: bytes, bytearrays
+    and the pickle buffers of an object's data (a NumPy array's).  A
+    persistent ID, not a reduction: the C pickler writes bytes without
+    asking reducer_override; it asks persistent_id first, for every object,
+    which is why only runs that capture large buffers use this one."""
 
     def __init__(self, file, shared):
         super().__init__(file)
@@ -1143,6 +1149,17 @@ class SharingValuePickler(ValuePickler):
         kind = type(obj)
         if (kind is bytes or kind is bytearray) and len(obj) >= SHARE_MIN:
             return self.shared.number(obj), kind is bytearray
+        if kind is pickle.PickleBuffer:
+            # Its data comes back as pickle makes it in-band: bytes where the
+            # buffer is read-only, else a bytearray -- the task's own, as for
+            # a bytearray.  Numbered by the object it is the data of: the
+            # same array reached by many tasks is one buffer.
+            try:
+                data = obj.raw()
+            except BufferError:  # not contiguous: pickled as it is
+                return None
+            if data.nbytes >= SHARE_MIN:
+                return self.shared.number(memoryview(obj).obj, data), not data.readonly
         return None
 
 
