@@ -5272,13 +5272,15 @@ class _DaskRun:
                     yield from indices
                     continue
                 deadline = self.deadline if self.report_by is None else self.report_by
-                wait = None if deadline is None else deadline - time.monotonic()
-                if wait is not None and wait <= 0:
-                    if self.report_by is None and self.until is not None:
-                        self.report_by = self.deadline + _DASK_REPORT_GRACE
-                        continue
-                    yield from self.expire()
-                    return
+                wait = None
+                if deadline is not None:
+                    wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        if self.report_by is None and self.until is not None:
+                            self.report_by = deadline + _DASK_REPORT_GRACE
+                            continue
+                        yield from self.expire()
+                        return
                 for key, _mask in selector.select(None if wait is None
                                                   else min(wait, _LONGEST_WAIT)):
                     if key.data is not None:
