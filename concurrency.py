@@ -168,6 +168,7 @@ import atexit
 import collections
 import collections.abc
 import contextvars
+import errno
 import functools
 import io
 import itertools
@@ -5480,8 +5481,11 @@ class _DaskRun:
             elif result[0] is None:
                 # Its Dask worker could not read our files (another user,
                 # another PID namespace): the chunk did not run, and goes
-                # again, its buffers sent by Dask, as will this client's.
-                _state.dask_files_unreachable[self.client] = result[1]
+                # again, its buffers sent by Dask, as will this client's --
+                # only this run's where it had no descriptor left.
+                why, lasting = result[1]
+                if lasting:
+                    _state.dask_files_unreachable[self.client] = why
                 self.by_file = False
                 self.pending.extendleft(reversed(chunk))
                 continue
@@ -5639,8 +5643,8 @@ def _run_for_dask(payloads, timeout, needs=None, shared=None, files=None, until=
     (number, Dask key, buffer) of the large buffers the tasks name, or
     ``files`` where they are in the caller's anonymous files, and ``needs``
     which, by task: they go to the child as on the process driver.  None
-    and why, running nothing, where those files can't be read here.
-    ``until``: the caller's deadline by our shared clock (time.time())."""
+    and (why, whether for good), running nothing, where those files can't
+    be read here.  ``until``: the caller's deadline by our shared clock (time.time())."""
     opened = {}  # number -> (our descriptor, name, size) of a caller's file
     try:
         for number, pid, fd, name, size in files or ():
@@ -5649,7 +5653,9 @@ def _run_for_dask(payloads, timeout, needs=None, shared=None, files=None, until=
     except OSError as exc:
         for own, _name, _size in opened.values():
             os.close(own)
-        return None, "%s: %s" % (type(exc).__name__, exc)
+        # Not for good: no descriptor or memory left here for now.
+        passing = exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM)
+        return None, ("%s: %s" % (type(exc).__name__, exc), not passing)
     with _state.dask_lock:
         if _state.dask_pool is None:
             # Lending: a large result is copied out of the child once,

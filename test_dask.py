@@ -792,6 +792,49 @@ class LostWorkerTest(ClusterTestCase):
         self.assertNotEqual(set(workers.values()), {lost})  # the other worker ran some
 
 
+@unittest.skipUnless(concurrency._state.sharing_by_file, "needs memfd_create and /proc")
+class CallerFilesOnAWorkerTest(CleanTestCase):
+    """What a Dask worker makes of the caller's files it is told of, run
+    here as a worker runs it."""
+
+    def caller_file(self):
+        name = "concurrency-shared-%s" % os.urandom(8).hex()
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.addCleanup(os.close, fd)
+        os.write(fd, b"x" * 100)
+        return fd, name
+
+    def test_a_file_that_is_not_the_one_named_is_out_of_reach_for_good(self):
+        fd, name = self.caller_file()
+        outcomes, (why, lasting) = concurrency._run_for_dask(
+            [b"never run"], None, [[0]], None, [(0, os.getpid(), fd, name + "0", 100)])
+        self.assertIsNone(outcomes)
+        self.assertIn("has no file", why)
+        self.assertTrue(lasting)
+
+    def test_no_descriptor_left_keeps_the_caller_s_files_in_use_for_later_runs(self):
+        import resource
+        fd, name = self.caller_file()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        held = []
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        try:
+            while True:
+                try:
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+                except OSError:
+                    break
+            outcomes, (why, lasting) = concurrency._run_for_dask(
+                [b"never run"], None, [[0]], None, [(0, os.getpid(), fd, name, 100)])
+        finally:
+            for own in held:
+                os.close(own)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        self.assertIsNone(outcomes)
+        self.assertIn("Too many open files", why)
+        self.assertFalse(lasting)
+
+
 def own_pid_namespace():
     """The command that runs a program in a PID namespace of its own, with
     its own /proc (as a container sharing the host's network would), or
