@@ -5418,7 +5418,8 @@ class _DaskRun:
             file = self.client_file(number)
             if file is None:
                 return None
-            files.append((number, os.getpid(), file[0], file[1], len(self.payloads.buffers[number])))
+            fd, name = file
+            files.append((number, os.getpid(), fd, name, len(self.payloads.buffers[number])))
         return _remote_call(dask_task, [self.payloads[i] for i in chunk],
                             _remote_timeout(self.timeout), None, sys.implementation.cache_tag,
                             [sorted(needs.get(i, ())) for i in chunk], None, files, self.until)
@@ -5644,7 +5645,8 @@ def _run_for_dask(payloads, timeout, needs=None, shared=None, files=None, until=
     ``files`` where they are in the caller's anonymous files, and ``needs``
     which, by task: they go to the child as on the process driver.  None
     and (why, whether for good), running nothing, where those files can't
-    be read here.  ``until``: the caller's deadline by our shared clock (time.time())."""
+    be read here.  ``until``: the caller's deadline by our shared clock
+    (time.time())."""
     opened = {}  # number -> (our descriptor, name, size) of a caller's file
     try:
         for number, pid, fd, name, size in files or ():

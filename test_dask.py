@@ -478,7 +478,7 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
                                         ._state.sharing_by_file).values()), {True})
 
     @unittest.skipUnless(concurrency._state.sharing_by_file, "needs memfd_create and /proc")
-    def test_a_capture_read_from_the_caller_s_file_goes_by_pipe_to_children_that_cannot_read_files(self):
+    def test_a_capture_in_the_caller_s_file_goes_by_pipe_to_children_that_cannot_read_files(self):
         client = self.d.client()
 
         def by_file(on):
