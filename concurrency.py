@@ -4326,6 +4326,7 @@ class _WorkerPool:
         return fresh
 
     def release(self, workers):
+        killed = []
         with self._changed:
             self._hold(threading.get_ident(), -len(workers))
             for worker in workers:
@@ -4335,12 +4336,19 @@ class _WorkerPool:
                     # it will send belongs to no run.
                     worker.kill()
                 if worker.broken or worker.task_fd is None or self._live > self.max_workers:
+                    if worker.broken:  # killed (mid-frame, mid-task): reaped below
+                        killed.append(worker)
                     worker.retire()
                     self._live -= 1
                 else:
                     worker.idle_since = time.monotonic()
                     self._idle.append(worker)
             self._changed.notify_all()
+        for worker in killed:
+            # Reaped now, not left a zombie until something else starts a
+            # process; bounded, as one stuck in the kernel may not die soon.
+            if worker.wait_ended(_REAP_TIMEOUT):
+                _kill_group(worker.pid, only_group=True)
         if self._idle and _state.reaper.thread is None:
             _state.reaper.start()  # to reap them once idle for idle_timeout
 
