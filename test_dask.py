@@ -772,7 +772,9 @@ class LostWorkerTest(ClusterTestCase):
             [lambda i=i: task(i) for i in range(4)], return_exceptions=True)))
         runner.start()
         try:
-            wait_until(lambda: len(os.listdir(folder)) >= 4, LONG_TIMEOUT, "all tasks to start")
+            # Renamed into place, not just made: a task's ".tmp" file is
+            # not yet its pid.
+            wait_until(lambda: len(pids_of(folder)) >= 4, LONG_TIMEOUT, "all tasks to start")
             workers = {int(name): int(read_file(os.path.join(folder, name)))
                        for name in os.listdir(folder) if not name.endswith(".tmp")}
             lost = workers[0]
