@@ -729,18 +729,17 @@ class DaskDriverTest(DriverTests, ClusterTestCase):
             concurrency.DaskDriver(client=mock.Mock(asynchronous=True))
 
 
-@NEEDS_DISTRIBUTED
-class LostWorkerTest(ClusterTestCase):
-    """On a cluster of its own, whose scheduler gives up on a task the first
-    time the worker running it is lost (allowed-failures = 0; by default
-    Dask runs it again elsewhere, up to three times), and whose workers no
-    nanny starts again."""
+class OwnClusterTestCase(ClusterTestCase):
+    """Runs against a cluster of the class's own, from start_cluster()."""
+
+    @classmethod
+    def start_cluster(cls):
+        raise NotImplementedError
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        with mock.patch.dict(os.environ, {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}):
-            cls.own = Cluster(worker_options=["--no-nanny"])
+        cls.own = cls.start_cluster()
 
         def stop():
             concurrency._close_dask()  # first: its client would try the scheduler again
@@ -753,6 +752,19 @@ class LostWorkerTest(ClusterTestCase):
         patcher = mock.patch.dict(os.environ, {"CONCURRENCY_DASK_ADDRESS": self.own.address})
         patcher.start()
         self.addCleanup(patcher.stop)
+
+
+@NEEDS_DISTRIBUTED
+class LostWorkerTest(OwnClusterTestCase):
+    """On a cluster of its own, whose scheduler gives up on a task the first
+    time the worker running it is lost (allowed-failures = 0; by default
+    Dask runs it again elsewhere, up to three times), and whose workers no
+    nanny starts again."""
+
+    @classmethod
+    def start_cluster(cls):
+        with mock.patch.dict(os.environ, {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}):
+            return Cluster(worker_options=["--no-nanny"])
 
     def test_a_worker_lost_mid_run_fails_only_its_own_tasks(self):
         folder = self.subdir("started")
@@ -853,30 +865,17 @@ def own_pid_namespace():
 
 
 @NEEDS_DISTRIBUTED
-class WorkersInTheirOwnNamespaceTest(ClusterTestCase):
+class WorkersInTheirOwnNamespaceTest(OwnClusterTestCase):
     """On a cluster of its own whose workers run in a PID namespace of their
     own: on this machine by their address, and yet the caller's processes,
     and so its files, are out of their sight."""
 
     @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
+    def start_cluster(cls):
         prefix = own_pid_namespace()
         if prefix is None or not concurrency._state.sharing_by_file:
             raise unittest.SkipTest("needs unshare --pid, memfd_create and /proc")
-        cls.own = Cluster(worker_prefix=prefix)
-
-        def stop():
-            concurrency._close_dask()  # first: its client would try the scheduler again
-            cls.own.stop()
-        cls.addClassCleanup(stop)
-
-    def setUp(self):
-        super().setUp()
-        self.cluster = self.own
-        patcher = mock.patch.dict(os.environ, {"CONCURRENCY_DASK_ADDRESS": self.own.address})
-        patcher.start()
-        self.addCleanup(patcher.stop)
+        return Cluster(worker_prefix=prefix)
 
     def test_a_large_capture_goes_by_dask_when_the_workers_cannot_read_the_caller_s_files(self):
         d = concurrency.driver("dask")
