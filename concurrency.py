@@ -5376,9 +5376,7 @@ class _DaskRun:
                     sharing.append(chunk)
                     continue
             plain.append(chunk)
-            calls.append(call or _remote_call(
-                dask_task, [self.payloads[i] for i in chunk], _remote_timeout(self.timeout),
-                None, sys.implementation.cache_tag, None, None, None, self.until))
+            calls.append(call or _remote_call(dask_task, *self.chunk_arguments(chunk)))
         submitted = []
         if plain:
             submitted += zip(self.client.map(pickle.loads, _dask_arguments(self.client, calls),
@@ -5396,21 +5394,17 @@ class _DaskRun:
         futures of those buffers, its out-of-band pickle buffers: the Dask
         worker holds each buffer once, fetched from the cluster the first
         time one of its tasks needs it, and hands it to pickle.loads()."""
-        needs = self.payloads.needs
-        numbers = sorted(set().union(*(needs.get(index, ()) for index in chunk)))
+        numbers = self.buffers_named(chunk)
         missing = [number for number in numbers if number not in self.scattered]
         if missing:
             futures = self.client.scatter([self.payloads.buffers[n] for n in missing],
                                           hash=False, direct=self.direct)
             self.scattered.update(zip(missing, futures))
         out_of_band = []
-        call = pickle.dumps(_RemoteCall(dask_task, (
-            [self.payloads[i] for i in chunk], _remote_timeout(self.timeout), None,
-            sys.implementation.cache_tag, [sorted(needs.get(i, ())) for i in chunk],
-            [(number, self.scattered[number].key,
-              pickle.PickleBuffer(self.payloads.buffers[number])) for number in numbers],
-            None, self.until)),
-            protocol=5, buffer_callback=out_of_band.append)
+        shared = [(number, self.scattered[number].key,
+                   pickle.PickleBuffer(self.payloads.buffers[number])) for number in numbers]
+        call = pickle.dumps(_RemoteCall(dask_task, self.chunk_arguments(chunk, shared=shared)),
+                            protocol=5, buffer_callback=out_of_band.append)
         assert len(out_of_band) == len(numbers)
         return call, [self.scattered[number] for number in numbers]
 
@@ -5419,18 +5413,28 @@ class _DaskRun:
         this machine: they read those buffers from our anonymous files, each
         written once for the run (no copy through Dask, nor one held by a
         Dask worker); None if a file can't be had here."""
-        needs = self.payloads.needs
-        numbers = sorted(set().union(*(needs.get(index, ()) for index in chunk)))
         files = []
-        for number in numbers:
+        for number in self.buffers_named(chunk):
             file = self.client_file(number)
             if file is None:
                 return None
             fd, name = file
             files.append((number, os.getpid(), fd, name, len(self.payloads.buffers[number])))
-        return _remote_call(dask_task, [self.payloads[i] for i in chunk],
-                            _remote_timeout(self.timeout), None, sys.implementation.cache_tag,
-                            [sorted(needs.get(i, ())) for i in chunk], None, files, self.until)
+        return _remote_call(dask_task, *self.chunk_arguments(chunk, files=files))
+
+    def buffers_named(self, chunk):
+        """The numbers of the shared buffers the chunk's tasks name."""
+        needs = self.payloads.needs
+        return sorted(set().union(*(needs.get(index, ()) for index in chunk)))
+
+    def chunk_arguments(self, chunk, shared=None, files=None):
+        """worker.dask_task()'s arguments for a chunk: with ``shared`` or
+        ``files``, the buffers its tasks name, and which each names."""
+        needs = None
+        if shared is not None or files is not None:
+            needs = [sorted(self.payloads.needs.get(i, ())) for i in chunk]
+        return ([self.payloads[i] for i in chunk], _remote_timeout(self.timeout), None,
+                sys.implementation.cache_tag, needs, shared, files, self.until)
 
     def client_file(self, number):
         """(descriptor, name) of the anonymous file holding shared buffer
